@@ -1,0 +1,1 @@
+"""networks/building_blocks stage."""
