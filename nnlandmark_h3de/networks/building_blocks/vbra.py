@@ -1,0 +1,142 @@
+"""Volumetric bi-level routing attention (V-BRA), the attention of H3DE-Net (BiFormer's BRA in 3D).
+
+1. the feature map is split into a grid of regions (derived from its size, any size works);
+2. region-level queries/keys are the means of each region's valid (non-padded) tokens;
+3. every query region keeps its top-k regions by affinity ``q_r @ k_r^T`` (non-differentiable routing);
+4. every token attends to all tokens of its k routed regions (multi-head, scale ``head_dim ** -0.5``,
+   padded keys masked);
+5. LePE (depthwise conv3d on V) is added, then the output projection.
+
+Unlike the public code, K/V are gathered once per routed region by index (one copy for top-k 1,
+never a copy per head or an attention matrix) and the attention runs through
+``scaled_dot_product_attention``, whose fused kernels keep memory linear in the number of tokens.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IntOr3 = Union[int, Sequence[int]]
+
+
+def _triple(v: IntOr3) -> Tuple[int, int, int]:
+    if isinstance(v, int):
+        return (v, v, v)
+    v = tuple(int(i) for i in v)
+    assert len(v) == 3, f"expected 3 values (D, H, W), got {v}"
+    return v
+
+
+def region_grid(spatial: Sequence[int], n_regions: Optional[IntOr3] = None,
+                region_size: Optional[IntOr3] = None) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(grid, region_size) per axis for a feature map of size `spatial`.
+
+    Give either a target number of regions per axis or the tokens per region per axis. The grid is
+    ceil(size / region_size), so no region is made only of padding (its mean would be undefined);
+    with `n_regions` the grid can therefore be smaller than asked (e.g. 5 tokens, 4 regions -> 3 x 2).
+    """
+    assert (n_regions is None) != (region_size is None), "give exactly one of n_regions, region_size"
+    if region_size is None:
+        region_size = [-(-s // max(1, min(n, s))) for s, n in zip(spatial, _triple(n_regions))]
+    region_size = tuple(max(1, min(r, s)) for r, s in zip(_triple(region_size), spatial))
+    grid = tuple(-(-s // r) for s, r in zip(spatial, region_size))
+    return grid, region_size
+
+
+def _to_regions(t: torch.Tensor, grid, rsize) -> torch.Tensor:
+    """(B, gd*rd, gh*rh, gw*rw, C) -> (B, R, T, C), regions in raster order."""
+    b, c = t.shape[0], t.shape[-1]
+    t = t.view(b, grid[0], rsize[0], grid[1], rsize[1], grid[2], rsize[2], c)
+    return t.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, grid[0] * grid[1] * grid[2], -1, c)
+
+
+def _from_regions(t: torch.Tensor, grid, rsize) -> torch.Tensor:
+    """Inverse of `_to_regions`."""
+    b, c = t.shape[0], t.shape[-1]
+    t = t.view(b, grid[0], grid[1], grid[2], rsize[0], rsize[1], rsize[2], c)
+    return t.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, grid[0] * rsize[0], grid[1] * rsize[1], grid[2] * rsize[2], c)
+
+
+class VBRA(nn.Module):
+    """Volumetric bi-level routing attention on (B, C, D, H, W) (or channels-last via `forward_tokens`).
+
+    Args:
+        dim: channels C.
+        num_heads: attention heads (C must be divisible).
+        n_regions / region_size: region grid per axis (exactly one; default 4 regions per axis).
+        topk: routed regions per query region (capped at the number of regions).
+        qkv_bias: bias of the q/k/v projection.
+        lepe_kernel_size: kernel of the depthwise LePE conv on V (0 disables it).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, n_regions: Optional[IntOr3] = None,
+                 region_size: Optional[IntOr3] = None, topk: int = 4, qkv_bias: bool = True,
+                 lepe_kernel_size: int = 5):
+        super().__init__()
+        assert dim % num_heads == 0, f"dim {dim} not divisible by num_heads {num_heads}"
+        if n_regions is None and region_size is None:
+            n_regions = 4
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.n_regions, self.region_size, self.topk = n_regions, region_size, topk
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.lepe = (nn.Conv3d(dim, dim, lepe_kernel_size, padding=lepe_kernel_size // 2, groups=dim)
+                     if lepe_kernel_size else None)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, D, H, W, C) channels-last; returns the same shape."""
+        b, *spatial, c = x.shape
+        grid, rsize = region_grid(spatial, self.n_regions, self.region_size)
+        padded = [g * r for g, r in zip(grid, rsize)]
+        pad = [p - s for p, s in zip(padded, spatial)]
+        n_reg = grid[0] * grid[1] * grid[2]
+        topk = min(self.topk, n_reg)
+
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        # LePE on the unpadded V: zero padding at the true border, independent of the region padding
+        lepe = None if self.lepe is None else self.lepe(v.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+
+        if any(pad):  # pad the END of D, H, W (F.pad lists the last dim first: C, W, H, D)
+            padding = (0, 0, 0, pad[2], 0, pad[1], 0, pad[0])
+            q, k, v = (F.pad(t, padding) for t in (q, k, v))
+        q, k, v = (_to_regions(t, grid, rsize) for t in (q, k, v))  # (B, R, T, C)
+        n_tok = q.shape[2]
+
+        valid = None
+        if any(pad):
+            valid = torch.zeros(padded, dtype=torch.bool, device=x.device)
+            valid[:spatial[0], :spatial[1], :spatial[2]] = True
+            valid = _to_regions(valid[None, ..., None], grid, rsize)[0, ..., 0]  # (R, T)
+
+        # routing on region means of valid tokens (padding is zero, so sum / count of valid tokens)
+        with torch.no_grad():
+            count = (valid.sum(1) if valid is not None else torch.full((n_reg,), n_tok, device=x.device))
+            q_r = q.sum(2) / count[:, None].to(q.dtype)
+            k_r = k.sum(2) / count[:, None].to(k.dtype)
+            idx = torch.topk(q_r @ k_r.transpose(1, 2), topk, dim=-1).indices  # (B, R, topk)
+
+        # gather the routed K/V by region index: (B*R*topk, T, C) -> (B*R, topk*T, C), one copy
+        flat = (idx + torch.arange(b, device=x.device)[:, None, None] * n_reg).reshape(-1)
+        k_sel = k.reshape(b * n_reg, n_tok, c).index_select(0, flat).view(b * n_reg, topk * n_tok, c)
+        v_sel = v.reshape(b * n_reg, n_tok, c).index_select(0, flat).view(b * n_reg, topk * n_tok, c)
+        mask = None
+        if valid is not None:
+            mask = valid[idx.reshape(b * n_reg, topk)].view(b * n_reg, 1, 1, topk * n_tok)
+
+        h, hd = self.num_heads, self.head_dim
+        out = F.scaled_dot_product_attention(
+            q.reshape(b * n_reg, n_tok, h, hd).transpose(1, 2),
+            k_sel.view(b * n_reg, topk * n_tok, h, hd).transpose(1, 2),
+            v_sel.view(b * n_reg, topk * n_tok, h, hd).transpose(1, 2),
+            attn_mask=mask, scale=self.scale)  # (B*R, h, T, hd)
+        out = _from_regions(out.transpose(1, 2).reshape(b, n_reg, n_tok, c), grid, rsize)
+        if any(pad):
+            out = out[:, :spatial[0], :spatial[1], :spatial[2]]
+        if lepe is not None:
+            out = out + lepe
+        return self.proj(out)
