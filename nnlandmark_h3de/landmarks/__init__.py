@@ -1,3 +1,6 @@
 """Landmark model, image geometry and landmark file formats."""
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet, lps_to_ras, ras_to_lps
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry, read_image
+from nnlandmark_h3de.landmarks.atomic import atomic_path, atomic_write_text
+from nnlandmark_h3de.landmarks.io import (LANDMARK_SUFFIXES, is_landmark_file, landmark_format, read_landmarks,
+                                          write_landmarks)

@@ -1,0 +1,56 @@
+"""`read_landmarks` / `write_landmarks`: pick the landmark file format from the file name."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from nnlandmark_h3de.landmarks.io_csv import read_csv, write_csv
+from nnlandmark_h3de.landmarks.io_fcsv import read_fcsv, write_fcsv
+from nnlandmark_h3de.landmarks.io_json import read_json, write_json
+from nnlandmark_h3de.landmarks.io_mrk_json import read_mrk_json, write_mrk_json
+from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
+
+# Order matters: ".mrk.json" must be recognised before ".json".
+LANDMARK_FORMATS = {".mrk.json": (read_mrk_json, write_mrk_json), ".fcsv": (read_fcsv, write_fcsv),
+                    ".csv": (read_csv, write_csv), ".json": (read_json, write_json)}
+LANDMARK_SUFFIXES = tuple(LANDMARK_FORMATS)
+
+
+def landmark_format(path) -> Optional[str]:
+    """The format key ('.mrk.json', '.fcsv', '.csv', '.json') of a file name, or None."""
+    name = Path(path).name.lower()
+    return next((s for s in LANDMARK_FORMATS if name.endswith(s)), None)
+
+
+def is_landmark_file(path) -> bool:
+    return landmark_format(path) is not None
+
+
+def read_landmarks(path, names: Optional[Sequence[str]] = None) -> LandmarkSet:
+    """Read any supported landmark file as LPS mm; with `names`, reorder to that order.
+
+    Names in the file but not in `names` are an error; names missing from the file become absent.
+    """
+    fmt = landmark_format(path)
+    if fmt is None:
+        raise LandmarkError(f"{path}: unknown landmark file type (expected one of {', '.join(LANDMARK_SUFFIXES)})")
+    ls = LANDMARK_FORMATS[fmt][0](path)
+    return ls if names is None else ls.reordered(list(names))
+
+
+def write_landmarks(landmark_set: LandmarkSet, path, format: Optional[str] = None,
+                    coordinate_system: str = "LPS") -> Path:
+    """Write atomically; `format` ('mrk.json', 'fcsv', 'csv', 'json') defaults to the file name's."""
+    if format is None:
+        fmt = landmark_format(path)
+        if fmt is None:
+            raise LandmarkError(f"{path}: cannot tell the landmark format from the file name "
+                                f"(expected one of {', '.join(LANDMARK_SUFFIXES)}, or pass format=)")
+    else:
+        fmt = "." + format.lower().lstrip(".")
+        if fmt not in LANDMARK_FORMATS:
+            raise LandmarkError(f"{path}: unknown landmark format {format!r} (expected one of "
+                                f"{', '.join(s.lstrip('.') for s in LANDMARK_SUFFIXES)})")
+    if coordinate_system.upper() not in ("LPS", "RAS"):
+        raise LandmarkError(f"{path}: coordinate system must be LPS or RAS, got {coordinate_system!r}")
+    return LANDMARK_FORMATS[fmt][1](landmark_set, path, coordinate_system)
