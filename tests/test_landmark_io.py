@@ -310,3 +310,107 @@ def test_atomic_write_replaces_and_failed_write_leaves_old_file(tmp_path):
             raise RuntimeError("writer crashed")
     assert target.read_text() == "first"
     assert [p.name for p in target.parent.iterdir()] == ["out.txt"]
+
+
+# ------------------------------------------------------------------------------ MML
+def _write_mml_case(folder, shape=(6, 5, 4), spacing=(0.5, 0.75, 2.0), labels=None):
+    import nrrd
+
+    arr = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape)  # arr[i, j, k]
+    nrrd.write(str(folder / "c_volume.nrrd"), arr)  # pynrrd default index_order 'F'
+    if labels is None:
+        labels = np.full((14, 3), -1.0)
+        labels[0] = [1, 2, 3]
+        labels[7] = [5.5, 0, 0.25]
+        labels[8] = [2, np.nan, 1]
+    np.save(folder / "c_label.npy", np.asarray(labels))
+    np.save(folder / "c_spacing.npy", np.asarray(spacing))
+    return arr, folder / "c_volume.nrrd", folder / "c_label.npy", folder / "c_spacing.npy"
+
+
+def test_mml_case_geometry_and_landmarks(tmp_path):
+    from nnlandmark_h3de.landmarks import MML_NAMES, read_mml_case
+
+    arr, vol, lab, spc = _write_mml_case(tmp_path)
+    image, ls = read_mml_case(vol, lab, spc)
+    assert image.GetSize() == (6, 5, 4)
+    assert image.GetSpacing() == (0.5, 0.75, 2.0) and image.GetOrigin() == (0.0, 0.0, 0.0)
+    assert image.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    # voxel (i, j, k) of the pynrrd array is the ITK index (i, j, k) of the image
+    assert image[4, 3, 2] == arr[4, 3, 2] and image[1, 0, 3] == arr[1, 0, 3]
+    assert ls.names == MML_NAMES
+    assert ls.present.tolist() == [True] + [False] * 6 + [True] + [False] * 6
+    np.testing.assert_allclose(ls.points_lps[0], [0.5, 1.5, 6.0])
+    np.testing.assert_allclose(ls.points_lps[7], image.TransformContinuousIndexToPhysicalPoint((5.5, 0, 0.25)))
+    assert image[1, 2, 3] == arr[1, 2, 3]  # the voxel under landmark L0
+
+
+def test_mml_landmarks_round_trip_through_mrk_json(tmp_path):
+    from nnlandmark_h3de.landmarks import read_mml_case
+
+    _, vol, lab, spc = _write_mml_case(tmp_path)
+    _, ls = read_mml_case(vol, lab, spc)
+    back = read_landmarks(write_landmarks(ls, tmp_path / "c.mrk.json"))
+    _same(ls, back, scores=False)
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("label_shape", r"c_label\.npy: expected a numeric \(14, 3\) array of voxel indices, got float64 \(13, 3\)"),
+    ("spacing_shape", r"c_spacing\.npy: spacing must be 3 positive finite numbers"),
+    ("spacing_zero", r"c_spacing\.npy: spacing must be 3 positive finite numbers, got \[0\.5, 0\.0, 2\.0\]"),
+    ("no_volume", r"c_volume\.nrrd: MML volume file not found"),
+    ("bad_volume", r"c_volume\.nrrd: unreadable nrrd volume"),
+    ("no_label", r"c_label\.npy: MML label file not found"),
+])
+def test_mml_errors(tmp_path, broken, message):
+    from nnlandmark_h3de.landmarks import read_mml_case
+
+    _, vol, lab, spc = _write_mml_case(tmp_path)
+    if broken == "label_shape":
+        np.save(lab, np.zeros((13, 3)))
+    elif broken == "spacing_shape":
+        np.save(spc, np.ones(2))
+    elif broken == "spacing_zero":
+        np.save(spc, np.array([0.5, 0.0, 2.0]))
+    elif broken == "no_volume":
+        vol.unlink()
+    elif broken == "bad_volume":
+        vol.write_bytes(b"this is not nrrd\n")
+    elif broken == "no_label":
+        lab.unlink()
+    with pytest.raises(LandmarkError, match=rf"^{tmp_path}/{message}"):
+        read_mml_case(vol, lab, spc)
+
+
+# ---------------------------------------------------------------------------- pairs
+def test_mml_pairs():
+    from nnlandmark_h3de.landmarks import MML_NAMES, find_lr_pairs
+
+    assert find_lr_pairs(MML_NAMES) == [("L0", "R0"), ("La", "Ra"), ("Lb", "Rb"), ("Lc", "Rc"),
+                                        ("Ld", "Rd"), ("Le", "Re"), ("Lf", "Rf")]
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["Left Eye", "right Eye"], [("Left Eye", "right Eye")]),
+    (["right_orbit", "left_orbit"], [("left_orbit", "right_orbit")]),
+    (["Orbit_L", "Orbit_R"], [("Orbit_L", "Orbit_R")]),
+    (["lh.hippo", "rh.hippo", "Hippo_lh", "Hippo_rh"], [("lh.hippo", "rh.hippo"), ("Hippo_lh", "Hippo_rh")]),
+    (["LeftEar", "RightEar", "EarLeft", "EarRight"], [("LeftEar", "RightEar"), ("EarLeft", "EarRight")]),
+    (["left X", "Right x"], []),  # the rest of the name must be identical
+    ([str(i) for i in range(1, 33)], []),
+    (["AC", "PC", "Nasion", "Lateral_L", "Lateral_R"], [("Lateral_L", "Lateral_R")]),
+    (["La", "Ra", "Ra2", "Lb"], [("La", "Ra")]),
+])
+def test_find_lr_pairs_patterns(names, expected):
+    from nnlandmark_h3de.landmarks import find_lr_pairs
+
+    assert find_lr_pairs(names) == expected
+
+
+def test_find_lr_pairs_never_pairs_a_name_twice():
+    from nnlandmark_h3de.landmarks import find_lr_pairs
+
+    pairs = find_lr_pairs(["La", "Ra", "La_L", "La_R", "Ra_L"])
+    flat = [n for p in pairs for n in p]
+    assert len(flat) == len(set(flat))
+    assert ("La", "Ra") in pairs and ("La_L", "La_R") in pairs
