@@ -80,7 +80,8 @@ class ImageGeometry:
 
     def world_to_itk_index(self, xyz: np.ndarray) -> np.ndarray:
         xyz = np.asarray(xyz, dtype=np.float64)
-        return np.linalg.solve(self.index_to_world_matrix, (xyz - np.asarray(self.origin)).T).T
+        # row-vector form so any (..., 3) batch works, like itk_index_to_world
+        return (xyz - np.asarray(self.origin)) @ np.linalg.inv(self.index_to_world_matrix).T
 
     def array_index_to_world(self, zyx: np.ndarray) -> np.ndarray:
         """Continuous index into the numpy array (z, y, x) -> LPS world point."""
