@@ -103,6 +103,24 @@ def test_fcsv_absent_rows_from_status_or_nan(tmp_path):
     np.testing.assert_allclose(ls.points_lps[3], [7, 8, 9])
 
 
+def test_written_fcsv_layout(tmp_path):
+    text = write_landmarks(_example(), tmp_path / "w.fcsv", coordinate_system="RAS").read_text()
+    lines = text.splitlines()
+    assert lines[:3] == ["# Markups fiducial file version = 4.11", "# CoordinateSystem = RAS",
+                         "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"]
+    rows = list(__import__("csv").reader(lines[3:]))
+    assert [len(r) for r in rows] == [16] * 4
+    assert [r[11] for r in rows] == ["L0", "La", "R0", "Nasion, tip"]
+    assert [r[14] for r in rows] == ["2", "0", "2", "2"]  # Slicer position status: 2 defined, 0 undefined
+    assert [float(v) for v in rows[0][1:4]] == [-10.25, 3.5, 7.125]
+
+
+def test_bom_and_crlf_are_tolerated(tmp_path):
+    p = tmp_path / "w.fcsv"
+    p.write_bytes("\ufeff# CoordinateSystem = LPS\r\ni1,1,2,3,0,0,0,1,1,1,0,A,,\r\n".encode("utf-8"))
+    np.testing.assert_allclose(read_landmarks(p).points_lps, [[1, 2, 3]])
+
+
 def test_afids_fcsv_reads_32_numbered_landmarks(afids_dir):
     ls = read_landmarks(afids_dir / "landmarks" / "human_MNI152NLin2009cAsym_T1w_2mm.fcsv")
     assert ls.names == [str(i) for i in range(1, 33)]
@@ -216,6 +234,8 @@ def _mrk(tmp_path, markups, schema=MARKUPS_SCHEMA):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not a readable JSON file"),
+    ("[]", "not a Slicer markups file"),
+    ('{"@schema": "x"}', "not a Slicer markups file"),
 ])
 def test_mrk_json_malformed(tmp_path, content, message):
     (tmp_path / "bad.mrk.json").write_text(content)

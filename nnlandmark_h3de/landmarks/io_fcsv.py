@@ -41,7 +41,7 @@ def _coordinate_system(lines, path) -> str:
 def read_fcsv(path) -> LandmarkSet:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise LandmarkError(f"{path}: landmark file not found") from None
     except (OSError, UnicodeDecodeError) as e:

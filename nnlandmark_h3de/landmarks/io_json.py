@@ -55,7 +55,7 @@ def _score(entry: dict, key: str, path, name: str) -> float:
 def read_json(path) -> LandmarkSet:
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise LandmarkError(f"{path}: landmark file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

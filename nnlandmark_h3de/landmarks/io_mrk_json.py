@@ -89,7 +89,7 @@ def read_mrk_json(path) -> LandmarkSet:
     """First Fiducial markup of a Slicer markups JSON file, as LPS."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise LandmarkError(f"{path}: landmark file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
