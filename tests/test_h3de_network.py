@@ -1,0 +1,105 @@
+"""H3DEUNet built the nnU-Net way (dotted class name + plans kwargs): shapes, deep supervision, V-BRA stages."""
+import pytest
+import torch
+
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnlandmark_h3de.networks.building_blocks.h3de_block import H3DEBlock
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+CLASS = "nnlandmark_h3de.networks.h3de_unet.H3DEUNet"
+REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+
+
+def plans_kwargs(strides, features=(4, 8, 16, 16), **extra):
+    n = len(strides)
+    kw = {"n_stages": n, "features_per_stage": list(features[:n]), "conv_op": "torch.nn.modules.conv.Conv3d",
+          "kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * (n - 1), "strides": strides,
+          "n_conv_per_stage": [1] * n, "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True,
+          "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+          "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+          "nonlin_kwargs": {"inplace": True}}
+    kw.update(extra)
+    return kw
+
+
+def build(kw, deep_supervision, out_channels=3):
+    torch.manual_seed(0)
+    return get_network_from_plans(CLASS, kw, REQ_IMPORT, 1, out_channels, deep_supervision=deep_supervision)
+
+
+def skip_sizes(size, strides):
+    out = []
+    for s in strides:
+        size = [-(-i // j) for i, j in zip(size, s)]  # 'same' padded strided convs round up
+        out.append(size)
+    return out
+
+
+ANISO = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
+
+
+@pytest.mark.parametrize("patch", [(7, 21, 19), (4, 16, 16), (9, 13, 30)])
+def test_output_shapes_odd_sizes_anisotropic_strides(patch):
+    kw = plans_kwargs(ANISO, vbra_stages=[2, 3], vbra_blocks_per_stage=1, vbra_n_regions=2, vbra_topk=[1, 2])
+    net = build(kw, deep_supervision=True)
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        outs = net(x)
+    assert isinstance(outs, list) and len(outs) == len(ANISO) - 1
+    expected = [list(patch)] + skip_sizes(patch, ANISO)[1:-1]  # highest resolution first, no bottleneck
+    assert [list(o.shape[2:]) for o in outs] == expected
+    assert all(o.shape[:2] == (1, 3) for o in outs)
+
+    net.decoder.deep_supervision = False  # what nnU-Net's set_deep_supervision_enabled does
+    with torch.no_grad():
+        single = net(x)
+    assert torch.is_tensor(single) and single.shape == (1, 3, *patch)
+    assert torch.allclose(single, outs[0])
+
+
+def test_deep_supervision_off_and_weights_shared():
+    kw = plans_kwargs([[1, 1, 1], [2, 2, 2], [2, 2, 2]], vbra_stages=[-1], vbra_blocks_per_stage=1)
+    on, off = build(kw, True), build(kw, False)
+    off.load_state_dict(on.state_dict())  # same parameters whatever the deep supervision setting
+    x = torch.randn(2, 1, 10, 12, 14)
+    with torch.no_grad():
+        assert torch.is_tensor(off(x)) and off(x).shape == (2, 3, 10, 12, 14)
+        assert torch.allclose(off(x), on(x)[0])
+
+
+def test_vbra_stage_selection_and_per_stage_settings():
+    strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    # patch 64^3 -> stage sizes 64^3, 32^3 (32768), 16^3 (4096), 8^3, 4^3: at most 4096 tokens -> stages 2, 3, 4
+    net = build(plans_kwargs(strides, features=(4, 8, 16, 32, 32), patch_size=[64, 64, 64], vbra_max_tokens=4096,
+                             vbra_topk=[1, 4, 16], vbra_blocks_per_stage=[2, 1, 1], vbra_head_dim=8), False)
+    assert net.vbra_stages == [2, 3, 4]
+    blocks = {s: [m for m in net.encoder.stages[s] if isinstance(m, H3DEBlock)] for s in range(5)}
+    assert [len(blocks[s]) for s in range(5)] == [0, 0, 2, 1, 1]
+    assert [blocks[s][0].attn.topk for s in (2, 3, 4)] == [1, 4, 16]
+    assert [blocks[s][0].attn.num_heads for s in (2, 3, 4)] == [2, 4, 4]
+    # without a patch size: the deepest two stages
+    assert build(plans_kwargs(strides, features=(4, 8, 16, 32, 32)), False).vbra_stages == [3, 4]
+    with pytest.raises(ValueError):
+        build(plans_kwargs(strides, features=(4, 8, 16, 32, 32), vbra_topk=[1, 2, 3]), False)
+
+
+def test_conv_weights_keep_nnunet_names_and_attention_gets_gradients():
+    kw = plans_kwargs(ANISO, vbra_stages=[2, 3], vbra_blocks_per_stage=1, vbra_n_regions=2)
+    net = build(kw, True)
+    plain = get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                                   plans_kwargs(ANISO), REQ_IMPORT, 1, 3, deep_supervision=True)
+    assert isinstance(plain, PlainConvUNet)
+    ours = net.state_dict()
+    enc_plain = {k: v.shape for k, v in plain.state_dict().items() if k.startswith("encoder.")}
+    assert all(ours[k].shape == s for k, s in enc_plain.items())  # nnU-Net encoder weights load as they are
+
+    x = torch.randn(1, 1, 6, 20, 18)
+    sum(o.square().mean() for o in net(x)).backward()
+    attn_params = [p for n, p in net.named_parameters() if ".attn.qkv." in n or ".attn.proj." in n]
+    assert attn_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn_params)
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_feature_map_size_estimate_is_positive_and_grows_with_patch():
+    net = build(plans_kwargs(ANISO, vbra_stages=[3]), False)
+    assert 0 < net.compute_conv_feature_map_size((8, 32, 32)) < net.compute_conv_feature_map_size((16, 64, 64))
