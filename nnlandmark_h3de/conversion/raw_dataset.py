@@ -1,0 +1,479 @@
+"""Images + landmarks -> an nnU-Net raw dataset whose label balls carry the landmarks.
+
+Layout and JSON contracts: docs/architecture.md ("Raw dataset written by the converter"). The
+dataset is built in a hidden temporary folder beside the target and renamed into place only when
+complete, so a failed conversion never leaves a half-written dataset.
+
+Per-case problems (unreadable image or landmark file, 4D or multi-component image, NaN/inf
+intensities, unknown landmark names, a landmark outside the image, a ball clipped by the image
+border or by nnU-Net's crop to the non-zero region, a ball without voxels, two balls closer than
+2 r + margin) are collected over all cases and raised together (`on_error="raise"`), or the
+offending cases are dropped with a `ConversionWarning` (`on_error="drop"`). Landmarks that are
+absent (NaN) are fine: they get no ball and `null` in landmarks.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from nnlandmark_h3de.conversion.ball_radius import (MIN_RADIUS_VOXELS, ball_radius_mm as radius_rule,
+                                                    min_drawable_radius_mm, nnunet_target_spacing)
+from nnlandmark_h3de.conversion.dataset_landmarks import LANDMARKS_FILE, landmark_info_dict, landmarks_json_dict
+from nnlandmark_h3de.conversion.draw_balls import (ball_voxels, draw_balls, find_overlaps, label_dtype,
+                                                   nonzero_bbox_zyx, voxels_outside_box)
+from nnlandmark_h3de.conversion.errors import ConversionError, ConversionWarning
+from nnlandmark_h3de.landmarks.geometry import ImageGeometry
+from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
+
+FILE_ENDING = ".nii.gz"
+RESERVED_NAMES = ("background", "ignore")
+ImageLike = Union[str, os.PathLike, "SimpleITK.Image"]  # noqa: F821
+LandmarksLike = Union[str, os.PathLike, LandmarkSet]
+
+
+class CaseError(Exception):
+    """One case cannot be converted (collected, then raised together or dropped)."""
+
+
+@dataclass
+class _Case:
+    case: str
+    image: ImageLike
+    image_label: str  # file name or "<case> (in-memory image)" for messages
+    landmarks: Optional[LandmarkSet] = None
+    geometry: Optional[ImageGeometry] = None
+    is_test: bool = False
+    file_names: Tuple[str, ...] = ()  # landmark names as read, before exclude_names
+
+
+# ---------------------------------------------------------------------------------------- folders
+def dataset_folder_name(dataset_id: int, dataset_name: str) -> str:
+    if not isinstance(dataset_id, (int, np.integer)) or not 0 < int(dataset_id) <= 999:
+        raise ConversionError(f"dataset id must be an integer in 1..999, got {dataset_id!r}")
+    if not dataset_name or not re.fullmatch(r"[A-Za-z0-9_\-]+", str(dataset_name)):
+        raise ConversionError(f"dataset name {dataset_name!r} must be non-empty letters, digits, '_' or '-'")
+    return f"Dataset{int(dataset_id):03d}_{dataset_name}"
+
+
+def raw_dataset_folder(dataset_id: int, dataset_name: str) -> Path:
+    """$nnUNet_raw/DatasetXXX_Name; refuses an id already used by a dataset of another name."""
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise ConversionError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw or give an output folder")
+    name = dataset_folder_name(dataset_id, dataset_name)
+    raw = Path(raw)
+    if raw.is_dir():
+        clash = [p.name for p in raw.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != name]
+        if clash:
+            raise ConversionError(f"{raw}: dataset id {int(dataset_id)} is already used by {clash}; nnU-Net needs unique ids")
+    return raw / name
+
+
+def install_splits(dataset_folder) -> Optional[Path]:
+    """Copy dataset_folder/splits_final.json to $nnUNet_preprocessed/<dataset>/ when that is set."""
+    src = Path(dataset_folder) / "splits_final.json"
+    pre = os.environ.get("nnUNet_preprocessed")
+    if not src.is_file() or not pre:
+        return None
+    dst = Path(pre) / Path(dataset_folder).name / "splits_final.json"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    from nnlandmark_h3de.landmarks.atomic import atomic_path
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return dst
+
+
+# ------------------------------------------------------------------------------------ reading
+def _image_header(c: _Case) -> ImageGeometry:
+    import SimpleITK as sitk
+    if isinstance(c.image, sitk.Image):
+        dim, comps = c.image.GetDimension(), c.image.GetNumberOfComponentsPerPixel()
+        size = c.image.GetSize()
+    else:
+        path = Path(c.image)
+        if not path.is_file():
+            raise CaseError(f"{path}: image file not found")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise CaseError(f"{path}: unreadable image ({str(e).strip().splitlines()[-1]})") from None
+        dim, comps, size = reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize()
+    if dim != 3 or comps != 1:
+        raise CaseError(f"{c.image_label}: expected a 3D single-component image, got {dim}D with {comps} "
+                        f"component(s) per voxel (size {tuple(size)}); split 4D/multi-channel images first")
+    geo = ImageGeometry.from_sitk(c.image) if isinstance(c.image, sitk.Image) else ImageGeometry.from_file(c.image)
+    if min(geo.shape_ijk) < 1 or not np.all(np.asarray(geo.spacing) > 0):
+        raise CaseError(f"{c.image_label}: degenerate geometry (size {geo.shape_ijk}, spacing {geo.spacing})")
+    return geo
+
+
+def _read_case_landmarks(lm: LandmarksLike, exclude: Sequence[str]) -> Tuple[LandmarkSet, Tuple[str, ...]]:
+    if isinstance(lm, LandmarkSet):
+        ls = lm
+    else:
+        from nnlandmark_h3de.landmarks.io import read_landmarks
+        path = Path(lm)
+        if not path.is_file():
+            raise CaseError(f"{path}: landmark file not found")
+        try:
+            ls = read_landmarks(path)
+        except (LandmarkError, OSError, ValueError, KeyError) as e:
+            msg = str(e)
+            raise CaseError(msg if str(path) in msg else f"{path}: {msg}") from None
+    file_names = tuple(ls.names)
+    if exclude:
+        keep = [i for i, n in enumerate(ls.names) if n not in exclude]
+        ls = LandmarkSet([ls.names[i] for i in keep], ls.points_lps[keep], source=ls.source)
+    return ls, file_names
+
+
+def _read_image(c: _Case):
+    import SimpleITK as sitk
+    if isinstance(c.image, sitk.Image):
+        return c.image
+    try:
+        return sitk.ReadImage(str(c.image))
+    except RuntimeError as e:
+        raise CaseError(f"{c.image}: unreadable image ({str(e).strip().splitlines()[-1]})") from None
+
+
+# ---------------------------------------------------------------------------------- checking
+def _check_inside(c: _Case) -> None:
+    """Every present landmark must lie inside the image (voxel centres +- half a voxel)."""
+    ls, geo = c.landmarks, c.geometry
+    present = ls.present
+    if not present.any():
+        return
+    idx = geo.world_to_array_index(ls.points_lps[present])
+    inside = geo.contains_array_index(idx, margin=0.5)
+    if not inside.all():
+        bad = [f"{n} at LPS {np.round(p, 2).tolist()}" for n, p, ok in
+               zip(np.asarray(ls.names)[present], ls.points_lps[present], inside) if not ok]
+        raise CaseError(f"{ls.source}: landmark(s) outside the image {c.image_label} (shape zyx {geo.shape_zyx}): "
+                        f"{'; '.join(bad)}. Wrong coordinate system (RAS vs LPS) or wrong image?")
+
+
+def _check_balls(c: _Case, radius: float, min_distance: float) -> None:
+    """Balls must not overlap (distance >= 2 r + margin), nor be empty, nor be cut by the image border."""
+    ls, geo = c.landmarks, c.geometry
+    overlaps = find_overlaps(ls.names, ls.points_lps, min_distance)
+    if overlaps:
+        margin = min_distance - 2 * radius
+        listing = ", ".join(f"{a!r}-{b!r} {d:.2f} mm" for a, b, d in overlaps)
+        closest = overlaps[0][2]
+        raise CaseError(f"case {c.case} ({ls.source}): balls of radius {radius} mm would overlap for {listing} "
+                        f"(need >= {min_distance:.2f} mm = 2 x radius + {margin:.2f} mm margin); use a smaller "
+                        f"--ball_radius_mm (<= {max(0.0, (closest - margin) / 2):.2f} mm separates them, but below "
+                        f"{min_drawable_radius_mm(geo.spacing):.2f} mm a ball may hold no voxel) or leave landmarks "
+                        f"out with --exclude_names")
+    for n, p in zip(ls.names, ls.points_lps):
+        if np.isnan(p).any():
+            continue
+        ball = ball_voxels(geo, p, radius)
+        if ball.n_outside:
+            raise CaseError(f"case {c.case} ({ls.source}): the {radius} mm ball of {n!r} is cut by the border of "
+                            f"{c.image_label} ({ball.n_outside} voxel(s) outside): its centre of mass would move")
+        if ball.n_inside == 0:
+            raise CaseError(f"case {c.case}: the {radius} mm ball of {n!r} contains no voxel of {c.image_label} "
+                            f"(spacing {geo.spacing}); use a larger --ball_radius_mm")
+
+
+def _validate_pairs(pairs, names: Sequence[str]) -> List[Tuple[str, str]]:
+    out, seen = [], set()
+    for pair in pairs:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise ConversionError(f"landmark pair {pair!r} must be two names (left, right)")
+        a, b = (str(x) for x in pair)
+        unknown = [x for x in (a, b) if x not in names]
+        if unknown:
+            raise ConversionError(f"landmark pair ({a}, {b}): unknown name(s) {unknown}; landmarks are {list(names)}")
+        if a == b or a in seen or b in seen:
+            raise ConversionError(f"landmark pair ({a}, {b}): a landmark may appear in only one pair, never twice")
+        seen.update((a, b))
+        out.append((a, b))
+    return out
+
+
+def _validate_names(names: Sequence[str], where: str) -> List[str]:
+    names = [str(n) for n in names]
+    if not names:
+        raise ConversionError(f"{where}: no landmark names")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConversionError(f"{where}: duplicate landmark names {dupes}")
+    reserved = [n for n in names if n.lower() in RESERVED_NAMES or not n.strip()]
+    if reserved:
+        raise ConversionError(f"{where}: landmark names {reserved} are reserved by nnU-Net or empty")
+    return names
+
+
+# ----------------------------------------------------------------------------------- writing
+def _write_case(c: _Case, out: Path, names: Sequence[str], radius: float) -> None:
+    import SimpleITK as sitk
+    image = _read_image(c)
+    arr = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise CaseError(f"{c.image_label}: image contains NaN or infinite intensities")
+    if tuple(image.GetSize()) != c.geometry.shape_ijk:
+        raise CaseError(f"{c.image_label}: image changed while converting")
+    if c.is_test:
+        sitk.WriteImage(image, str(out / "imagesTs" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
+        return
+    labels, balls = draw_balls(c.geometry, c.landmarks.points_lps, radius, label_dtype(len(names)))
+    box = nonzero_bbox_zyx(arr)
+    for n, ball in zip(names, balls):
+        if ball is None:
+            continue
+        cut = ball.n_inside if box is None else voxels_outside_box(ball, box)
+        if cut:
+            raise CaseError(f"case {c.case}: the ball of {n!r} reaches outside the non-zero region of "
+                            f"{c.image_label} ({cut} voxel(s)); nnU-Net crops every case to that region, which would "
+                            f"cut the ball and move its centre of mass")
+    label_img = sitk.GetImageFromArray(labels)
+    label_img.CopyInformation(image)
+    sitk.WriteImage(image, str(out / "imagesTr" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
+    sitk.WriteImage(label_img, str(out / "labelsTr" / f"{c.case}{FILE_ENDING}"), useCompression=True)
+
+
+def _remove_case_files(out: Path, case: str) -> None:
+    for p in (out / "imagesTr" / f"{case}_0000{FILE_ENDING}", out / "labelsTr" / f"{case}{FILE_ENDING}",
+              out / "imagesTs" / f"{case}_0000{FILE_ENDING}"):
+        if p.exists():
+            p.unlink()
+
+
+def _dump_json(obj, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+# ------------------------------------------------------------------------------------- main
+def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
+                    output_folder: Union[str, os.PathLike, Tuple[int, str], None] = None, *,
+                    dataset_id: Optional[int] = None, dataset_name: Optional[str] = None,
+                    names: Optional[Sequence[str]] = None, pairs: Optional[Sequence[Tuple[str, str]]] = None,
+                    test_cases: Sequence[str] = (), ball_radius_mm: Optional[float] = None,
+                    target_spacing: Optional[Sequence[float]] = None, on_error: str = "raise",
+                    channel_name: str = "image", overwrite: bool = False, exclude_names: Sequence[str] = (),
+                    splits: Optional[List[dict]] = None, min_radius_voxels: float = MIN_RADIUS_VOXELS,
+                    progress: bool = True) -> Path:
+    """Write `DatasetXXX_Name/` (imagesTr, labelsTr, imagesTs, dataset.json, landmarks.json) and return it.
+
+    cases: case id -> (image path or SimpleITK image, landmark file path or LandmarkSet).
+    output_folder: the dataset folder itself, or (dataset_id, dataset_name) under $nnUNet_raw
+        (the keyword arguments `dataset_id`/`dataset_name` do the same).
+    names: landmark (channel) order; default: the first case's order. Every case is reordered to it;
+        a case naming a landmark outside `names` is an error. `exclude_names` are removed from every
+        case first (e.g. landmarks too close together to keep apart as balls).
+    pairs: left/right pairs; default `find_lr_pairs(names)`.
+    test_cases: case ids written to imagesTs (no label; their points still go to landmarks.json).
+    ball_radius_mm: default `ball_radius.ball_radius_mm` over the training cases' spacings and
+        `target_spacing` (default: what nnU-Net's planner will pick). Balls closer than
+        2 r + half a target voxel are refused.
+    on_error: "raise" (all per-case problems reported together, nothing written) or "drop"
+        (offending cases skipped with a ConversionWarning).
+    splits: optional nnU-Net splits (list of {"train": [...], "val": [...]}) written to
+        splits_final.json beside dataset.json (dropped cases removed) and copied to
+        $nnUNet_preprocessed/<dataset>/ when that is set.
+    """
+    import SimpleITK as sitk
+
+    if on_error not in ("raise", "drop"):
+        raise ConversionError(f"on_error must be 'raise' or 'drop', got {on_error!r}")
+    if isinstance(output_folder, tuple):
+        dataset_id, dataset_name = output_folder
+        output_folder = None
+    if output_folder is None:
+        if dataset_id is None or dataset_name is None:
+            raise ConversionError("give an output folder or both dataset_id and dataset_name")
+        target = raw_dataset_folder(dataset_id, dataset_name)
+    else:
+        target = Path(output_folder)
+    if target.exists() and not overwrite:
+        raise ConversionError(f"{target}: already exists (use overwrite=True / --overwrite to replace it)")
+    if not cases:
+        raise ConversionError("no cases to convert")
+    test_set = {str(t) for t in test_cases}
+    unknown_test = sorted(test_set - {str(k) for k in cases})
+    if unknown_test:
+        raise ConversionError(f"test cases {unknown_test} are not among the given cases")
+    bad_ids = [k for k in cases if not str(k) or str(k).startswith(".") or re.search(r"[/\\\s]", str(k))]
+    if bad_ids:
+        raise ConversionError(f"case ids {bad_ids} cannot be file names (no spaces, slashes or leading dot)")
+    exclude = [str(n) for n in exclude_names]
+    if ball_radius_mm is not None and not (np.isfinite(ball_radius_mm) and ball_radius_mm > 0):
+        raise ConversionError(f"ball radius must be a positive number of mm, got {ball_radius_mm!r}")
+
+    problems: Dict[str, str] = {}
+
+    def fail(case: str, msg: str) -> None:
+        problems[case] = msg
+        if on_error == "drop":
+            warnings.warn(f"dropping case {case}: {msg}", ConversionWarning, stacklevel=3)
+
+    # -- pass 1: headers and landmark files
+    items: List[_Case] = []
+    for case, (image, lm) in tqdm(list(cases.items()), desc="Reading cases", unit="case", disable=not progress):
+        case = str(case)
+        label = f"{case} (in-memory image)" if isinstance(image, sitk.Image) else str(image)
+        c = _Case(case, image, label, is_test=case in test_set)
+        try:
+            c.geometry = _image_header(c)
+            c.landmarks, c.file_names = _read_case_landmarks(lm, exclude)
+        except CaseError as e:
+            fail(case, str(e))
+            continue
+        items.append(c)
+    if exclude:
+        seen = {n for c in items for n in c.file_names} | set(names or ())
+        never = [n for n in exclude if n not in seen]
+        if items and never:
+            raise ConversionError(f"exclude_names {never} do not occur in any case")
+    if names is None:
+        if not items:
+            raise ConversionError("no readable case:\n" + "\n".join(f"  {v}" for v in problems.values()))
+        names = list(items[0].landmarks.names)
+        where = f"names from {items[0].landmarks.source}"
+    else:
+        names = [n for n in names if n not in exclude]
+        where = "given names"
+    names = _validate_names(names, where)
+    if pairs is None:
+        from nnlandmark_h3de.landmarks.pairs import find_lr_pairs
+        pairs = find_lr_pairs(names)
+    pairs = _validate_pairs(pairs, names)
+
+    kept: List[_Case] = []
+    for c in items:
+        try:
+            try:
+                c.landmarks = c.landmarks.reordered(names)
+            except LandmarkError as e:
+                raise CaseError(str(e)) from None
+            _check_inside(c)
+        except CaseError as e:
+            fail(c.case, str(e))
+            continue
+        kept.append(c)
+
+    # -- ball radius from the training cases' spacings
+    train = [c for c in kept if not c.is_test]
+    if not train and on_error == "drop":
+        raise ConversionError("no training case left after dropping bad cases:\n" +
+                              "\n".join(f"  {v}" for v in problems.values()))
+    spacings = [c.geometry.spacing for c in train] or [c.geometry.spacing for c in kept]
+    shapes = [c.geometry.shape_ijk for c in train] or [c.geometry.shape_ijk for c in kept]
+    target_sp = (np.asarray(target_spacing, dtype=np.float64) if target_spacing is not None
+                 else nnunet_target_spacing(spacings, shapes) if spacings else np.ones(3))
+    if target_sp.shape != (3,) or not np.all(target_sp > 0):
+        raise ConversionError(f"target spacing must be 3 positive numbers, got {target_spacing!r}")
+    if ball_radius_mm is None:
+        radius = radius_rule(spacings, target_sp, min_voxels=min_radius_voxels) if spacings else 1.0
+    else:
+        radius = float(ball_radius_mm)
+        advised = radius_rule(spacings, target_sp, min_voxels=min_radius_voxels) if spacings else radius
+        if radius < advised:
+            warnings.warn(f"ball radius {radius} mm is under {min_radius_voxels} voxels of the coarsest spacing "
+                          f"({advised} mm advised): balls may shrink or vanish in nnU-Net's resampling",
+                          ConversionWarning, stacklevel=2)
+    min_distance = 2 * radius + 0.5 * float(np.max(target_sp))
+
+    checked: List[_Case] = []
+    for c in train:
+        try:
+            _check_balls(c, radius, min_distance)
+        except CaseError as e:
+            fail(c.case, str(e))
+            continue
+        checked.append(c)
+    checked += [c for c in kept if c.is_test]
+    if problems and on_error == "raise":
+        raise ConversionError(f"{len(problems)} case(s) cannot be converted (fix them, or drop them with "
+                              f"on_error='drop' / --drop_bad_cases):\n" + "\n".join(f"  {v}" for v in problems.values()))
+
+    # -- pass 2: write into a temporary sibling folder, rename when complete
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            (tmp / sub).mkdir(parents=True)
+        written: List[_Case] = []
+        for c in tqdm(checked, desc="Writing cases", unit="case", disable=not progress):
+            try:
+                _write_case(c, tmp, names, radius)
+            except CaseError as e:
+                _remove_case_files(tmp, c.case)
+                if on_error == "raise":
+                    raise ConversionError(str(e)) from None
+                fail(c.case, str(e))
+                continue
+            written.append(c)
+        n_train = sum(not c.is_test for c in written)
+        if n_train == 0:
+            raise ConversionError("no training case could be converted:\n" +
+                                  "\n".join(f"  {v}" for v in problems.values()))
+        if not any(c.is_test for c in written):
+            (tmp / "imagesTs").rmdir()
+        dataset_json = {
+            "name": target.name.split("_", 1)[-1] if target.name.startswith("Dataset") else target.name,
+            "description": "3D anatomical landmarks as label balls (nnlandmark_h3de)",
+            "channel_names": {"0": channel_name},
+            "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(names)}},
+            "numTraining": n_train,
+            "file_ending": FILE_ENDING,
+            "overwrite_image_reader_writer": "SimpleITKIO",
+            "landmarks": landmark_info_dict(names, pairs, radius),
+        }
+        _dump_json(dataset_json, tmp / "dataset.json")
+        _dump_json(landmarks_json_dict({c.case: c.landmarks for c in written}, names,
+                                       [c.case for c in written if c.is_test]), tmp / LANDMARKS_FILE)
+        if splits is not None:
+            _dump_json(_filter_splits(splits, {c.case for c in written if not c.is_test}, {str(k) for k in cases}),
+                       tmp / "splits_final.json")
+        if target.exists():
+            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, trash)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if splits is not None:
+        install_splits(target)
+    return target
+
+
+def _filter_splits(splits: List[dict], train_cases: set, all_cases: set) -> List[dict]:
+    """Keep only converted training cases; unknown case ids are an error, dropped ones a warning."""
+    out = []
+    for i, fold in enumerate(splits):
+        if not isinstance(fold, dict) or set(fold) != {"train", "val"}:
+            raise ConversionError(f"split {i}: expected {{'train': [...], 'val': [...]}}")
+        new = {}
+        for key in ("train", "val"):
+            ids = [str(x) for x in fold[key]]
+            unknown = [x for x in ids if x not in all_cases]
+            if unknown:
+                raise ConversionError(f"split {i} {key}: unknown case ids {unknown[:10]}")
+            missing = [x for x in ids if x not in train_cases]
+            if missing:
+                warnings.warn(f"split {i} {key}: {len(missing)} case(s) not in the converted training set "
+                              f"(dropped or test): {missing[:10]}", ConversionWarning, stacklevel=3)
+            new[key] = [x for x in ids if x in train_cases]
+        out.append(new)
+    return out
