@@ -32,12 +32,13 @@ from nnlandmark_h3de.conversion.dataset_landmarks import LANDMARKS_FILE, landmar
 from nnlandmark_h3de.conversion.draw_balls import (ball_voxels, draw_balls, find_overlaps, label_dtype,
                                                    nonzero_bbox_zyx, voxels_outside_box)
 from nnlandmark_h3de.conversion.errors import ConversionError, ConversionWarning
+from nnlandmark_h3de.conversion.lazy_image import LazyImage
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 
 FILE_ENDING = ".nii.gz"
 RESERVED_NAMES = ("background", "ignore")
-ImageLike = Union[str, os.PathLike, "SimpleITK.Image"]  # noqa: F821
+ImageLike = Union[str, os.PathLike, "SimpleITK.Image", LazyImage]  # noqa: F821
 LandmarksLike = Union[str, os.PathLike, LandmarkSet]
 
 
@@ -96,6 +97,8 @@ def install_splits(dataset_folder) -> Optional[Path]:
 # ------------------------------------------------------------------------------------ reading
 def _image_header(c: _Case) -> ImageGeometry:
     import SimpleITK as sitk
+    if isinstance(c.image, LazyImage):
+        return c.image.geometry
     if isinstance(c.image, sitk.Image):
         dim, comps = c.image.GetDimension(), c.image.GetNumberOfComponentsPerPixel()
         size = c.image.GetSize()
@@ -143,6 +146,16 @@ def _read_image(c: _Case):
     import SimpleITK as sitk
     if isinstance(c.image, sitk.Image):
         return c.image
+    if isinstance(c.image, LazyImage):
+        try:
+            image = c.image.load()
+        except (LandmarkError, OSError, ValueError, RuntimeError) as e:
+            raise CaseError(f"{c.image_label}: unreadable image ({e})") from None
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise CaseError(f"{c.image_label}: expected a 3D single-component image")
+        if ImageGeometry.from_sitk(image) != c.image.geometry:
+            raise CaseError(f"{c.image_label}: loaded image geometry differs from its header geometry")
+        return image
     try:
         return sitk.ReadImage(str(c.image))
     except RuntimeError as e:
@@ -171,7 +184,9 @@ def _check_balls(c: _Case, radius: float, min_distance: float) -> None:
     overlaps = find_overlaps(ls.names, ls.points_lps, min_distance)
     if overlaps:
         margin = min_distance - 2 * radius
-        listing = ", ".join(f"{a!r}-{b!r} {d:.2f} mm" for a, b, d in overlaps)
+        listing = ", ".join(f"{a!r}-{b!r} {d:.2f} mm" for a, b, d in overlaps[:5])
+        if len(overlaps) > 5:
+            listing += f" and {len(overlaps) - 5} more pair(s)"
         closest = overlaps[0][2]
         raise CaseError(f"case {c.case} ({ls.source}): balls of radius {radius} mm would overlap for {listing} "
                         f"(need >= {min_distance:.2f} mm = 2 x radius + {margin:.2f} mm margin); use a smaller "
@@ -226,8 +241,8 @@ def _write_case(c: _Case, out: Path, names: Sequence[str], radius: float) -> Non
     arr = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         raise CaseError(f"{c.image_label}: image contains NaN or infinite intensities")
-    if tuple(image.GetSize()) != c.geometry.shape_ijk:
-        raise CaseError(f"{c.image_label}: image changed while converting")
+    if ImageGeometry.from_sitk(image) != c.geometry:
+        raise CaseError(f"{c.image_label}: image geometry changed while converting")
     if c.is_test:
         sitk.WriteImage(image, str(out / "imagesTs" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
         return
@@ -272,7 +287,7 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
                     progress: bool = True) -> Path:
     """Write `DatasetXXX_Name/` (imagesTr, labelsTr, imagesTs, dataset.json, landmarks.json) and return it.
 
-    cases: case id -> (image path or SimpleITK image, landmark file path or LandmarkSet).
+    cases: case id -> (image path, SimpleITK image or LazyImage, landmark file path or LandmarkSet).
     output_folder: the dataset folder itself, or (dataset_id, dataset_name) under $nnUNet_raw
         (the keyword arguments `dataset_id`/`dataset_name` do the same).
     names: landmark (channel) order; default: the first case's order. Every case is reordered to it;

@@ -1,0 +1,113 @@
+"""nnLandmark_convert: a folder of images + a folder of landmark files -> nnU-Net raw dataset."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+
+def _parse_pairs(items: Optional[List[str]]) -> Optional[List[Tuple[str, str]]]:
+    if items is None:
+        return None
+    pairs = []
+    for item in items:
+        parts = item.split(":")
+        if len(parts) != 2 or not all(parts):
+            raise SystemExit(f"nnLandmark_convert: error: --pairs expects LEFT:RIGHT, got {item!r}")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+def _read_names_file(path: str) -> List[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except OSError as e:
+        raise SystemExit(f"nnLandmark_convert: error: {path}: cannot read names file ({e.strerror})")
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnLandmark_convert",
+        description="Convert images + landmark files (matched by file name) into an nnU-Net raw dataset "
+                    "DatasetXXX_NAME in $nnUNet_raw: each landmark becomes a small ball of its own label, "
+                    "exact world coordinates go to landmarks.json.")
+    p.add_argument("-i", "--images", required=True, help="folder of images (.nii.gz .nii .nrrd .mha .mhd)")
+    p.add_argument("-l", "--landmarks", required=True, help="folder of landmark files (.mrk.json .fcsv .csv .json)")
+    p.add_argument("-d", "--dataset_id", required=True, type=int, help="nnU-Net dataset id (1..999)")
+    p.add_argument("-n", "--dataset_name", required=True, help="dataset name (letters, digits, _ or -)")
+    p.add_argument("-o", "--output_root", default=None, help="parent folder of the dataset (default: $nnUNet_raw)")
+    p.add_argument("--test_images", default=None, help="folder of test images (written to imagesTs)")
+    p.add_argument("--test_landmarks", default=None, help="landmark files of the test images")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--names", nargs="+", default=None, help="landmark names in channel order (default: first case's order)")
+    g.add_argument("--names_file", default=None, help="text file, one landmark name per line")
+    p.add_argument("--exclude_names", nargs="+", default=(), help="landmarks to leave out of every case")
+    p.add_argument("--pairs", nargs="+", default=None, metavar="LEFT:RIGHT",
+                   help="left/right landmark pairs (default: guessed from names such as L*/R*, left/right)")
+    p.add_argument("--ball_radius_mm", type=float, default=None,
+                   help="label ball radius (default: 1.5 voxels of the coarsest original or target spacing)")
+    p.add_argument("--channel_name", default="image",
+                   help="nnU-Net channel name; 'CT' selects CT intensity normalisation (default: image)")
+    p.add_argument("--drop_bad_cases", action="store_true",
+                   help="skip cases that cannot be converted (and unmatched files) with a warning instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    return p
+
+
+def _warning_line(message, category, filename, lineno, line=None):
+    return f"nnLandmark_convert: warning: {message}\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    old_format = warnings.formatwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.formatwarning = _warning_line
+            return _run(build_parser().parse_args(argv))
+    finally:
+        warnings.formatwarning = old_format
+
+
+def _run(args) -> int:
+    from nnlandmark_h3de.conversion import ConversionError, ConversionWarning, convert_dataset, match_cases
+    from nnlandmark_h3de.conversion.raw_dataset import dataset_folder_name, raw_dataset_folder
+    from nnlandmark_h3de.landmarks.landmark_set import LandmarkError
+
+    warnings.simplefilter("always", ConversionWarning)
+    if (args.test_images is None) != (args.test_landmarks is None):
+        raise SystemExit("nnLandmark_convert: error: give both --test_images and --test_landmarks, or neither")
+    names = _read_names_file(args.names_file) if args.names_file else args.names
+    pairs = _parse_pairs(args.pairs)
+    try:
+        cases = dict(match_cases(args.images, args.landmarks, drop_unmatched=args.drop_bad_cases))
+        test_cases = []
+        if args.test_images:
+            test = match_cases(args.test_images, args.test_landmarks, drop_unmatched=args.drop_bad_cases)
+            clash = sorted(set(test) & set(cases))
+            if clash:
+                raise ConversionError(f"case names used for both training and test images: {clash}")
+            cases.update(test)
+            test_cases = sorted(test)
+        if args.output_root:
+            out = Path(args.output_root) / dataset_folder_name(args.dataset_id, args.dataset_name)
+        else:
+            out = raw_dataset_folder(args.dataset_id, args.dataset_name)
+        folder = convert_dataset(cases, out, names=names, pairs=pairs, test_cases=test_cases,
+                                 ball_radius_mm=args.ball_radius_mm, on_error="drop" if args.drop_bad_cases else "raise",
+                                 channel_name=args.channel_name, overwrite=args.overwrite,
+                                 exclude_names=args.exclude_names)
+    except (ConversionError, LandmarkError) as e:
+        print(f"nnLandmark_convert: error: {e}", file=sys.stderr)
+        return 1
+    from nnlandmark_h3de.conversion import read_dataset_landmark_info
+    info = read_dataset_landmark_info(folder)
+    print(f"Wrote {folder}: {len(info['names'])} landmarks, ball radius {info['ball_radius_mm']} mm, "
+          f"pairs {info['pairs'] or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
