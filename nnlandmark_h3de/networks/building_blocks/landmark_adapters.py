@@ -1,0 +1,62 @@
+"""Landmark adapters: each landmark gets its own C_A channels next to the shared features.
+
+Why: one joint model for L landmarks is a compromise between them (the "seesaw" effect); L models
+cost L times as much. Here landmark k's heatmap is a 1x1 conv over [shared features, adapter_k],
+where adapter_k = conv_k(shared features) has C_A channels only landmark k reads.
+
+Cost: all L adapters are ONE conv with L * C_A output channels (further adapter convs are grouped,
+groups = L), and the per-landmark 1x1 over the concatenation is split into a dense 1x1 on the
+shared features plus a grouped 1x1 (groups = L) on the adapters, summed; nothing loops over
+landmarks and the shared features are never copied L times. Normalisation must be per channel
+(instance/batch norm) so that landmarks stay independent.
+
+A drop-in replacement for the final 1x1 heatmap conv of a decoder (`decoder.seg_layers[-1]` of
+nnU-Net's U-Nets, `decoder.head` of H3DEUNet): same input, `num_outputs` output channels. With
+`num_plain_outputs = 1` the first output channel comes from the shared 1x1 only (the trainer's
+constant zero channel needs no adapter).
+"""
+from typing import Optional, Type
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["LandmarkAdapterHead"]
+
+_CROSS_CHANNEL_NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+
+class LandmarkAdapterHead(nn.Module):
+    """[shared, adapter_k] -> heatmap logit k, for k = 1..L, in two convs + one grouped conv per adapter layer."""
+
+    def __init__(self, conv_op: Type[_ConvNd], input_channels: int, num_outputs: int, adapter_channels: int = 16,
+                 kernel_size: int = 3, n_adapter_convs: int = 1, num_plain_outputs: int = 0,
+                 conv_bias: bool = False, norm_op: Optional[Type[nn.Module]] = None,
+                 norm_op_kwargs: Optional[dict] = None, nonlin: Optional[Type[nn.Module]] = None,
+                 nonlin_kwargs: Optional[dict] = None):
+        super().__init__()
+        assert 0 <= num_plain_outputs < num_outputs and adapter_channels >= 1 and n_adapter_convs >= 1
+        if norm_op is not None and issubclass(norm_op, _CROSS_CHANNEL_NORMS):
+            raise ValueError(f"{norm_op.__name__} mixes channels of different landmarks; use a per-channel norm")
+        self.num_outputs, self.num_plain_outputs = int(num_outputs), int(num_plain_outputs)
+        self.num_landmarks = self.num_outputs - self.num_plain_outputs
+        self.adapter_channels = int(adapter_channels)
+        ca = self.num_landmarks * self.adapter_channels
+        layers = []
+        for i in range(n_adapter_convs):  # first conv reads the shared features, later ones only their own adapter
+            layers.append(conv_op(input_channels if i == 0 else ca, ca, kernel_size, 1, kernel_size // 2,
+                                  groups=1 if i == 0 else self.num_landmarks, bias=conv_bias))
+            if norm_op is not None:
+                layers.append(norm_op(ca, **(norm_op_kwargs or {})))
+            if nonlin is not None:
+                layers.append(nonlin(**(nonlin_kwargs or {})))
+        self.adapter = nn.Sequential(*layers)
+        self.shared_head = conv_op(input_channels, self.num_outputs, 1, 1, 0, bias=True)
+        self.adapter_head = conv_op(ca, self.num_landmarks, 1, 1, 0, groups=self.num_landmarks, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shared_head(x)
+        own = self.adapter_head(self.adapter(x))
+        if self.num_plain_outputs == 0:
+            return out + own
+        return torch.cat((out[:, :self.num_plain_outputs], out[:, self.num_plain_outputs:] + own), 1)

@@ -1,0 +1,136 @@
+"""Anchor head (H3DE-Net): target encoding/decoding, absent landmarks, loss, shapes."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nnlandmark_h3de.heatmaps.anchor_targets import (AnchorLoss, anchor_positives, build_anchor_targets,
+                                                     centres_from_heatmaps)
+from nnlandmark_h3de.heatmaps.gaussian_heatmap import gaussian_heatmaps
+from nnlandmark_h3de.networks.building_blocks.anchor_head import (AnchorHead, cell_coordinates, decode_anchors,
+                                                                  decode_offsets, grid_stride, grid_to_voxel,
+                                                                  voxel_to_grid)
+
+PATCH = (28, 20, 12)
+GRID = (7, 5, 3)  # stride 4, odd sizes
+RADII = torch.tensor([1.0, 2.0])
+
+
+def _centres(seed=0, b=2, n_l=4):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.rand(b, n_l, 3, generator=g) * (torch.tensor(PATCH) - 1)
+    present = torch.ones(b, n_l, dtype=torch.bool)
+    present[0, 1] = False
+    present[1, 3] = False
+    c[~present] = float("nan")
+    return c, present
+
+
+def _perfect_outputs(c, present):
+    """Offsets = the exact targets on positives (garbage elsewhere), logits +-12 by positivity."""
+    tg = build_anchor_targets(c, present, PATCH, GRID, RADII)
+    b, n_l = present.shape
+    offsets = torch.randn(b, len(RADII), n_l, 3, *GRID) * 5
+    offsets.movedim(3, -1)[tg.positive] = tg.offsets
+    logits = torch.where(tg.positive, 12.0, -12.0)
+    return tg, offsets, logits
+
+
+def test_grid_convention_round_trip_and_mirror_symmetry():
+    s = grid_stride(PATCH, GRID)
+    assert s == (4.0, 4.0, 4.0)
+    c = torch.tensor([[0.0, 3.3, 11.0]])
+    assert torch.allclose(grid_to_voxel(voxel_to_grid(c, s), s), c)
+    # cell i covers voxels 4i..4i+3: its centre is voxel 4i + 1.5; mirroring maps cell i to n-1-i
+    assert torch.allclose(grid_to_voxel(torch.zeros(1, 3), s), torch.full((1, 3), 1.5))
+    flipped = torch.tensor(PATCH) - 1 - c
+    assert torch.allclose(voxel_to_grid(flipped, s), torch.tensor(GRID) - 1 - voxel_to_grid(c, s))
+
+
+def test_offsets_decode_back_to_the_exact_landmark():
+    c, present = _centres()
+    tg, offsets, logits = _perfect_outputs(c, present)
+    cells = cell_coordinates(GRID).movedim(0, -1)  # (*grid, 3)
+    bi, ai, li, *cell = tg.positive.nonzero(as_tuple=True)
+    f = cells[cell[0], cell[1], cell[2]]
+    g = decode_offsets(tg.offsets, f, RADII[ai][:, None])
+    assert torch.allclose(grid_to_voxel(g, grid_stride(PATCH, GRID)), c[bi, li], atol=1e-5)
+    for location in ("weighted", "medoid", "best"):
+        pos, prob = decode_anchors(offsets, logits, RADII, PATCH, top_k=5, location=location)
+        assert torch.allclose(pos[present], c[present], atol=1e-4), location
+        assert (prob[present] > 0.99).all() and (prob[~present] < 0.01).all()
+
+
+def test_absent_landmark_is_negative_everywhere_and_present_ones_always_have_positives():
+    c, present = _centres(seed=1)
+    pos = anchor_positives(voxel_to_grid(c, grid_stride(PATCH, GRID)), present, GRID, torch.tensor([0.3, 0.6]))
+    assert pos.shape == (2, 2, 4, *GRID)
+    assert not pos[0, :, 1].any() and not pos[1, :, 3].any()
+    # radii below half a cell diagonal: the nearest cell still makes every present landmark positive
+    assert pos.flatten(3).any(-1).any(1)[present].all()
+    # a landmark between cells with radius 1: exactly the cells within distance 1 (+ the nearest)
+    g = torch.tensor([[[2.5, 2.0, 1.0]]])
+    p = anchor_positives(g, torch.ones(1, 1, dtype=torch.bool), GRID, torch.tensor([1.0]))[0, 0, 0]
+    expected = {(2, 2, 1), (3, 2, 1)}
+    assert {tuple(i.tolist()) for i in p.nonzero()} == expected
+
+
+def test_centres_from_heatmaps_recover_the_gaussian_centre_exactly():
+    shape = (24, 18, 15)
+    centres = torch.tensor([[3.3, 9.71, 7.05], [0.2, 17.4, 14.0], [12.0, 0.49, 0.0], [float("nan")] * 3],
+                           dtype=torch.float64)
+    present = torch.tensor([True, True, True, False])
+    hm = gaussian_heatmaps(centres, present, shape, (4.0, 2.5, 3.0))[None]  # anisotropic sigma
+    got, got_present = centres_from_heatmaps(hm)
+    assert got_present[0].tolist() == present.tolist()
+    assert torch.allclose(got[0, :3], centres[:3].float(), atol=2e-3)
+    assert torch.isnan(got[0, 3]).all()
+
+
+def test_loss_finite_and_decreasing_on_a_toy_problem():
+    torch.manual_seed(0)
+    c, present = _centres(seed=2)
+    feats = torch.randn(2, 16, *GRID)
+    head = AnchorHead(nn.Conv3d, 16, 4, RADII.tolist(), norm_op=nn.InstanceNorm3d,
+                      norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU)
+    loss_fn = AnchorLoss(RADII.tolist())
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(150):
+        out = head(feats)
+        loss, parts = loss_fn(out.offsets, out.logits, c, present, PATCH)
+        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+    # after fitting, decoding finds the landmarks and rejects the absent ones
+    with torch.no_grad():
+        out = head(feats)
+        pos, prob = decode_anchors(out.offsets, out.logits, RADII, PATCH, location="medoid")
+    assert (prob[present] > 0.9).all() and (prob[~present] < 0.5).all()
+    assert (pos[present] - c[present]).norm(dim=-1).max() < 1.0
+
+
+def test_loss_without_any_present_landmark_reaches_every_parameter():
+    head = AnchorHead(nn.Conv3d, 4, 3, (1.0,))
+    out = head(torch.randn(1, 4, 5, 3, 7))
+    c = torch.full((1, 3, 3), float("nan"))
+    loss, parts = AnchorLoss((1.0,))(out.offsets, out.logits, c, torch.zeros(1, 3, dtype=torch.bool), (20, 12, 28))
+    loss.backward()
+    assert math.isfinite(loss.item()) and parts["offset"] == 0
+    assert all(p.grad is not None for p in head.parameters())
+
+
+@pytest.mark.parametrize("spatial", [(7, 5, 3), (1, 9, 4), (6, 6, 6)])
+def test_head_shapes_with_odd_feature_sizes(spatial):
+    head = AnchorHead(nn.Conv3d, 6, 5, (1.0, 2.0, 4.0))
+    out = head(torch.randn(2, 6, *spatial))
+    assert out.offsets.shape == (2, 3, 5, 3, *spatial)
+    assert out.logits.shape == (2, 3, 5, *spatial)
+    # the initial existence prior: nearly everything absent
+    assert torch.sigmoid(out.logits).mean() < 0.05
+    pos, prob = decode_anchors(out.offsets, out.logits, head.radii, [4 * s for s in spatial], top_k=100)
+    assert pos.shape == (2, 5, 3) and prob.shape == (2, 5)

@@ -1,0 +1,84 @@
+"""Landmark adapters: landmark k reads only its own adapter; equal to a naive per-landmark loop."""
+import pytest
+import torch
+from torch import nn
+
+from nnlandmark_h3de.networks.building_blocks.landmark_adapters import LandmarkAdapterHead
+
+C, L, CA = 6, 4, 3
+
+
+def _head(n_adapter_convs=1, num_plain_outputs=0):
+    torch.manual_seed(0)
+    head = LandmarkAdapterHead(nn.Conv3d, C, L + num_plain_outputs, CA, 3, n_adapter_convs, num_plain_outputs,
+                               norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True, "eps": 1e-5},
+                               nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    with torch.no_grad():  # non-trivial affine norm parameters
+        for m in head.modules():
+            if isinstance(m, nn.InstanceNorm3d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return head
+
+
+def _naive(head: LandmarkAdapterHead, x: torch.Tensor) -> torch.Tensor:
+    """Per landmark: its own convs (weight slices), its own norm, then a 1x1 over [shared, adapter_k]."""
+    outs = [head.shared_head(x)[:, :head.num_plain_outputs]]
+    convs = [m for m in head.adapter if isinstance(m, nn.Conv3d)]
+    norms = [m for m in head.adapter if isinstance(m, nn.InstanceNorm3d)]
+    p = head.num_plain_outputs
+    for k in range(head.num_landmarks):
+        sl = slice(k * CA, (k + 1) * CA)
+        a = x
+        for i, (conv, norm) in enumerate(zip(convs, norms)):
+            w = conv.weight[sl]  # grouped convs: (CA, CA, ...) per group, dense first conv: (CA, C, ...)
+            a = nn.functional.conv3d(a, w, None, 1, 1)
+            a = nn.functional.instance_norm(a, weight=norm.weight[sl], bias=norm.bias[sl], eps=norm.eps)
+            a = nn.functional.leaky_relu(a)
+        w = torch.cat((head.shared_head.weight[p + k], head.adapter_head.weight[k]), 0)[None]
+        outs.append(nn.functional.conv3d(torch.cat((x, a), 1), w, head.shared_head.bias[p + k: p + k + 1]))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("n_adapter_convs,num_plain", [(1, 0), (2, 1)])
+def test_equals_naive_per_landmark_loop(n_adapter_convs, num_plain):
+    head = _head(n_adapter_convs, num_plain)
+    x = torch.randn(2, C, 5, 6, 7)
+    out = head(x)
+    assert out.shape == (2, L + num_plain, 5, 6, 7)
+    torch.testing.assert_close(out, _naive(head, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_adapter_convs", [1, 2])
+def test_landmark_k_does_not_depend_on_adapter_j(n_adapter_convs):
+    head = _head(n_adapter_convs)
+    x = torch.randn(1, C, 4, 5, 6)
+    params = dict(head.adapter.named_parameters())
+    for k in range(L):
+        grads = torch.autograd.grad(head(x)[:, k].sum(), list(params.values()) + [head.adapter_head.weight])
+        for (name, _), g in zip(list(params.items()) + [("adapter_head.weight", None)], grads):
+            rows = g.view(L, -1) if g.shape[0] == L * CA or name == "adapter_head.weight" else None
+            assert rows is not None, name
+            for j in range(L):
+                if j == k:
+                    assert rows[j].abs().sum() > 0, (k, name)  # the test can see a dependence
+                else:
+                    assert torch.all(rows[j] == 0), (k, j, name)
+
+
+def test_shared_features_still_reach_every_output_and_cross_channel_norms_are_refused():
+    head = _head()
+    x = torch.randn(1, C, 3, 3, 3, requires_grad=True)
+    for k in range(L):
+        g, = torch.autograd.grad(head(x)[:, k].sum(), x)
+        assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match="mixes channels"):
+        LandmarkAdapterHead(nn.Conv3d, C, L, CA, norm_op=nn.GroupNorm)
+
+
+def test_adapter_is_one_conv_for_all_landmarks():
+    head = _head(n_adapter_convs=2)
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv3d)]
+    # dense adapter conv, grouped adapter conv, shared 1x1, grouped 1x1: independent of L
+    assert len(convs) == 4
+    assert [c.groups for c in convs] == [1, L, 1, L]
