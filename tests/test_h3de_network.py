@@ -77,8 +77,12 @@ def test_vbra_stage_selection_and_per_stage_settings():
     assert [len(blocks[s]) for s in range(5)] == [0, 0, 2, 1, 1]
     assert [blocks[s][0].attn.topk for s in (2, 3, 4)] == [1, 4, 16]
     assert [blocks[s][0].attn.num_heads for s in (2, 3, 4)] == [2, 4, 4]
-    # without a patch size: the deepest two stages
-    assert build(plans_kwargs(strides, features=(4, 8, 16, 32, 32)), False).vbra_stages == [3, 4]
+    # without a patch size: the deepest two stages; default top-k is H3DE-Net's 1, 4, 16 from the finest
+    net = build(plans_kwargs(strides, features=(4, 8, 16, 32, 32)), False)
+    assert net.vbra_stages == [3, 4]
+    assert [net.encoder.stages[s][-1].attn.topk for s in (3, 4)] == [1, 4]
+    net = build(plans_kwargs(strides, features=(4, 8, 16, 32, 32), vbra_stages=[1, 2, 3, 4]), False)
+    assert [net.encoder.stages[s][-1].attn.topk for s in (1, 2, 3, 4)] == [1, 4, 16, 16]
     with pytest.raises(ValueError):
         build(plans_kwargs(strides, features=(4, 8, 16, 32, 32), vbra_topk=[1, 2, 3]), False)
 
@@ -103,3 +107,48 @@ def test_conv_weights_keep_nnunet_names_and_attention_gets_gradients():
 def test_feature_map_size_estimate_is_positive_and_grows_with_patch():
     net = build(plans_kwargs(ANISO, vbra_stages=[3]), False)
     assert 0 < net.compute_conv_feature_map_size((8, 32, 32)) < net.compute_conv_feature_map_size((16, 64, 64))
+
+
+def _plans(arch_class, arch_kwargs, patch_size):
+    return {"dataset_name": "Dataset999_T", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1, 1],
+            "original_median_shape_after_transp": [32, 32, 32], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "configurations": {"3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2, "patch_size": list(patch_size), "median_image_size_in_voxels": [32, 32, 32],
+                "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": {},
+                "resampling_fn_seg_kwargs": {}, "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {}, "batch_dice": False,
+                "architecture": {"network_class_name": arch_class, "arch_kwargs": arch_kwargs,
+                                 "_kw_requires_import": REQ_IMPORT}}},
+            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {}}
+
+
+@pytest.mark.parametrize("arch", ["plain", "resenc"])
+def test_nnH3DETrainer_builds_h3de_body_with_zero_channel(arch):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer
+
+    patch = (8, 24, 20)
+    kw = plans_kwargs(ANISO)
+    cls = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+    if arch == "resenc":  # residual-encoder plans: n_blocks_per_stage instead of n_conv_per_stage
+        cls = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+        kw["n_blocks_per_stage"] = kw.pop("n_conv_per_stage")
+    cm = PlansManager(_plans(cls, kw, patch)).get_configuration("3d_fullres")
+    torch.manual_seed(0)
+    net = nnH3DETrainer.build_network_architecture(PlansManager(_plans(cls, kw, patch)), cm, 1, 1 + 4, True)
+    body = net.body
+    assert type(body).__name__ == "H3DEUNet"
+    # the configuration's patch size picked the V-BRA stages: 8x24x20 -> stage maps of 3840, 960, 120, 30 tokens
+    assert body.vbra_stages == [1, 2, 3]
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        outs = net(x)
+        assert [tuple(o.shape) for o in outs] == [(1, 5, 8, 24, 20), (1, 5, 8, 12, 10), (1, 5, 4, 6, 5)]
+        assert all(float(o[:, 0].abs().max()) == 0.0 for o in outs)  # constant-zero channel 0
+        net.decoder.deep_supervision = False  # nnU-Net's toggle reaches the H3DE decoder
+        assert tuple(net(x).shape) == (1, 5, 8, 24, 20)

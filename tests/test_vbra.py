@@ -84,9 +84,10 @@ def test_topk_all_regions_is_dense_attention():
     assert (m(x) - dense).abs().max().item() < 1e-10
 
 
-def test_gradients_match_reference_and_reach_all_parameters():
+@pytest.mark.parametrize("kv_chunks", [1, 3, 100])  # one pass; recomputed chunks; one region per chunk
+def test_gradients_match_reference_and_reach_all_parameters(kv_chunks):
     torch.manual_seed(3)
-    m = VBRA(16, num_heads=4, n_regions=(2, 2, 2), topk=2, lepe_kernel_size=3).double()
+    m = VBRA(16, num_heads=4, n_regions=(2, 2, 2), topk=3, lepe_kernel_size=3, kv_chunks=kv_chunks).double()
     x = torch.randn(1, 16, 5, 4, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(1, 16, 5, 4, 7, dtype=torch.float64)
     g_ours = torch.autograd.grad((m(x) * w).sum(), [x, *m.parameters()])

@@ -72,11 +72,11 @@ class H3DEUNet(AbstractDynamicNetworkArchitectures):
         # --- H3DE (all optional) ---
         vbra_stages: Optional[Sequence[int]] = None,
         patch_size: Optional[Sequence[int]] = None,
-        vbra_max_tokens: int = 4096,
+        vbra_max_tokens: int = 16384,
         vbra_blocks_per_stage: IntOrList = 2,
         vbra_n_regions=4,
         vbra_region_size=None,
-        vbra_topk: IntOrList = 4,
+        vbra_topk: Optional[IntOrList] = None,
         vbra_head_dim: int = 32,
         mlp_ratio: float = 4.0,
         n_conv_refinement: int = 2,
@@ -84,8 +84,10 @@ class H3DEUNet(AbstractDynamicNetworkArchitectures):
         """Beyond PlainConvUNet's arguments:
         vbra_stages: encoder stages that get H3DE blocks; default: with `patch_size` every stage (but the
             first) with at most `vbra_max_tokens` tokens, without it the deepest two.
+            (16384 puts V-BRA at H3DE-Net's stages for its 128x128x64 crop: 32x32x16 tokens and deeper).
         vbra_blocks_per_stage, vbra_topk, vbra_n_regions | vbra_region_size: a value for all V-BRA stages or
-            one per V-BRA stage (regions: int or per-axis triple; region_size wins when given).
+            one per V-BRA stage (regions: int or per-axis triple; region_size wins when given). Default top-k
+            is H3DE-Net's 1, 4, 16, 16, ... from the finest V-BRA stage on (capped at the region count).
         vbra_head_dim: channels per attention head (heads = features // head_dim, at least 1).
         """
         super().__init__()
@@ -103,6 +105,8 @@ class H3DEUNet(AbstractDynamicNetworkArchitectures):
         if stages:
             assert convert_conv_op_to_dim(conv_op) == 3, "V-BRA is volumetric: conv_op must be 3D"
         blocks = _per_stage(vbra_blocks_per_stage, stages, "vbra_blocks_per_stage")
+        if vbra_topk is None:
+            vbra_topk = [(1, 4, 16)[min(i, 2)] for i in range(len(stages))]
         topk = _per_stage(vbra_topk, stages, "vbra_topk")
         regions = _per_stage(vbra_region_size if vbra_region_size is not None else vbra_n_regions, stages,
                              "vbra_region_size" if vbra_region_size is not None else "vbra_n_regions", True)

@@ -7,15 +7,16 @@
    padded keys masked);
 5. LePE (depthwise conv3d on V) is added, then the output projection.
 
-Unlike the public code, K/V are gathered once per routed region by index (one copy for top-k 1,
-never a copy per head or an attention matrix) and the attention runs through
-``scaled_dot_product_attention``, whose fused kernels keep memory linear in the number of tokens.
+Unlike the public code, no attention matrix is materialised (``scaled_dot_product_attention``'s fused
+kernels keep memory linear in the number of tokens) and K/V are gathered by region index chunk by chunk
+(about one copy of K/V alive at a time for any top-k; chunks are recomputed in backward).
 """
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IntOr3 = Union[int, Sequence[int]]
 
@@ -68,18 +69,21 @@ class VBRA(nn.Module):
         topk: routed regions per query region (capped at the number of regions).
         qkv_bias: bias of the q/k/v projection.
         lepe_kernel_size: kernel of the depthwise LePE conv on V (0 disables it).
+        kv_chunks: query regions are processed in this many chunks (default: topk), so the gathered K/V
+            alive at any time is about one copy of K/V however large topk is; with several chunks the
+            chunks are recomputed in backward (activation checkpointing) instead of storing the copies.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, n_regions: Optional[IntOr3] = None,
                  region_size: Optional[IntOr3] = None, topk: int = 4, qkv_bias: bool = True,
-                 lepe_kernel_size: int = 5):
+                 lepe_kernel_size: int = 5, kv_chunks: Optional[int] = None):
         super().__init__()
         assert dim % num_heads == 0, f"dim {dim} not divisible by num_heads {num_heads}"
         if n_regions is None and region_size is None:
             n_regions = 4
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.n_regions, self.region_size, self.topk = n_regions, region_size, topk
+        self.n_regions, self.region_size, self.topk, self.kv_chunks = n_regions, region_size, topk, kv_chunks
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.lepe = (nn.Conv3d(dim, dim, lepe_kernel_size, padding=lepe_kernel_size // 2, groups=dim)
                      if lepe_kernel_size else None)
@@ -120,23 +124,32 @@ class VBRA(nn.Module):
             k_r = k.sum(2) / count[:, None].to(k.dtype)
             idx = torch.topk(q_r @ k_r.transpose(1, 2), topk, dim=-1).indices  # (B, R, topk)
 
-        # gather the routed K/V by region index: (B*R*topk, T, C) -> (B*R, topk*T, C), one copy
-        flat = (idx + torch.arange(b, device=x.device)[:, None, None] * n_reg).reshape(-1)
-        k_sel = k.reshape(b * n_reg, n_tok, c).index_select(0, flat).view(b * n_reg, topk * n_tok, c)
-        v_sel = v.reshape(b * n_reg, n_tok, c).index_select(0, flat).view(b * n_reg, topk * n_tok, c)
-        mask = None
-        if valid is not None:
-            mask = valid[idx.reshape(b * n_reg, topk)].view(b * n_reg, 1, 1, topk * n_tok)
-
-        h, hd = self.num_heads, self.head_dim
-        out = F.scaled_dot_product_attention(
-            q.reshape(b * n_reg, n_tok, h, hd).transpose(1, 2),
-            k_sel.view(b * n_reg, topk * n_tok, h, hd).transpose(1, 2),
-            v_sel.view(b * n_reg, topk * n_tok, h, hd).transpose(1, 2),
-            attn_mask=mask, scale=self.scale)  # (B*R, h, T, hd)
-        out = _from_regions(out.transpose(1, 2).reshape(b, n_reg, n_tok, c), grid, rsize)
+        # attention of every query region over its routed regions, in chunks of query regions
+        flat = (idx + torch.arange(b, device=x.device)[:, None, None] * n_reg).reshape(b * n_reg, topk)
+        qf, kf, vf = (t.reshape(b * n_reg, n_tok, c) for t in (q, k, v))
+        n_chunks = min(b * n_reg, self.kv_chunks or topk)
+        recompute = n_chunks > 1 and torch.is_grad_enabled() and qf.requires_grad
+        outs = []
+        for q_chunk, idx_chunk in zip(qf.tensor_split(n_chunks), flat.tensor_split(n_chunks)):  # views
+            args = (q_chunk, kf, vf, idx_chunk, valid, n_reg)
+            outs.append(checkpoint(self._attend, *args, use_reentrant=False) if recompute else self._attend(*args))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # (B*R, T, C)
+        out = _from_regions(out.view(b, n_reg, n_tok, c), grid, rsize)
         if any(pad):
             out = out[:, :spatial[0], :spatial[1], :spatial[2]]
         if lepe is not None:
             out = out + lepe
         return self.proj(out)
+
+    def _attend(self, q, k, v, idx, valid, n_reg):
+        """q: (Q, T, C) query regions; k, v: (B*R, T, C) all regions; idx: (Q, topk) flat routed regions;
+        valid: (R, T) token mask or None. Gathers only this chunk's routed K/V (one copy per routed region)."""
+        nq, n_tok, c = q.shape
+        kk = idx.shape[1]
+        h, hd = self.num_heads, self.head_dim
+        k_sel = k.index_select(0, idx.reshape(-1)).view(nq, kk * n_tok, h, hd).transpose(1, 2)
+        v_sel = v.index_select(0, idx.reshape(-1)).view(nq, kk * n_tok, h, hd).transpose(1, 2)
+        mask = None if valid is None else valid[idx % n_reg].view(nq, 1, 1, kk * n_tok)
+        out = F.scaled_dot_product_attention(q.view(nq, n_tok, h, hd).transpose(1, 2), k_sel, v_sel,
+                                             attn_mask=mask, scale=self.scale)  # (Q, h, T, hd)
+        return out.transpose(1, 2).reshape(nq, n_tok, c)
