@@ -117,12 +117,9 @@ class BallsToHeatmapsTransform(SegOnlyTransform):
         label_map = segmentation[0]
         shape = tuple(label_map.shape)
         ndim = len(shape)
-        sigma = [float(self.sigma)] * ndim if not isinstance(self.sigma, (list, tuple)) else [float(s) for s in self.sigma]
-        if len(sigma) != ndim:
-            raise ValueError(f"sigma {self.sigma} does not match a {ndim}D patch")
         centres, present = ball_centres(label_map, self.num_landmarks, self.expected_voxels, self.min_visible_fraction)
         if self.ds_scales is None:
-            return gaussian_heatmaps(centres, present, shape, sigma)
+            return self.render(centres, present, shape, [1.0] * ndim)
         results = []
         for s in self.ds_scales:
             if len(s) != ndim:
@@ -130,5 +127,17 @@ class BallsToHeatmapsTransform(SegOnlyTransform):
             new_shape = [round(n * f) for n, f in zip(shape, s)]
             ratio = torch.tensor([m / n for m, n in zip(new_shape, shape)], dtype=torch.float64)
             c = (centres + 0.5) * ratio - 0.5
-            results.append(gaussian_heatmaps(c, present, new_shape, [sg * float(r) for sg, r in zip(sigma, ratio)]))
+            results.append(self.render(c, present, new_shape, [float(r) for r in ratio]))
         return results
+
+    @staticmethod
+    def _per_axis(value, ndim: int = 3) -> List[float]:
+        return [float(value)] * ndim if not isinstance(value, (list, tuple)) else [float(v) for v in value]
+
+    def render(self, centres: torch.Tensor, present: torch.Tensor, shape: Sequence[int],
+               ratio: Sequence[float]) -> torch.Tensor:
+        """The target at one scale; `ratio` = this scale's voxels per full-resolution voxel, per axis."""
+        sigma = self._per_axis(self.sigma, len(shape))
+        if len(sigma) != len(shape):
+            raise ValueError(f"sigma {self.sigma} does not match a {len(shape)}D patch")
+        return gaussian_heatmaps(centres, present, shape, [sg * r for sg, r in zip(sigma, ratio)])

@@ -1,0 +1,44 @@
+"""`nnLandmark_add_small_config`: add a small (CPU-friendly) configuration to a dataset's plans."""
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Add a configuration that inherits from 3d_fullres with a smaller "
+                                            "patch and fewer features to $nnUNet_preprocessed/DatasetXXX/PLANS.json.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name (DatasetXXX_Name)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--name", default="3d_fullres_small", help="new configuration name (default 3d_fullres_small)")
+    p.add_argument("--base", default="3d_fullres", help="configuration to inherit from (default 3d_fullres)")
+    p.add_argument("--patch_size", type=int, nargs="+", default=None,
+                   help="patch size per axis (default: the base's, capped at 64 per axis)")
+    p.add_argument("--base_features", type=int, default=16, help="features of the first stage (default 16)")
+    p.add_argument("--max_features", type=int, default=None, help="feature cap (default: the base's)")
+    p.add_argument("--batch_size", type=int, default=2, help="batch size (default 2)")
+    args = p.parse_args(argv)
+
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnlandmark_h3de.training.small_configuration import add_small_configuration
+
+    if not nnUNet_preprocessed.is_set():
+        sys.exit("nnUNet_preprocessed is not set")
+    try:
+        dataset = maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError as e:
+        sys.exit(str(e))
+    plans_file = Path(nnUNet_preprocessed.get()) / dataset / f"{args.plans}.json"
+    try:
+        entry = add_small_configuration(plans_file, name=args.name, base=args.base, patch_size=args.patch_size,
+                                        base_features=args.base_features, max_features=args.max_features,
+                                        batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"nnLandmark_add_small_config: {e}")
+    kw = entry["architecture"]["arch_kwargs"]
+    print(f"{plans_file}: configuration {args.name!r} (inherits {args.base!r}): patch {entry['patch_size']}, "
+          f"batch {entry['batch_size']}, {kw['n_stages']} stages, features {kw['features_per_stage']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The landmark trainer's final validation: nnU-Net's sliding window on the fold's preprocessed
+validation cases, landmarks decoded in network space (`decode_peaks`) and mapped to world LPS
+(`network_index_to_world`) instead of exporting segmentations, then
+
+    fold_X/validation/<case>.mrk.json   (absent landmarks: positionStatus undefined)
+    fold_X/validation/summary.json      (evaluate_landmarks vs the raw dataset's landmarks.json)
+    fold_X/landmark_thresholds.json     (peak-height existence threshold, best F1 on these cases)
+
+Under DDP every rank predicts its share of the cases; rank 0 gathers, calibrates and writes.
+"""
+from __future__ import annotations
+
+import warnings
+from os.path import join
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from torch import distributed as dist
+
+from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+from nnlandmark_h3de.inference.index_mapping import network_index_to_world
+from nnlandmark_h3de.inference.peaks import decode_peaks
+from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
+from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold, write_thresholds
+
+__all__ = ["run_final_validation", "predict_validation_landmarks"]
+
+
+def predict_validation_landmarks(trainer) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """This rank's validation cases -> (points LPS (L, 3), peak heights (L,))."""
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=True, device=trainer.device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, trainer.__class__.__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    _, val_keys = trainer.do_split()
+    if trainer.is_ddp:
+        val_keys = val_keys[trainer.local_rank::dist.get_world_size()]
+    dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys,
+                                        folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
+    results = {}
+    for k in dataset_val.identifiers:
+        data, _, _, properties = dataset_val.load_case(k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
+            data = torch.from_numpy(data[:])
+        trainer.print_to_log_file(f"predicting {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
+        logits = predictor.predict_sliding_window_return_logits(data)
+        idx, peak, _ = decode_peaks(logits[1:], logits=True)
+        del logits
+        points = network_index_to_world(idx, properties, trainer.plans_manager, trainer.configuration_manager,
+                                         network_shape=data.shape[1:])
+        results[k] = (points, np.asarray(peak, dtype=np.float64))
+    return results
+
+
+def _gather(results: dict, is_ddp: bool) -> dict:
+    if not is_ddp:
+        return results
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, results)
+    merged = {}
+    for r in everything:
+        merged.update(r)
+    return merged
+
+
+def run_final_validation(trainer) -> None:
+    from nnlandmark_h3de.conversion import load_dataset_landmarks
+    from nnlandmark_h3de.evaluation import evaluate_landmarks
+    from nnlandmark_h3de.evaluation.report import write_summary_json
+
+    validation_folder = join(trainer.output_folder, "validation")
+    maybe_mkdir_p(validation_folder)
+    results = _gather(predict_validation_landmarks(trainer), trainer.is_ddp)
+    compute_gaussian.cache_clear()
+    if trainer.local_rank != 0:
+        if trainer.is_ddp:
+            dist.barrier()
+        return
+
+    names = trainer.landmark_names
+    reference_file = trainer.reference_landmarks_file()
+    reference = None
+    if reference_file is None:
+        trainer.print_to_log_file("WARNING: no landmarks.json in $nnUNet_raw/<dataset>/ nor in the preprocessed "
+                                  "folder: landmarks are written but not evaluated, the threshold is the default")
+    else:
+        reference = {k: v.reordered(names) for k, v in load_dataset_landmarks(reference_file).items()}
+        missing = sorted(set(results) - set(reference))
+        if missing:
+            trainer.print_to_log_file(f"WARNING: {reference_file} has no landmarks for validation cases {missing}")
+
+    cases = sorted(results)
+    evaluated = [c for c in cases if reference is not None and c in reference]
+    peaks = np.array([results[c][1] for c in evaluated]).reshape(-1, len(names))
+    present = np.array([reference[c].present for c in evaluated]).reshape(-1, len(names))
+    threshold, calibration = calibrate_peak_threshold(peaks, present)
+    calibration["n_cases"] = len(evaluated)
+    write_thresholds(join(trainer.output_folder, "landmark_thresholds.json"), names, [threshold] * len(names),
+                     calibration)
+    trainer.print_to_log_file(f"existence threshold (peak height): {threshold:.4g} ({calibration})")
+
+    predictions = {}
+    for c in cases:
+        points, peak = results[c]
+        points = np.where((peak >= threshold)[:, None], points, np.nan)
+        ls = LandmarkSet(names, points, confidence=peak, source=join(validation_folder, c + ".mrk.json"))
+        write_landmarks(ls, ls.source)
+        predictions[c] = ls
+
+    if evaluated:
+        summary = evaluate_landmarks(reference, {c: predictions[c] for c in evaluated})
+        summary["existence_threshold"] = {"score": "peak", "threshold": threshold, **calibration}
+        write_summary_json(summary, join(validation_folder, "summary.json"))
+        mre = summary["foreground_mean"]["micro"]["mean_radial_error_mm"]
+        trainer.logger.log_summary("final_val/mre_mm", mre)
+        trainer.print_to_log_file("Validation complete", also_print_to_console=True)
+        trainer.print_to_log_file(f"Mean radial error (mm, all validation landmarks): {mre}", also_print_to_console=True)
+    if trainer.is_ddp:
+        dist.barrier()

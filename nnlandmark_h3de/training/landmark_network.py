@@ -1,0 +1,55 @@
+"""The 1 + L channel contract: a landmark network body emits L heatmap logits; this wrapper puts a
+constant zero logit in front, so nnU-Net's stock predictor (softmax/argmax over `labels`, one of
+which is the background) still works: softmax over (0, l_k) is sigmoid(l_k) near a peak and the
+argmax is a ball around each landmark. Deep-supervision lists get the channel at every scale.
+
+`logit_offset` (a constant, not a parameter) is added to the landmark logits: heatmaps are ~0
+almost everywhere, so starting at sigmoid(-4) ~ 0.02 instead of 0.5 spares the optimiser the first
+thousands of steps of pushing every voxel down (the prior-probability bias init of focal loss, but
+independent of how the body's last layer looks).
+"""
+from __future__ import annotations
+
+from typing import List, Union
+
+import torch
+from torch import nn
+
+__all__ = ["LandmarkHeatmapNetwork", "prepend_zero_channel"]
+
+
+def prepend_zero_channel(logits: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) -> (B, 1 + L, ...) with channel 0 == 0 (same dtype/device, no gradient)."""
+    return torch.cat((logits.new_zeros((logits.shape[0], 1, *logits.shape[2:])), logits), 1)
+
+
+class LandmarkHeatmapNetwork(nn.Module):
+    """Wraps any body whose forward returns (B, L, ...) logits or a list of them (deep supervision)."""
+
+    def __init__(self, body: nn.Module, logit_offset: float = -4.0):
+        super().__init__()
+        self.body = body
+        self.logit_offset = float(logit_offset)
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        out = prepend_zero_channel(logits)
+        if self.logit_offset:
+            out[:, 1:] += self.logit_offset  # in place on the fresh cat output: one full-size copy only
+        return out
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        out = self.body(x)
+        if isinstance(out, (list, tuple)):
+            return [self._finish(o) for o in out]
+        return self._finish(out)
+
+    @property
+    def decoder(self):
+        """nnU-Net code toggles `network.decoder.deep_supervision`; the body's decoder is the one."""
+        return self.body.decoder
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        if hasattr(self.body, "set_deep_supervision"):
+            self.body.set_deep_supervision(enabled)
+        else:
+            self.body.decoder.deep_supervision = enabled

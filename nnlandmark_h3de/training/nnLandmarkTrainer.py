@@ -1,0 +1,282 @@
+"""nnLandmarkTrainer: nnU-Net's trainer doing heatmap regression (the nnLandmark paper recipe).
+
+What changes against nnUNetTrainer, and only that:
+- targets: the label balls of each augmented patch become Gaussian heatmaps (BallsToHeatmapsTransform,
+  appended last; it also makes every deep-supervision scale, replacing DownsampleSegForDSTransform);
+- network: the plans' network with L outputs, wrapped to emit 1 + L channels (channel 0 = 0), so the
+  stock predictor still runs; built in `build_landmark_body` (subclasses swap the body there);
+- loss: MSE of sigmoid(channels 1..L) vs heatmaps, deep supervision weighted like nnU-Net;
+- optimiser: Adam lr 5e-4, step decay x0.1 at 80 % of the epochs (800/1000), gradient norm clipped to 1;
+- mirroring: the left/right array axis is mirrored only with the left/right pair labels swapped,
+  and never at inference (the stock predictor cannot swap channels); see `_landmark_mirror_axes`;
+- validation: radial error (mm) on the validation patches instead of pseudo Dice; best checkpoint
+  by its moving average; the final validation writes <case>.mrk.json, summary.json and
+  landmark_thresholds.json instead of segmentations.
+"""
+from __future__ import annotations
+
+import os
+from os.path import isfile, join
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+
+from batchgenerators.utilities.file_and_folder_operations import load_pickle, maybe_mkdir_p
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from nnunetv2.paths import nnUNet_raw
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnlandmark_h3de.heatmaps import (BallsToHeatmapsTransform, MirrorWithPairSwapTransform, dataset_left_right_axes,
+                                      expected_ball_voxels, pair_permutation)
+from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss, deep_supervision_weights
+from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
+from nnlandmark_h3de.training.landmark_progress import LandmarkLocalLogger
+from nnlandmark_h3de.training.landmark_validation import patch_radial_errors
+from nnlandmark_h3de.training.step_lr import StepLRScheduler
+
+__all__ = ["nnLandmarkTrainer", "landmark_info_from_dataset_json"]
+
+
+def landmark_info_from_dataset_json(dataset_json: dict, foreground_labels: Sequence[int]) -> dict:
+    """names / pairs / ball_radius_mm from dataset.json's `landmarks` block, checked against `labels`.
+
+    Without the block (a hand-made dataset) the label names are the landmark names, without pairs.
+    """
+    L = len(foreground_labels)
+    if list(foreground_labels) != list(range(1, L + 1)):
+        raise ValueError(f"landmark datasets need labels 1..L (one per landmark), got {list(foreground_labels)}")
+    labels = dataset_json.get("labels", {})
+    by_value = {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple))}
+    label_names = [by_value.get(i, str(i)) for i in range(1, L + 1)]
+    block = dataset_json.get("landmarks") or {}
+    names = [str(n) for n in block.get("names", label_names)]
+    if len(names) != L:
+        raise ValueError(f"dataset.json: {len(names)} landmark names but {L} foreground labels")
+    pairs = [tuple(p) for p in block.get("pairs", [])]
+    radius = block.get("ball_radius_mm")
+    return {"names": names, "pairs": pairs, "ball_radius_mm": None if radius is None else float(radius)}
+
+
+class nnLandmarkTrainer(nnUNetTrainer):
+    heatmap_sigma = 4.0  # voxels of the target spacing (the paper's value)
+    min_visible_fraction = 0.5  # of a ball's volume, for balls cut by the patch border
+    mirror_left_right_with_pair_swap = True
+    lr_step_fraction = 0.8  # StepLR 800 / 1000 epochs
+    lr_gamma = 0.1
+    grad_clip_norm = 1.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions or self.label_manager.has_ignore_label:
+            raise ValueError(f"{self.__class__.__name__}: region labels / an ignore label are not landmark datasets")
+        if len(self.configuration_manager.patch_size) != 3:
+            raise ValueError(f"{self.__class__.__name__}: 3D configurations only, got patch size "
+                             f"{self.configuration_manager.patch_size}")
+        info = landmark_info_from_dataset_json(dataset_json, self.label_manager.foreground_labels)
+        self.landmark_names: List[str] = info["names"]
+        self.landmark_pairs = info["pairs"]
+        self.ball_radius_mm: Optional[float] = info["ball_radius_mm"]
+        self.num_landmarks = len(self.landmark_names)
+        self.pair_permutation = pair_permutation(self.landmark_names, self.landmark_pairs)
+        self.left_right_axis: Optional[int] = None  # set in configure_rotation_dummyDA_mirroring_and_inital_patch_size
+        self.initial_lr = 5e-4
+        self.logger.local_logger = LandmarkLocalLogger()
+
+    # ------------------------------------------------------------------ network
+    @staticmethod
+    def build_landmark_body(plans_manager, configuration_manager, num_input_channels: int, num_landmarks: int,
+                            enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """The network emitting L heatmap logits (list per scale under deep supervision); override to swap it."""
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_landmarks, enable_deep_supervision)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """num_output_channels is nnU-Net's 1 + L (background + landmarks); the body makes L of them."""
+        body = cls.build_landmark_body(plans_manager, configuration_manager, num_input_channels,
+                                       num_output_channels - 1, enable_deep_supervision)
+        return LandmarkHeatmapNetwork(body)
+
+    def _unwrapped_network(self) -> LandmarkHeatmapNetwork:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        self._unwrapped_network().set_deep_supervision(enabled)
+
+    # -------------------------------------------------------------- loss, optim
+    def build_heatmap_loss(self) -> torch.nn.Module:
+        return HeatmapMSELoss()
+
+    def _build_loss(self):
+        loss = self.build_heatmap_loss()
+        if self.enable_deep_supervision:
+            weights = deep_supervision_weights(len(self._get_deep_supervision_scales()),
+                                               self.is_ddp and not self._do_i_compile())
+            loss = DeepSupervisionWrapper(loss, weights)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
+        step_size = max(1, int(round(self.lr_step_fraction * self.num_epochs)))
+        lr_scheduler = StepLRScheduler(optimizer, self.initial_lr, step_size, self.lr_gamma)
+        self._add_grad_clip_hook(optimizer)
+        return optimizer, lr_scheduler
+
+    def _add_grad_clip_hook(self, optimizer):
+        """Clip to `grad_clip_norm` right before every optimizer step. nnU-Net's train_step clips to 12
+        first (a no-op after this one) and, with AMP, unscales before and skips steps with inf grads,
+        so the hook always sees the true gradients of a step that is taken."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        max_norm = self.grad_clip_norm
+
+        def clip(opt, args, kwargs):
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        optimizer.register_step_pre_hook(clip)
+
+    # ------------------------------------------------------------ augmentation
+    def _training_case_properties(self):
+        tr_keys, _ = self.do_split()
+        return [load_pickle(join(self.preprocessed_dataset_folder, k + ".pkl")) for k in tr_keys]
+
+    def _landmark_mirror_axes(self, mirror_axes) -> Tuple[Tuple[int, ...], Optional[int]]:
+        """(training mirror axes, left/right axis to pair-swap or None).
+
+        Mirroring the left/right axis is only safe when it is the same array axis in every training
+        case (direction + transpose_forward) and there are left/right pairs to swap (unpaired
+        landmarks are taken as midline). An axis that is left/right in some case but cannot be
+        swapped is not mirrored; if some case's left/right axis is unknown, nothing is mirrored.
+        """
+        if not mirror_axes:
+            return tuple(mirror_axes or ()), None
+        lr_axes = dataset_left_right_axes(self._training_case_properties(), self.plans_manager.transpose_forward)
+        if None in lr_axes:
+            self.print_to_log_file("Mirroring disabled: the left/right axis of some training case is unknown "
+                                   "(no SimpleITK geometry or an oblique direction)")
+            return (), None
+        if len(lr_axes) == 1 and self.landmark_pairs and self.mirror_left_right_with_pair_swap:
+            self.print_to_log_file(f"Mirroring axes {tuple(mirror_axes)}; left/right axis {lr_axes[0]} with "
+                                   f"pair swap {self.landmark_pairs}")
+            return tuple(mirror_axes), lr_axes[0]
+        kept = tuple(a for a in mirror_axes if a not in lr_axes)
+        self.print_to_log_file(f"Mirroring axes {kept}: left/right axes {lr_axes} are not mirrored "
+                               f"({'no left/right pairs' if not self.landmark_pairs else 'not one axis for all cases'})")
+        return kept, None
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        mirror_axes, self.left_right_axis = self._landmark_mirror_axes(mirror_axes)
+        inference_axes = tuple(a for a in mirror_axes if a != self.left_right_axis)
+        self.inference_allowed_mirroring_axes = inference_axes if inference_axes else None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    def build_heatmap_transform(self, deep_supervision_scales) -> BasicTransform:
+        return BallsToHeatmapsTransform(
+            self.num_landmarks, sigma=self.heatmap_sigma, ds_scales=deep_supervision_scales,
+            expected_voxels=expected_ball_voxels(self.ball_radius_mm, self.configuration_manager.spacing),
+            min_visible_fraction=self.min_visible_fraction)
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None) -> BasicTransform:
+        """nnU-Net's pipeline without its seg downsampling, mirroring with pair swap, heatmaps last."""
+        compose = super().get_training_transforms(patch_size, rotation_for_DA, None, mirror_axes, do_dummy_2d_data_aug,
+                                                  use_mask_for_norm, is_cascaded, foreground_labels, regions,
+                                                  ignore_label)
+        for i, t in enumerate(compose.transforms):
+            if type(t) is MirrorTransform:
+                compose.transforms[i] = MirrorWithPairSwapTransform(t.allowed_axes, self.left_right_axis,
+                                                                    self.pair_permutation)
+        compose.transforms.append(self.build_heatmap_transform(deep_supervision_scales))
+        return compose
+
+    def get_validation_transforms(self, deep_supervision_scales, is_cascaded=False, foreground_labels=None,
+                                  regions=None, ignore_label=None) -> BasicTransform:
+        compose = super().get_validation_transforms(None, is_cascaded, foreground_labels, regions, ignore_label)
+        compose.transforms.append(self.build_heatmap_transform(deep_supervision_scales))
+        return compose
+
+    # ------------------------------------------------------- epoch validation
+    def validation_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            del data
+            loss = self.loss(output, target)
+        if self.enable_deep_supervision:
+            output, target = output[0], target[0]
+        re_sum, re_count = patch_radial_errors(output, target, self.configuration_manager.spacing)
+        return {"loss": loss.detach().cpu().numpy(), "re_sum": re_sum, "re_count": re_count}
+
+    def _worst_error_mm(self) -> float:
+        """Stand-in score for an epoch without any landmark in its patches: the patch diagonal."""
+        return float(np.linalg.norm(np.asarray(self.configuration_manager.patch_size) *
+                                    np.asarray(self.configuration_manager.spacing)))
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        outputs = collate_outputs(val_outputs)
+        re_sum = np.sum(outputs["re_sum"], 0)
+        re_count = np.sum(outputs["re_count"], 0)
+        if self.is_ddp:
+            world_size = dist.get_world_size()
+            sums, counts, losses = [None] * world_size, [None] * world_size, [None] * world_size
+            dist.all_gather_object(sums, re_sum)
+            dist.all_gather_object(counts, re_count)
+            dist.all_gather_object(losses, outputs["loss"])
+            re_sum, re_count = np.sum(sums, 0), np.sum(counts, 0)
+            loss_here = np.vstack(losses).mean()
+        else:
+            loss_here = np.mean(outputs["loss"])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_landmark = re_sum / re_count
+        mre = float(re_sum.sum() / re_count.sum()) if re_count.sum() > 0 else float("nan")
+        # nnU-Net keeps the best checkpoint by the EMA of 'mean_fg_dice' (higher is better): feed it -MRE, so
+        # ema_fg_dice == -EMA(MRE). An epoch without landmarks repeats the last finite error.
+        score = mre if np.isfinite(mre) else self.logger.local_logger.latest_finite("val_mre_mm")
+        if not np.isfinite(score):
+            score = self._worst_error_mm()
+        self.logger.log("val_mre_mm", mre, self.current_epoch)
+        self.logger.log("val_re_per_landmark_mm", [float(v) for v in per_landmark], self.current_epoch)
+        self.logger.log("mean_fg_dice", -score, self.current_epoch)
+        self.logger.log("ema_val_mre_mm", -self.logger.get_value("ema_fg_dice", step=-1), self.current_epoch)
+        self.logger.log("dice_per_class_or_region", [-float(v) for v in per_landmark], self.current_epoch)
+        self.logger.log("val_losses", loss_here, self.current_epoch)
+
+    def on_epoch_end(self):
+        self.print_to_log_file(f"val MRE (mm, validation patches): {np.round(self.logger.get_value('val_mre_mm', -1), 3)}, "
+                               f"moving average {np.round(self.logger.get_value('ema_val_mre_mm', -1), 3)}; "
+                               "'pseudo dice' below = -MRE per landmark, its EMA picks checkpoint_best")
+        super().on_epoch_end()
+
+    # -------------------------------------------------------- final validation
+    def reference_landmarks_file(self) -> Optional[str]:
+        """$nnUNet_raw/<dataset>/landmarks.json, else a copy beside the preprocessed plans."""
+        candidates = []
+        if nnUNet_raw.is_set():
+            candidates.append(join(nnUNet_raw.get(), self.plans_manager.dataset_name, "landmarks.json"))
+        if self.preprocessed_dataset_folder_base is not None:
+            candidates.append(join(self.preprocessed_dataset_folder_base, "landmarks.json"))
+        return next((c for c in candidates if isfile(c)), None)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        from nnlandmark_h3de.training.final_validation import run_final_validation
+        self.set_deep_supervision_enabled(False)
+        self.network.eval()
+        try:
+            run_final_validation(self)
+        finally:
+            self.set_deep_supervision_enabled(True)

@@ -1,0 +1,80 @@
+"""Trainer variants selectable with `-tr NAME`: shorter schedules, and the public nnLandmark code's
+default recipe for comparison with the paper recipe on the same data."""
+from __future__ import annotations
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnlandmark_h3de.heatmaps.linear_ball_heatmap import BallsToLinearBallHeatmapsTransform
+from nnlandmark_h3de.heatmaps import expected_ball_voxels
+from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
+from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+
+__all__ = ["nnLandmarkTrainer_1epoch", "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
+           "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
+
+
+def _epochs(n: int):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        nnLandmarkTrainer.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = n
+    return __init__
+
+
+class nnLandmarkTrainer_1epoch(nnLandmarkTrainer):
+    __init__ = _epochs(1)
+
+
+class nnLandmarkTrainer_5epochs(nnLandmarkTrainer):
+    __init__ = _epochs(5)
+
+
+class nnLandmarkTrainer_50epochs(nnLandmarkTrainer):
+    __init__ = _epochs(50)
+
+
+class nnLandmarkTrainer_250epochs(nnLandmarkTrainer):
+    __init__ = _epochs(250)
+
+
+class nnLandmarkTrainer_2epochs_3iters(nnLandmarkTrainer):
+    """Smoke runs and tests: 2 epochs of 3 training and 2 validation batches."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 3
+        self.num_val_iterations_per_epoch = 2
+
+
+class nnLandmarkTrainer_publicDefault(nnLandmarkTrainer):
+    """The public nnLandmark code's defaults: linear distance ball (radius 15 voxels) target, BCE on
+    the worst 20 % of voxels, nnU-Net's SGD (lr 1e-2, poly) and gradient clip 12, no mirroring.
+    Centres stay our sub-voxel centres of mass (theirs: the deepest voxel) so only the recipe differs."""
+
+    target_radius = 15.0
+    topk_percent = 20.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-2
+
+    def build_heatmap_transform(self, deep_supervision_scales):
+        return BallsToLinearBallHeatmapsTransform(
+            self.num_landmarks, radius=self.target_radius, ds_scales=deep_supervision_scales,
+            expected_voxels=expected_ball_voxels(self.ball_radius_mm, self.configuration_manager.spacing),
+            min_visible_fraction=self.min_visible_fraction)
+
+    def build_heatmap_loss(self):
+        return TopKHeatmapBCELoss(self.topk_percent)
+
+    def configure_optimizers(self):
+        return nnUNetTrainer.configure_optimizers(self)
+
+    def _landmark_mirror_axes(self, mirror_axes):
+        self.print_to_log_file("Mirroring disabled (public nnLandmark default)")
+        return (), None
