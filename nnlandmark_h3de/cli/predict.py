@@ -1,0 +1,89 @@
+"""`nnLandmark_predict`: nnUNetv2_predict's flags, landmark files out (see nnLandmarkPredictor)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nnlandmark_h3de.inference.postprocessing import PostprocessingOptions
+
+
+def add_postprocessing_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared with nnLandmark_export."""
+    parser.add_argument("--format", default="mrk.json", choices=["mrk.json", "fcsv", "csv", "json"],
+                        help="landmark file format (default: Slicer .mrk.json, LPS mm)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="peak-height threshold below which a landmark is written as absent; overrides "
+                             "fold_X/landmark_thresholds.json")
+    parser.add_argument("--no_absent", action="store_true", help="never mark landmarks absent")
+    parser.add_argument("--no_lr_check", action="store_true", help="skip the left/right pair check")
+
+
+def postprocessing_options(args) -> PostprocessingOptions:
+    return PostprocessingOptions(lr_check=not args.no_lr_check, absent=not args.no_absent, threshold=args.threshold)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnunetv2.inference.predict_from_raw_data import _getDefaultValue
+    p = argparse.ArgumentParser(description="Predict landmarks (world LPS mm) with a trained nnU-Net landmark model. "
+                                            "Same flags as nnUNetv2_predict; writes <case>.mrk.json per case.")
+    p.add_argument("-i", required=True, help="input folder (case_0000.nii.gz, ...), as for nnUNetv2_predict")
+    p.add_argument("-o", required=True, help="output folder for the landmark files")
+    p.add_argument("-d", help="dataset name or id (with -tr/-p/-c), unless -m is given")
+    p.add_argument("-m", help="trained model folder (instead of -d/-tr/-p/-c)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-tr", default="nnLandmarkTrainer", help="trainer class (default nnLandmarkTrainer)")
+    p.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-f", nargs="+", default=(0, 1, 2, 3, 4), help="folds to ensemble (default 0 1 2 3 4)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step size (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="disable mirroring test-time augmentation")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases whose landmark file exists")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("-npp", type=int, default=_getDefaultValue("nnUNet_npp", int, 3),
+                   help="preprocessing processes (0 = in this process)")
+    p.add_argument("-nps", type=int, default=_getDefaultValue("nnUNet_nps", int, 3),
+                   help="accepted for nnUNetv2_predict compatibility; landmark export needs no worker processes")
+    p.add_argument("-num_parts", type=int, default=1)
+    p.add_argument("-part_id", type=int, default=0)
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
+    p.add_argument("--disable_progress_bar", action="store_true")
+    p.add_argument("--not_on_device", action="store_true")
+    p.add_argument("--save_heatmaps", action="store_true",
+                   help="also write the heatmaps resampled to the original image (<case>_heatmaps.nii.gz; slow)")
+    add_postprocessing_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
+
+    if args.m is None and args.d is None:
+        raise SystemExit("nnLandmark_predict: give either -m MODEL_FOLDER or -d DATASET (with -tr/-p/-c)")
+    if not 0 <= args.part_id < args.num_parts:
+        raise SystemExit(f"nnLandmark_predict: -part_id must be in [0, {args.num_parts - 1}]")
+    model_folder = args.m or get_output_folder(args.d, args.tr, args.p, args.c)
+    folds = [f if f == "all" else int(f) for f in args.f]
+    if args.device == "cpu":
+        import multiprocessing
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif args.device == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    predictor = nnLandmarkPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
+                                    perform_everything_on_device=not args.not_on_device,
+                                    device=torch.device(args.device), verbose=args.verbose,
+                                    verbose_preprocessing=args.verbose, allow_tqdm=not args.disable_progress_bar,
+                                    output_format=args.format, postprocessing=postprocessing_options(args),
+                                    save_heatmaps=args.save_heatmaps)
+    predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
+    predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=not args.continue_prediction,
+                                 num_processes_preprocessing=args.npp, num_processes_segmentation_export=0,
+                                 num_parts=args.num_parts, part_id=args.part_id)
+    return 1 if predictor.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

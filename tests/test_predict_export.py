@@ -1,0 +1,229 @@
+"""End to end through nnU-Net's own planning and inference, with known truth points.
+
+An "oracle" trainer (a network that returns the logits of its input channels) makes the heatmaps
+exactly what the test put into the images: one Gaussian blob per landmark at a known WORLD point, in
+an image with rotated direction, anisotropic spacing and zero borders (so nnU-Net crops), and a plan
+whose target spacing differs from the image's (so nnU-Net resamples). Whatever goes wrong in
+preprocessing inverse, peak decoding or export shows up as a world error in mm. No training needed,
+so this runs in well under the 2-minute budget; the trained-model variant runs when
+nnLandmarkTrainer exists.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+NAMES = ["L0", "R0", "Nose"]
+DATASET = "Dataset951_OracleLm"
+TRAINER = "OracleLandmarkTrainer"
+BIN = Path(sys.executable).parent
+
+ORACLE_TRAINER = '''
+import torch
+from torch import nn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class _Oracle(nn.Module):
+    """Logits of the input channels behind a constant-zero channel: heatmaps = the input blobs."""
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        h = x.clamp(1e-4, 1 - 1e-4)
+        return torch.cat([torch.zeros_like(x[:, :1]), torch.log(h / (1 - h))], 1) + 0 * self.unused
+
+
+class OracleLandmarkTrainer(nnUNetTrainer):
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision=True):
+        return _Oracle()
+'''
+
+SIZE_XYZ = (44, 40, 18)
+SPACING = (0.9, 1.1, 2.2)
+ORIGIN = (12.0, -30.0, 5.0)
+
+
+def direction():
+    a = np.deg2rad(20)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    return rot @ np.diag([-1.0, 1.0, 1.0])  # i axis points to patient right, rotated about z
+
+
+def reference_image():
+    img = sitk.Image(SIZE_XYZ, sitk.sitkFloat32)
+    img.SetSpacing(SPACING)
+    img.SetOrigin(ORIGIN)
+    img.SetDirection(tuple(direction().ravel()))
+    return img
+
+
+def truth_points(rng):
+    """Three world points well inside the image; L0 at larger LPS x than R0 (correct sides)."""
+    img = reference_image()
+    ijk = rng.uniform([12, 10, 6], [32, 30, 12], size=(3, 3))
+    ijk[0, 0], ijk[1, 0] = 14.3, 30.6  # i grows to patient right: L0 at small i
+    return np.array([img.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in ijk])
+
+
+def write_case(folder, case, points, present=(True, True, True), corrupt=False):
+    img = reference_image()
+    zyx = np.stack(np.meshgrid(*[np.arange(n) for n in SIZE_XYZ[::-1]], indexing="ij"), -1).reshape(-1, 3)
+    world = np.array([img.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p[::-1]))) for p in zyx[:1]])
+    # world coordinates of every voxel, vectorised through the geometry matrix
+    m = direction() @ np.diag(SPACING)
+    world = zyx[:, ::-1] @ m.T + np.asarray(ORIGIN)
+    for k, (p, here) in enumerate(zip(points, present)):
+        d2 = np.sum((world - p) ** 2, axis=1)
+        blob = (0.9 * np.exp(-d2 / (2 * 3.0 ** 2)) if here else np.zeros(len(d2))) + 0.002
+        arr = blob.reshape(SIZE_XYZ[::-1]).astype(np.float32)
+        arr[:2] = 0  # zero slab -> nnU-Net crops to the non-zero bounding box
+        arr[:, :, -3:] = 0
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        path = Path(folder) / f"{case}_{k:04d}.nii.gz"
+        sitk.WriteImage(out, str(path))
+        if corrupt and k == 1:
+            path.write_bytes(b"not a nifti")
+
+
+def run(cmd, env, check=True):
+    r = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=240)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def read_points(path):
+    from nnlandmark_h3de.landmarks import read_landmarks
+    return read_landmarks(path, NAMES)
+
+
+@pytest.fixture
+def oracle_model(nnunet_env, tmp_path):
+    """Raw dataset + nnU-Net fingerprint/plans + a model folder for the oracle trainer."""
+    import torch
+    rng = np.random.default_rng(3)
+    ext = tmp_path / "ext_trainers"
+    ext.mkdir()
+    (ext / f"{TRAINER}.py").write_text(ORACLE_TRAINER)
+    env = dict(os.environ, nnUNet_extTrainer=f"{ext}{os.pathsep}{os.environ['nnUNet_extTrainer']}",
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+    raw = nnunet_env["nnUNet_raw"] / DATASET
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "imagesTs_clean"):
+        (raw / sub).mkdir(parents=True)
+    for i in range(2):
+        pts = truth_points(rng)
+        write_case(raw / "imagesTr", f"tr{i}", pts)
+        lab = sitk.Image(SIZE_XYZ, sitk.sitkUInt8)
+        lab.CopyInformation(reference_image())
+        for k, p in enumerate(pts):
+            idx = [int(round(v)) for v in lab.TransformPhysicalPointToContinuousIndex(tuple(p))]
+            lab[idx] = k + 1
+        sitk.WriteImage(lab, str(raw / "labelsTr" / f"tr{i}.nii.gz"))
+    dataset_json = {"channel_names": {str(k): "noNorm" for k in range(len(NAMES))},
+                    "labels": {"background": 0, **{n: k + 1 for k, n in enumerate(NAMES)}},
+                    "numTraining": 2, "file_ending": ".nii.gz",
+                    "landmarks": {"names": NAMES, "pairs": [["L0", "R0"]], "ball_radius_mm": 1.0,
+                                  "coordinate_system": "LPS"}}
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    truth = {}
+    for case, present in (("c0", (True, True, True)), ("c1", (True, False, True))):
+        truth[case] = (truth_points(rng), present)
+        write_case(raw / "imagesTs", case, truth[case][0], present)
+        write_case(raw / "imagesTs_clean", case, truth[case][0], present)
+    write_case(raw / "imagesTs", "broken", truth_points(rng), corrupt=True)
+
+    plan_env = dict(env, nnUNet_n_proc_DA="1")  # the planner calls torch.set_num_threads(n_proc_DA)
+    run([BIN / "nnUNetv2_extract_fingerprint", "-d", "951", "-np", "1"], plan_env)
+    run([BIN / "nnUNetv2_plan_experiment", "-d", "951"], plan_env)
+    plans_path = nnunet_env["nnUNet_preprocessed"] / DATASET / "nnUNetPlans.json"
+    plans = json.loads(plans_path.read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg["spacing"] = [s * 1.4 for s in cfg["spacing"]]  # network grid != image grid: exercise resampling
+    cfg["patch_size"] = [8, 16, 16]  # several sliding-window tiles
+    plans_path.write_text(json.dumps(plans))
+
+    model = nnunet_env["nnUNet_results"] / DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "dataset.json").write_text(json.dumps(dataset_json))
+    (model / "plans.json").write_text(json.dumps(plans))
+    torch.save({"network_weights": {"unused": torch.zeros(1)}, "trainer_name": TRAINER,
+                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": None},
+               model / "fold_0" / "checkpoint_final.pth")
+    (model / "fold_0" / "landmark_thresholds.json").write_text(
+        json.dumps({"names": NAMES, "threshold": [0.5, 0.5, 0.5], "score": "peak"}))
+    return {"env": env, "raw": raw, "model": model, "truth": truth, "plans": plans}
+
+
+def assert_matches_truth(ls, truth, tol_mm, what):
+    pts, present = truth
+    assert ls.names == NAMES
+    assert ls.present.tolist() == list(present), f"{what}: presence {ls.present} != {present}"
+    err = np.linalg.norm(ls.points_lps[ls.present] - pts[np.asarray(present)], axis=1)
+    assert err.max() < tol_mm, f"{what}: errors {err} mm"
+    if ls.confidence is not None:  # .mrk.json carries them; .fcsv has no column for them
+        assert np.isfinite(ls.confidence).all() and np.isfinite(ls.uncertainty_mm[ls.present]).all()
+    return err
+
+
+def test_predict_and_export_with_oracle_model(oracle_model, tmp_path):
+    env, raw, model, truth = (oracle_model[k] for k in ("env", "raw", "model", "truth"))
+    out = tmp_path / "pred"
+    cmd = [BIN / "nnLandmark_predict", "-i", raw / "imagesTs", "-o", out, "-d", "951", "-tr", TRAINER,
+           "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "0", "--disable_tta", "--save_heatmaps"]
+    r = run(cmd, env, check=False)
+    # the broken case is reported by name, the others are written, the exit code says something failed
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "FAILED broken" in r.stdout + r.stderr
+    assert sorted(p.name for p in out.glob("*.mrk.json")) == ["c0.mrk.json", "c1.mrk.json"]
+    assert not list(out.glob(".tmp-*"))
+    errs = []
+    for case in truth:
+        d = json.loads((out / f"{case}.mrk.json").read_text())
+        assert d["@schema"].endswith("markups-schema-v1.0.3.json#")
+        m = d["markups"][0]
+        assert m["coordinateSystem"] == "LPS" and len(m["controlPoints"]) == len(NAMES)
+        errs.append(assert_matches_truth(read_points(out / f"{case}.mrk.json"), truth[case], 0.5, f"predict {case}"))
+    status = [c.get("positionStatus") for c in json.loads((out / "c1.mrk.json").read_text())["markups"][0]["controlPoints"]]
+    assert status[1] == "undefined" and status[0] != "undefined"
+    print("nnLandmark_predict errors (mm):", np.round(np.concatenate(errs), 3))
+
+    # --continue_prediction: finished cases are not redone (files untouched), the broken one is retried
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mrk.json")}
+    r = run(cmd + ["--continue_prediction"], env, check=False)
+    assert "2 case(s) already done, 1 to predict" in r.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mrk.json")} == mtimes
+
+    # heatmaps saved in the original geometry -> nnLandmark_export gives the same landmarks
+    exp_h = tmp_path / "from_heatmaps"
+    run([BIN / "nnLandmark_export", "-i", out, "-o", exp_h, "-m", model, "--format", "fcsv"], env)
+    for case in truth:
+        assert_matches_truth(read_points(exp_h / f"{case}.fcsv"), truth[case], 0.5, f"export heatmaps {case}")
+
+    # stock nnUNetv2_predict --save_probabilities with the same model -> nnLandmark_export
+    # (one test rather than two: planning the dataset is the slow part)
+    probs = tmp_path / "stock"
+    run([BIN / "nnUNetv2_predict", "-i", raw / "imagesTs_clean", "-o", probs, "-d", "951", "-tr", TRAINER,
+         "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta",
+         "--save_probabilities"], env)
+    out = tmp_path / "exported"
+    # without -m: names and pairs come from the dataset.json nnUNetv2_predict copied; no thresholds known
+    run([BIN / "nnLandmark_export", "-i", probs, "-o", out, "--no_lr_check"], env)
+    ls = read_points(out / "c1.mrk.json")
+    assert ls.present.all()  # nothing calibrated -> nothing absent
+    assert ls.confidence[1] < 0.05 < 0.5 < ls.confidence[0]  # but the absent landmark's score says so
+    # with the model: calibrated thresholds apply
+    run([BIN / "nnLandmark_export", "-i", probs, "-o", out, "-m", model], env)
+    for case in truth:
+        err = assert_matches_truth(read_points(out / f"{case}.mrk.json"), truth[case], 0.5, f"export npz {case}")
+        print(f"nnLandmark_export {case} errors (mm):", np.round(err, 3))
