@@ -77,7 +77,6 @@ def truth_points(rng):
 def write_case(folder, case, points, present=(True, True, True), corrupt=False):
     img = reference_image()
     zyx = np.stack(np.meshgrid(*[np.arange(n) for n in SIZE_XYZ[::-1]], indexing="ij"), -1).reshape(-1, 3)
-    world = np.array([img.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p[::-1]))) for p in zyx[:1]])
     # world coordinates of every voxel, vectorised through the geometry matrix
     m = direction() @ np.diag(SPACING)
     world = zyx[:, ::-1] @ m.T + np.asarray(ORIGIN)
@@ -108,15 +107,15 @@ def read_points(path):
 
 
 @pytest.fixture
-def oracle_model(nnunet_env, tmp_path):
+def oracle_model(nnunet_env, tmp_path, monkeypatch):
     """Raw dataset + nnU-Net fingerprint/plans + a model folder for the oracle trainer."""
     import torch
     rng = np.random.default_rng(3)
     ext = tmp_path / "ext_trainers"
     ext.mkdir()
     (ext / f"{TRAINER}.py").write_text(ORACLE_TRAINER)
-    env = dict(os.environ, nnUNet_extTrainer=f"{ext}{os.pathsep}{os.environ['nnUNet_extTrainer']}",
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    monkeypatch.setenv("nnUNet_extTrainer", f"{ext}{os.pathsep}{os.environ['nnUNet_extTrainer']}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
     raw = nnunet_env["nnUNet_raw"] / DATASET
     for sub in ("imagesTr", "labelsTr", "imagesTs", "imagesTs_clean"):
@@ -143,9 +142,14 @@ def oracle_model(nnunet_env, tmp_path):
         write_case(raw / "imagesTs_clean", case, truth[case][0], present)
     write_case(raw / "imagesTs", "broken", truth_points(rng), corrupt=True)
 
-    plan_env = dict(env, nnUNet_n_proc_DA="1")  # the planner calls torch.set_num_threads(n_proc_DA)
-    run([BIN / "nnUNetv2_extract_fingerprint", "-d", "951", "-np", "1"], plan_env)
-    run([BIN / "nnUNetv2_plan_experiment", "-d", "951"], plan_env)
+    # nnU-Net's own fingerprint and planner, in this process (a subprocess costs seconds of imports)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+    n_threads = torch.get_num_threads()
+    with monkeypatch.context() as m:
+        m.setenv("nnUNet_n_proc_DA", "1")  # the planner calls torch.set_num_threads(n_proc_DA)
+        extract_fingerprints([951], num_processes=1, check_dataset_integrity=False, verbose=False)
+        plan_experiments([951])
+    torch.set_num_threads(n_threads)
     plans_path = nnunet_env["nnUNet_preprocessed"] / DATASET / "nnUNetPlans.json"
     plans = json.loads(plans_path.read_text())
     cfg = plans["configurations"]["3d_fullres"]
@@ -176,7 +180,16 @@ def assert_matches_truth(ls, truth, tol_mm, what):
     return err
 
 
-def test_predict_and_export_with_oracle_model(oracle_model, tmp_path):
+def in_process(main, argv, capsys):
+    """A console script's main() in this process (same code path, no interpreter start-up)."""
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
+    from nnlandmark_h3de.cli import export as export_cli, predict as predict_cli
+
     env, raw, model, truth = (oracle_model[k] for k in ("env", "raw", "model", "truth"))
     out = tmp_path / "pred"
     cmd = [BIN / "nnLandmark_predict", "-i", raw / "imagesTs", "-o", out, "-d", "951", "-tr", TRAINER,
@@ -200,13 +213,13 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path):
 
     # --continue_prediction: finished cases are not redone (files untouched), the broken one is retried
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mrk.json")}
-    r = run(cmd + ["--continue_prediction"], env, check=False)
-    assert "2 case(s) already done, 1 to predict" in r.stdout
+    code, text = in_process(predict_cli.main, cmd[1:] + ["--continue_prediction", "--disable_progress_bar"], capsys)
+    assert code == 1 and "2 case(s) already done, 1 to predict" in text and "FAILED broken" in text
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mrk.json")} == mtimes
 
     # heatmaps saved in the original geometry -> nnLandmark_export gives the same landmarks
     exp_h = tmp_path / "from_heatmaps"
-    run([BIN / "nnLandmark_export", "-i", out, "-o", exp_h, "-m", model, "--format", "fcsv"], env)
+    assert in_process(export_cli.main, ["-i", out, "-o", exp_h, "-m", model, "--format", "fcsv"], capsys)[0] == 0
     for case in truth:
         assert_matches_truth(read_points(exp_h / f"{case}.fcsv"), truth[case], 0.5, f"export heatmaps {case}")
 
@@ -218,12 +231,12 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path):
          "--save_probabilities"], env)
     out = tmp_path / "exported"
     # without -m: names and pairs come from the dataset.json nnUNetv2_predict copied; no thresholds known
-    run([BIN / "nnLandmark_export", "-i", probs, "-o", out, "--no_lr_check"], env)
+    assert in_process(export_cli.main, ["-i", probs, "-o", out, "--no_lr_check"], capsys)[0] == 0
     ls = read_points(out / "c1.mrk.json")
     assert ls.present.all()  # nothing calibrated -> nothing absent
     assert ls.confidence[1] < 0.05 < 0.5 < ls.confidence[0]  # but the absent landmark's score says so
     # with the model: calibrated thresholds apply
-    run([BIN / "nnLandmark_export", "-i", probs, "-o", out, "-m", model], env)
+    assert in_process(export_cli.main, ["-i", probs, "-o", out, "-m", model], capsys)[0] == 0
     for case in truth:
         err = assert_matches_truth(read_points(out / f"{case}.mrk.json"), truth[case], 0.5, f"export npz {case}")
         print(f"nnLandmark_export {case} errors (mm):", np.round(err, 3))
