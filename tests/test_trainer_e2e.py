@@ -1,0 +1,71 @@
+"""The real commands, end to end, on a tiny generated dataset (CPU, a few minutes at most):
+nnUNetv2_plan_and_preprocess -> nnLandmark_add_small_config -> nnUNetv2_train -tr
+nnLandmarkTrainer_2epochs_3iters -device cpu -> nnUNetv2_predict with the same trainer."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+DATASET_ID = 961
+TRAINER = "nnLandmarkTrainer_2epochs_3iters"
+
+
+def run(args, env, cwd):
+    proc = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path):
+    import torch
+    from nnlandmark_h3de.training.blob_dataset import make_blob_dataset
+
+    raw = make_blob_dataset(DATASET_ID, n_cases=5, shape_zyx=(32, 32, 32), absent_every=5)
+    env = dict(os.environ)
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
+        {**env, "nnUNet_n_proc_DA": "1"}, tmp_path)
+    run(["nnLandmark_add_small_config", "-d", str(DATASET_ID), "--patch_size", "32", "32", "32",
+         "--base_features", "4", "--max_features", "16"], env, tmp_path)
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres_small", "0", "-tr", TRAINER, "-device", "cpu"], env, tmp_path)
+
+    model = nnunet_env["nnUNet_results"] / raw.name / f"{TRAINER}__nnUNetPlans__3d_fullres_small"
+    fold = model / "fold_0"
+    for f in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png", "landmark_thresholds.json"):
+        assert (fold / f).is_file(), f
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logged = ckpt["logging"]
+    assert len(logged["val_mre_mm"]) == len(logged["ema_val_mre_mm"]) == 2
+    assert all(math.isfinite(v) and v > 0 for v in logged["ema_val_mre_mm"])
+    # the best-checkpoint criterion is -EMA(MRE)
+    assert logged["ema_fg_dice"][-1] == pytest.approx(-logged["ema_val_mre_mm"][-1])
+    # the stock predictor must not mirror the left/right axis (array axis 2 here: identity direction)
+    assert ckpt["inference_allowed_mirroring_axes"] is None or 2 not in ckpt["inference_allowed_mirroring_axes"]
+
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    micro = summary["foreground_mean"]["micro"]
+    val_cases = [c["case"] for c in summary["metric_per_case"]]
+    assert val_cases and all((fold / "validation" / f"{c}.mrk.json").is_file() for c in val_cases)
+    errors = [m["radial_error_mm"] for c in summary["metric_per_case"] for m in c["metrics"].values()
+              if m["radial_error_mm"] is not None]
+    assert all(math.isfinite(e) for e in errors)
+    if micro["mean_radial_error_mm"] is not None:
+        assert math.isfinite(micro["mean_radial_error_mm"])
+    thresholds = json.loads((fold / "landmark_thresholds.json").read_text())
+    assert thresholds["names"] == ["L0", "R0", "M"] and len(thresholds["threshold"]) == 3
+
+    # the stock predictor builds the network through the trainer and exports a segmentation
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    case = val_cases[0]
+    shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", inp)
+    run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres_small",
+         "-tr", TRAINER, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, tmp_path)
+    assert (out / f"{case}.nii.gz").is_file()
