@@ -240,3 +240,20 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
     for case in truth:
         err = assert_matches_truth(read_points(out / f"{case}.mrk.json"), truth[case], 0.5, f"export npz {case}")
         print(f"nnLandmark_export {case} errors (mm):", np.round(err, 3))
+
+    # two folds (identical weights, different calibrated thresholds) through the worker-process preprocessing:
+    # the fold-spread uncertainty is ~0 and the thresholds are averaged (0.5 and 0.9 -> 0.7 > 0.2 floor)
+    import shutil
+    shutil.copytree(model / "fold_0", model / "fold_1")
+    (model / "fold_1" / "landmark_thresholds.json").write_text(
+        json.dumps({"names": NAMES, "threshold": [0.9, 0.9, 0.9], "score": "peak"}))
+    two = tmp_path / "two_folds"
+    code, text = in_process(predict_cli.main, ["-i", raw / "imagesTs_clean", "-o", two, "-d", "951", "-tr", TRAINER,
+                                               "-f", "0", "1", "-device", "cpu", "-npp", "1", "--disable_tta",
+                                               "--disable_progress_bar"], capsys)
+    assert code == 0, text
+    for case in truth:
+        ls = read_points(two / f"{case}.mrk.json")
+        assert np.nanmax(ls.uncertainty_mm) < 1e-6
+        # averaged threshold 0.7: every landmark whose peak lies under it is absent, the others present
+        np.testing.assert_array_equal(ls.present, ls.confidence >= 0.7)
