@@ -1,0 +1,375 @@
+"""The end-to-end demo: phantoms -> nnU-Net raw dataset -> plan/preprocess -> small configuration
+-> budgeted training -> nnLandmark_predict -> nnLandmark_evaluate -> report.md.
+
+Every nnU-Net and nnLandmark step runs as the real command a user would type (subprocess), with
+nnUNet_raw/preprocessed/results inside OUTPUT_DIR so the demo never reads or writes a user's
+datasets. Each command's output goes to OUTPUT_DIR/logs/<stage>.log. A stage that fails, or a
+command that is not installed, stops the demo with an error naming the stage: it never reports
+figures it did not measure.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from nnlandmark_h3de.landmarks.atomic import atomic_write_text
+
+STAGES = ("generate", "convert", "plan_and_preprocess", "small_configuration", "train", "predict",
+          "evaluate", "report")
+
+# Console scripts the demo runs, with the package module behind each of ours (to say what is missing).
+COMMANDS = {
+    "plan_and_preprocess": ("nnUNetv2_plan_and_preprocess", None),
+    "small_configuration": ("nnLandmark_add_small_config", "nnlandmark_h3de.cli.small_config"),
+    "train": ("nnUNetv2_train", None),
+    "predict": ("nnLandmark_predict", "nnlandmark_h3de.cli.predict"),
+    "evaluate": ("nnLandmark_evaluate", "nnlandmark_h3de.cli.evaluate"),
+}
+# Folders and files the demo creates in OUTPUT_DIR (the only things --overwrite deletes).
+OWNED = ("phantoms", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "trainers", "predictions",
+         "evaluation", "logs", "report.md", "demo.json")
+
+
+class DemoError(RuntimeError):
+    """A demo stage failed or cannot run; the message names the stage."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"demo stage '{stage}': {message}")
+        self.stage = stage
+
+
+@dataclass
+class DemoSettings:
+    output_dir: Path
+    minutes: float = 10.0
+    quick: bool = False
+    trainer: str = "nnLandmarkTrainer"
+    seed: int = 0
+    n_train: int = 16
+    n_test: int = 4
+    n_val: int = 3
+    shape_zyx: Tuple[int, int, int] = (64, 64, 64)
+    spacing_xyz: Tuple[float, float, float] = (2.0, 2.0, 2.0)
+    absent_fraction: float = 0.1
+    oblique_deg: float = 10.0
+    dataset_id: int = 987
+    dataset_name: str = "DemoPhantomHeads"
+    configuration: str = "3d_fullres_small"
+    iterations_per_epoch: int = 10
+    val_iterations_per_epoch: int = 2
+    overwrite: bool = False
+
+    @classmethod
+    def make(cls, output_dir, quick: bool = False, minutes: Optional[float] = None, **kw) -> "DemoSettings":
+        """Defaults sized for about 10 minutes on 2 CPU cores, or ~2-3 minutes with `quick`."""
+        if quick:
+            kw = {"n_train": 8, "n_test": 2, "n_val": 2, "shape_zyx": (40, 40, 40),
+                  "spacing_xyz": (3.0, 3.0, 3.0), "iterations_per_epoch": 5, "val_iterations_per_epoch": 1, **kw}
+        s = cls(Path(output_dir).resolve(), minutes=(2.5 if quick else 10.0) if minutes is None else float(minutes),
+                quick=quick, **kw)
+        if s.minutes <= 0:
+            raise ValueError(f"--minutes must be positive, got {s.minutes}")
+        if s.n_train - s.n_val < 1 or s.n_val < 1 or s.n_test < 1:
+            raise ValueError(f"need >= 1 validation, >= 1 training and >= 1 test case "
+                             f"(n_train={s.n_train}, n_val={s.n_val}, n_test={s.n_test})")
+        return s
+
+    @property
+    def dataset_folder_name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.dataset_name}"
+
+
+@dataclass
+class StageRecord:
+    name: str
+    seconds: float = 0.0
+    status: str = "not run"  # ok | failed | not run
+    command: Optional[str] = None
+    log: Optional[str] = None
+    note: str = ""
+
+
+@dataclass
+class DemoResult:
+    settings: DemoSettings
+    stages: List[StageRecord] = field(default_factory=list)
+    cases: Dict[str, List[str]] = field(default_factory=dict)  # train / val / test case ids
+    trainer_name: Optional[str] = None
+    train_budget_seconds: Optional[float] = None
+    epochs_done: Optional[int] = None
+    dataset_folder: Optional[str] = None
+    predictions_folder: Optional[str] = None
+    summary_file: Optional[str] = None
+    summary: Optional[dict] = None
+    report_file: Optional[str] = None
+    error: Optional[str] = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["settings"]["output_dir"] = str(self.settings.output_dir)
+        d.pop("summary")
+        return d
+
+
+# --------------------------------------------------------------------------------- commands
+def find_command(name: str) -> Optional[str]:
+    """The console script beside this Python first (the venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(name)
+
+
+def missing_commands(stages: Sequence[str] = tuple(COMMANDS)) -> Dict[str, str]:
+    """{stage: why it cannot run} for the stages whose command or module is unavailable."""
+    missing = {}
+    for stage in stages:
+        command, module = COMMANDS[stage]
+        if module is not None and importlib.util.find_spec(module) is None:
+            missing[stage] = f"module {module} (command {command}) is not part of this installation"
+        elif find_command(command) is None:
+            missing[stage] = f"command {command} not found beside {sys.executable} or on PATH (reinstall the package)"
+    return missing
+
+
+def demo_environment(s: DemoSettings) -> Dict[str, str]:
+    """os.environ with every nnU-Net path inside OUTPUT_DIR and our trainer folders."""
+    from nnlandmark_h3de.cli.trainer_path import trainer_folder
+    env = dict(os.environ)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[name] = str(s.output_dir / name)
+    env["nnUNet_extTrainer"] = os.pathsep.join([str(s.output_dir / "trainers"), str(trainer_folder())])
+    env.setdefault("nnUNet_n_proc_DA", "0")  # 2-core machines: augmentation in the training process
+    # (the planner calls torch.set_num_threads(nnUNet_n_proc_DA), so plan_and_preprocess gets >= 1)
+    env["nnUNet_compile"] = "false"  # torch.compile costs minutes on CPU and gains nothing here
+    env["PYTHONUNBUFFERED"] = "1"  # stream progress lines
+    return env
+
+
+@contextlib.contextmanager
+def environment(env: Dict[str, str]):
+    """Temporarily use `env` in this process (for in-process steps that read nnU-Net variables)."""
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def run_command(stage: str, cmd: List[str], env: Dict[str, str], log_path: Path,
+                progress_pattern: Optional[str] = None, show_progress: bool = True) -> List[str]:
+    """Run `cmd`, copy its output to `log_path`, tick a progress bar on lines matching the pattern.
+    Raises DemoError with the log's last lines when the command fails."""
+    from tqdm import tqdm
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(progress_pattern) if progress_pattern else None
+    lines: List[str] = []
+    with open(log_path, "w", encoding="utf-8") as log, \
+            tqdm(desc=f"  {stage}", unit=" lines" if pattern is None else " epochs", disable=not show_progress,
+                 leave=False) as bar:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    bufsize=1, errors="replace")
+        except OSError as e:
+            raise DemoError(stage, f"cannot start {cmd[0]}: {e}") from None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                lines.append(line.rstrip("\n"))
+                if pattern is None or pattern.search(line):
+                    bar.update(1)
+            rc = proc.wait()
+        except BaseException:
+            proc.terminate()  # only the child we started
+            proc.wait()
+            raise
+    if rc != 0:
+        tail = "\n".join("    " + l for l in lines[-25:])
+        raise DemoError(stage, f"`{shlex.join(cmd)}` exited with status {rc}; see {log_path}. Last lines:\n{tail}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------- stages
+def _split_cases(s: DemoSettings, case_ids: List[str]) -> Dict[str, List[str]]:
+    train_all, test = case_ids[:s.n_train], case_ids[s.n_train:]
+    return {"train": train_all[:s.n_train - s.n_val], "val": train_all[s.n_train - s.n_val:], "test": test}
+
+
+def stage_generate(s: DemoSettings, result: DemoResult, show_progress: bool):
+    from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
+    cases = generate_phantom_cases(s.output_dir / "phantoms", s.n_train + s.n_test, shape=s.shape_zyx,
+                                   spacing=s.spacing_xyz, seed=s.seed, absent_fraction=s.absent_fraction,
+                                   oblique_deg=s.oblique_deg, progress=show_progress)
+    result.cases = _split_cases(s, sorted(cases))
+    return cases
+
+
+def stage_convert(s: DemoSettings, result: DemoResult, cases, env, show_progress: bool) -> Path:
+    from nnlandmark_h3de.conversion import convert_dataset
+    splits = [{"train": result.cases["train"], "val": result.cases["val"]}]
+    target = s.output_dir / "nnUNet_raw" / s.dataset_folder_name
+    with environment(env):  # splits_final.json goes to OUR nnUNet_preprocessed
+        folder = convert_dataset(cases, target, test_cases=result.cases["test"], splits=splits,
+                                 progress=show_progress)
+    result.dataset_folder = str(folder)
+    return Path(folder)
+
+
+def _training_budget(s: DemoSettings, elapsed: float) -> float:
+    """Seconds of training left in the budget after `elapsed`, keeping time for the final
+    validation, prediction and evaluation (each a few sliding-window passes on small images)."""
+    total = 60.0 * s.minutes
+    reserve = 35.0 + 0.12 * total
+    return max(20.0, total - elapsed - reserve)
+
+
+def _count_epochs(lines: List[str]) -> Optional[int]:
+    epochs = [int(m.group(1)) for l in lines for m in [re.search(r"Epoch (\d+)\s*$", l)] if m]
+    return (max(epochs) + 1) if epochs else None
+
+
+def run_demo(s: DemoSettings, show_progress: bool = True, log=print) -> DemoResult:
+    """Run every stage; returns the result (also written to demo.json) or raises DemoError."""
+    result = DemoResult(settings=s, stages=[StageRecord(n) for n in STAGES])
+    records = {r.name: r for r in result.stages}
+    missing = missing_commands()
+    if missing:
+        raise DemoError(", ".join(missing), "cannot run, nothing was done:\n" +
+                        "\n".join(f"  - {k}: {v}" for k, v in missing.items()))
+    _prepare_output(s)
+    env = demo_environment(s)
+    logs = s.output_dir / "logs"
+    t_start = time.monotonic()
+
+    def begin(name: str, what: str):
+        i = STAGES.index(name) + 1
+        log(f"[{i}/{len(STAGES)}] {name}: {what}")
+        return time.monotonic()
+
+    def done(name: str, t0: float, **kw):
+        rec = records[name]
+        rec.seconds, rec.status = time.monotonic() - t0, "ok"
+        for k, v in kw.items():
+            setattr(rec, k, v)
+        log(f"      {name} done in {rec.seconds:.1f} s")
+
+    def cmd_stage(name: str, cmd: List[str], pattern: Optional[str] = None, **extra_env) -> List[str]:
+        rec = records[name]
+        rec.command, rec.log = shlex.join(cmd), str(logs / f"{name}.log")
+        rec.status = "failed"
+        return run_command(name, cmd, {**env, **extra_env}, logs / f"{name}.log", pattern, show_progress)
+
+    try:
+        t0 = begin("generate", f"{s.n_train + s.n_test} phantom heads {s.shape_zyx} voxels (z, y, x) at "
+                               f"{s.spacing_xyz} mm, seed {s.seed}")
+        records["generate"].status = "failed"
+        cases = stage_generate(s, result, show_progress)
+        done("generate", t0)
+
+        t0 = begin("convert", f"nnU-Net raw dataset {s.dataset_folder_name} ({len(result.cases['train'])} train, "
+                              f"{len(result.cases['val'])} val, {len(result.cases['test'])} test)")
+        records["convert"].status = "failed"
+        folder = stage_convert(s, result, cases, env, show_progress)
+        done("convert", t0)
+
+        t0 = begin("plan_and_preprocess", "nnUNetv2_plan_and_preprocess (3d_fullres)")
+        cmd_stage("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(s.dataset_id),
+                                          "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
+                  nnUNet_n_proc_DA=str(max(1, int(env["nnUNet_n_proc_DA"]))))
+        done("plan_and_preprocess", t0)
+
+        t0 = begin("small_configuration", f"nnLandmark_add_small_config -> {s.configuration}")
+        cmd_stage("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(s.dataset_id),
+                                          "--name", s.configuration])
+        done("small_configuration", t0)
+
+        from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer
+        budget = _training_budget(s, time.monotonic() - t_start)
+        t0 = begin("train", f"nnUNetv2_train {s.configuration} fold 0 with {s.trainer} for {budget:.0f} s on CPU")
+        records["train"].status = "failed"
+        with environment(env), contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's trainer search chatter
+            try:
+                name = write_budget_trainer(s.output_dir / "trainers", s.trainer, budget,
+                                            iterations_per_epoch=s.iterations_per_epoch,
+                                            val_iterations_per_epoch=s.val_iterations_per_epoch)
+            except RuntimeError as e:
+                raise DemoError("train", str(e)) from None
+        result.trainer_name, result.train_budget_seconds = name, budget
+        lines = cmd_stage("train", [find_command("nnUNetv2_train"), str(s.dataset_id), s.configuration, "0",
+                                    "-tr", name, "-device", "cpu"], pattern=r"Epoch \d+\s*$")
+        result.epochs_done = _count_epochs(lines)
+        done("train", t0, note=f"{result.epochs_done} epochs of {s.iterations_per_epoch} iterations")
+
+        t0 = begin("predict", f"nnLandmark_predict on {len(result.cases['test'])} held-out test cases")
+        pred = s.output_dir / "predictions"
+        cmd_stage("predict", [find_command("nnLandmark_predict"), "-i", str(folder / "imagesTs"), "-o", str(pred),
+                              "-d", str(s.dataset_id), "-c", s.configuration, "-tr", name, "-f", "0",
+                              "-device", "cpu", "-npp", "1", "-nps", "1"])
+        missing_pred = [c for c in result.cases["test"] if not any(pred.glob(f"{c}.*"))]
+        if missing_pred:
+            raise DemoError("predict", f"no landmark file in {pred} for test cases {missing_pred}")
+        result.predictions_folder = str(pred)
+        done("predict", t0)
+
+        t0 = begin("evaluate", "nnLandmark_evaluate against the exact phantom landmarks, with plots")
+        summary_file = s.output_dir / "evaluation" / "summary.json"
+        first = result.cases["test"][0]
+        cmd_stage("evaluate", [find_command("nnLandmark_evaluate"), "-ref", str(folder / "landmarks.json"),
+                               "-pred", str(pred), "-o", str(summary_file), "--plots", "--case", first,
+                               "--image", str(folder / "imagesTs" / f"{first}_0000.nii.gz")])
+        summary = json.loads(summary_file.read_text())
+        evaluated = sorted(e["case"] for e in summary["metric_per_case"])
+        if evaluated != sorted(result.cases["test"]):
+            raise DemoError("evaluate", f"{summary_file}: evaluated cases {evaluated} are not the test cases "
+                                        f"{sorted(result.cases['test'])}")
+        result.summary_file, result.summary = str(summary_file), summary
+        done("evaluate", t0)
+
+        t0 = begin("report", "report.md")
+        from nnlandmark_h3de.demo.report import write_report
+        records["report"].status, records["report"].note = "ok", "this file"
+        result.report_file = str(s.output_dir / "report.md")
+        try:
+            write_report(result, Path(result.report_file), total_seconds=time.monotonic() - t_start)
+        except BaseException:
+            records["report"].status = "failed"
+            raise
+        done("report", t0)
+    except DemoError as e:
+        result.error = str(e)
+        raise
+    except Exception as e:  # a bug or bad input inside an in-process stage: name the stage
+        failed = next((r.name for r in result.stages if r.status == "failed"), "?")
+        result.error = f"demo stage '{failed}': {type(e).__name__}: {e}"
+        raise DemoError(failed, f"{type(e).__name__}: {e}") from e
+    finally:
+        atomic_write_text(s.output_dir / "demo.json", json.dumps(result.to_json(), indent=2, default=str) + "\n")
+    return result
+
+
+def _prepare_output(s: DemoSettings):
+    s.output_dir.mkdir(parents=True, exist_ok=True)
+    existing = [n for n in OWNED if (s.output_dir / n).exists()]
+    if existing and not s.overwrite:
+        raise DemoError("generate", f"{s.output_dir} already holds a demo run ({', '.join(existing)}); "
+                                    f"choose another -o or pass --overwrite")
+    for n in existing:  # only what a previous demo run created
+        p = s.output_dir / n
+        shutil.rmtree(p) if p.is_dir() else p.unlink()

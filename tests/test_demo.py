@@ -1,0 +1,162 @@
+"""Demo pipeline: missing stages fail loudly, the training budget really stops training, the report
+shows the evaluator's numbers. The full `nnLandmark_demo --quick` run is opt-in (NNLANDMARK_SLOW=1):
+it takes minutes on a 2-core machine."""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from nnlandmark_h3de.demo import pipeline
+from nnlandmark_h3de.demo.budget_trainer import TrainingBudget, write_budget_trainer
+from nnlandmark_h3de.demo.pipeline import DemoError, DemoResult, DemoSettings, StageRecord, run_command, run_demo
+from nnlandmark_h3de.landmarks import LandmarkSet
+
+slow = pytest.mark.skipif(os.environ.get("NNLANDMARK_SLOW") != "1",
+                          reason="full demo run takes minutes; set NNLANDMARK_SLOW=1")
+
+
+# ------------------------------------------------------------------ failing early and clearly
+def test_missing_stage_is_named_and_nothing_runs(tmp_path, monkeypatch):
+    monkeypatch.setitem(pipeline.COMMANDS, "predict", ("nnLandmark_predict", "nnlandmark_h3de.cli.no_such_module"))
+    with pytest.raises(DemoError) as e:
+        run_demo(DemoSettings.make(tmp_path / "out", quick=True), show_progress=False, log=lambda *_: None)
+    assert "predict" in str(e.value) and "nnlandmark_h3de.cli.no_such_module" in str(e.value)
+    assert not (tmp_path / "out").exists()  # refused before creating anything
+
+
+def test_previous_run_is_not_overwritten_silently(tmp_path):
+    out = tmp_path / "out"
+    (out / "phantoms").mkdir(parents=True)
+    (out / "user_file.txt").write_text("keep me")
+    with pytest.raises(DemoError, match="--overwrite"):
+        run_demo(DemoSettings.make(out, quick=True), show_progress=False, log=lambda *_: None)
+    pipeline._prepare_output(DemoSettings.make(out, quick=True, overwrite=True))
+    assert not (out / "phantoms").exists() and (out / "user_file.txt").read_text() == "keep me"
+
+
+def test_failed_command_reports_stage_exit_status_and_log_tail(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; print('step one'); print('boom: bad plans'); sys.exit(3)"]
+    with pytest.raises(DemoError) as e:
+        run_command("train", cmd, dict(os.environ), tmp_path / "logs" / "train.log", show_progress=False)
+    msg = str(e.value)
+    assert "demo stage 'train'" in msg and "status 3" in msg and "boom: bad plans" in msg
+    assert "boom: bad plans" in (tmp_path / "logs" / "train.log").read_text()
+
+
+def test_settings_refuse_impossible_splits(tmp_path):
+    with pytest.raises(ValueError, match="validation"):
+        DemoSettings.make(tmp_path, n_train=2, n_val=2)
+    with pytest.raises(ValueError, match="minutes"):
+        DemoSettings.make(tmp_path, minutes=0)
+
+
+# ------------------------------------------------------------------------ the training budget
+class _FakeTrainer:
+    """nnU-Net's loop shape: run_training -> epochs -> on_epoch_end increments current_epoch."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=None):
+        self.num_epochs, self.current_epoch, self.log, self.ended = 1000, 0, [], False
+
+    def on_train_start(self):
+        pass
+
+    def on_epoch_end(self):
+        self.current_epoch += 1
+
+    def print_to_log_file(self, *args):
+        self.log.append(" ".join(map(str, args)))
+
+    def on_train_end(self):
+        self.ended = True
+
+    def run_training(self):
+        self.on_train_start()
+        for _ in range(self.current_epoch, self.num_epochs):
+            time.sleep(0.02)
+            self.on_epoch_end()
+        self.on_train_end()
+
+
+class _Budgeted(TrainingBudget, _FakeTrainer):
+    budget_seconds = 0.2
+    budget_max_epochs = 500
+    budget_iterations_per_epoch = 3
+    budget_val_iterations_per_epoch = 1
+
+
+def test_budget_stops_training_and_finishes_normally():
+    t = _Budgeted({}, "3d", 0, {})
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (500, 3, 1)
+    t0 = time.monotonic()
+    t.run_training()
+    took = time.monotonic() - t0
+    assert t.ended, "on_train_end (final checkpoint) must run when the budget stops training"
+    assert 0.2 <= took < 2.0 and 2 <= t.current_epoch < 100, (took, t.current_epoch)
+    assert any("budget" in line for line in t.log)
+
+
+def test_budget_never_cuts_a_run_that_fits():
+    class Short(_Budgeted):
+        budget_seconds = 60.0
+        budget_max_epochs = 3
+    t = Short({}, "3d", 0, {})
+    t.run_training()
+    assert t.ended and t.current_epoch == 3 and not t.log
+
+
+def test_budget_trainer_shim_is_an_importable_subclass(tmp_path):
+    name = write_budget_trainer(tmp_path, "nnUNetTrainer", 42.4, iterations_per_epoch=7)
+    assert name == "nnUNetTrainer_budget42s" and "__" not in name
+    namespace = {}
+    exec((tmp_path / f"{name}.py").read_text(), namespace)
+    cls = namespace[name]
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    assert issubclass(cls, nnUNetTrainer) and cls.__mro__[1] is TrainingBudget
+    assert cls.budget_seconds == 42.4 and cls.budget_iterations_per_epoch == 7
+    with pytest.raises(RuntimeError, match="NoSuchTrainer"):
+        write_budget_trainer(tmp_path, "NoSuchTrainer", 10)
+
+
+# ----------------------------------------------------------------------------------- report
+def test_report_shows_the_evaluator_numbers_and_links(tmp_path):
+    from nnlandmark_h3de.demo.report import write_report
+    from nnlandmark_h3de.evaluation.summary import evaluate_landmarks
+
+    names = ["L_eye", "R_eye"]
+    ref = {"c1": LandmarkSet(names, [[0, 0, 0], [10, 0, 0]]), "c2": LandmarkSet(names, [[0, 0, 0], [np.nan] * 3])}
+    pred = {"c1": LandmarkSet(names, [[1, 0, 0], [10, 3, 0]]), "c2": LandmarkSet(names, [[0, 0, 2], [5, 5, 5]])}
+    summary = evaluate_landmarks(ref, pred)
+    s = DemoSettings.make(tmp_path, quick=True)
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "c1.mrk.json").write_text("{}")
+    result = DemoResult(settings=s, stages=[StageRecord("train", 12.3, "ok", "nnUNetv2_train ...",
+                                                        str(tmp_path / "logs" / "train.log"))],
+                        cases={"train": ["a"], "val": ["b"], "test": ["c1", "c2"]}, trainer_name="T_budget9s",
+                        train_budget_seconds=9.0, epochs_done=4, dataset_folder=str(tmp_path / "raw"),
+                        predictions_folder=str(tmp_path / "predictions"),
+                        summary_file=str(tmp_path / "evaluation" / "summary.json"), summary=summary)
+    text = write_report(result, tmp_path / "report.md", total_seconds=99.0).read_text()
+    # micro: errors 1, 3, 2 mm over 3 TP -> mean 2.00, median 2.00; SDR<=2: 2/3; one FP (c2 R_eye)
+    assert "| **all points (micro)** | 2.00 +- 0.82 | 2.00 | 66.7 % |" in text
+    assert "| 3 | 1 | 0 | 0 |" in text
+    assert "[log](logs/train.log)" in text and "(predictions/c1.mrk.json)" in text
+    assert "4 epochs" in text and "99 s" in text
+
+
+# ------------------------------------------------------------------------------ the real run
+@slow
+def test_quick_demo_end_to_end(tmp_path):
+    from nnlandmark_h3de.cli.demo import main
+    out = tmp_path / "demo"
+    assert main(["-o", str(out), "--quick"]) == 0
+    record = json.loads((out / "demo.json").read_text())
+    assert [st["status"] for st in record["stages"]] == ["ok"] * len(pipeline.STAGES)
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert sorted(e["case"] for e in summary["metric_per_case"]) == sorted(record["cases"]["test"])
+    report = (out / "report.md").read_text()
+    assert "## Results on the test cases" in report and "cumulative_error" in report
+    for case in record["cases"]["test"]:
+        assert (out / "predictions" / f"{case}.mrk.json").is_file()
