@@ -108,3 +108,17 @@ def test_nan_rows_stay_nan(tmp_path):
     out = network_index_to_world(np.array([[1.0, 2.0, 3.0], [np.nan] * 3]), props, pm, cm)
     np.testing.assert_allclose(out[0], [3, 2, 1])
     assert np.isnan(out[1]).all()
+
+
+def test_original_geometry_shape_undoes_transpose(tmp_path):
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnlandmark_h3de.inference.index_mapping import original_geometry
+
+    geom = _linear_image(tmp_path / "img_0000.nii.gz", (28, 24, 18), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
+    pm = PlansManager(_plans((2, 0, 1), (1.0, 1.0, 1.0)))
+    _, _, props = DefaultPreprocessor(verbose=False).run_case(
+        [str(tmp_path / "img_0000.nii.gz")], None, pm, pm.get_configuration("3d_fullres"),
+        {"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"})
+    assert original_geometry(props, pm.transpose_forward).shape_zyx == geom.shape_zyx

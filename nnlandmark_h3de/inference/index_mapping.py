@@ -15,11 +15,21 @@ import numpy as np
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry
 
 
-def original_geometry(properties: dict) -> ImageGeometry:
-    """World geometry of the original image array (z, y, x) from nnU-Net's reader properties."""
+def original_geometry(properties: dict, transpose_forward: Optional[Sequence[int]] = None) -> ImageGeometry:
+    """World geometry of the original image array (z, y, x) from nnU-Net's reader properties.
+
+    nnU-Net records `shape_before_cropping` after `transpose_forward`; pass it to get the original
+    array shape right (coordinates do not depend on the shape).
+    """
     if "sitk_stuff" in properties:
-        shape_orig = properties.get("shape_before_cropping")
-        return ImageGeometry.from_sitk_stuff(properties["sitk_stuff"], shape_orig if shape_orig is not None else (0, 0, 0))
+        shape_t = properties.get("shape_before_cropping")
+        shape_orig = (0, 0, 0)
+        if shape_t is not None:
+            tf = list(transpose_forward) if transpose_forward is not None else list(range(len(shape_t)))
+            shape_orig = [0] * len(shape_t)
+            for a, t in enumerate(tf):
+                shape_orig[t] = int(shape_t[a])
+        return ImageGeometry.from_sitk_stuff(properties["sitk_stuff"], shape_orig)
     if "nibabel_stuff" in properties:
         # NibabelIO(WithReorient) arrays are nib_data.transpose(2, 1, 0): array (z, y, x) = nibabel (k, j, i).
         stuff = properties["nibabel_stuff"]
@@ -62,7 +72,7 @@ def network_index_to_world(idx_zyx: np.ndarray, properties: dict, plans_manager,
     transposed = cropped + bbox_lo
     original = np.empty_like(transposed)
     original[:, list(plans_manager.transpose_forward)] = transposed  # transposed axis a = original axis tf[a]
-    return original_geometry(properties).array_index_to_world(original)
+    return original_geometry(properties, plans_manager.transpose_forward).array_index_to_world(original)
 
 
 def world_to_network_index(points_lps: np.ndarray, properties: dict, plans_manager, configuration_manager,
@@ -74,7 +84,7 @@ def world_to_network_index(points_lps: np.ndarray, properties: dict, plans_manag
     cropped_shape = np.asarray(properties["shape_after_cropping_and_before_resampling"], dtype=np.float64)
     bbox_lo = np.asarray([b[0] for b in properties["bbox_used_for_cropping"]], dtype=np.float64)
 
-    original = original_geometry(properties).world_to_array_index(pts)
+    original = original_geometry(properties, plans_manager.transpose_forward).world_to_array_index(pts)
     transposed = original[:, list(plans_manager.transpose_forward)]
     cropped = transposed - bbox_lo
     return (cropped + 0.5) * (net_shape / cropped_shape) - 0.5
