@@ -137,3 +137,18 @@ def test_left_right_axis_from_direction_and_transpose():
     oblique = {"sitk_stuff": {"direction": (c, -s, 0, s, c, 0, 0, 0, 1)}}
     assert left_right_axis(oblique, (0, 1, 2)) is None
     assert left_right_axis({"nibabel_stuff": {}}, (0, 1, 2)) is None
+
+
+def test_linear_ball_target_of_the_public_default():
+    from nnlandmark_h3de.heatmaps.linear_ball_heatmap import BallsToLinearBallHeatmapsTransform
+
+    seg = make_seg((40, 40, 40), {1: ((20, 20, 20), 3.0)})
+    outs = BallsToLinearBallHeatmapsTransform(2, radius=15.0, ds_scales=[[1, 1, 1], [0.5, 0.5, 0.5]])(
+        segmentation=seg)["segmentation"]
+    full = outs[0].numpy()
+    assert full[0, 20, 20, 20] == pytest.approx(1.0)
+    assert full[0, 20, 20, 20 + 6] == pytest.approx(1 - 6 / 15, abs=1e-6)
+    assert full[0, 20, 20, 36] == 0 and full[0, 20, 36, 36] == 0  # beyond the radius
+    assert not outs[0][1].any()
+    # half resolution: centre (20 + 0.5) / 2 - 0.5 = 9.75, radius 7.5
+    assert outs[1][0, 9, 9, 9].item() == pytest.approx(1 - np.sqrt(3) * 0.75 / 7.5, abs=1e-6)
