@@ -12,6 +12,15 @@ from nnlandmark_h3de.networks.building_blocks.anchor_head import (AnchorHead, ce
                                                                   decode_offsets, grid_stride, grid_to_voxel,
                                                                   voxel_to_grid)
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 PATCH = (28, 20, 12)
 GRID = (7, 5, 3)  # stride 4, odd sizes
 RADII = torch.tensor([1.0, 2.0])
@@ -134,3 +143,40 @@ def test_head_shapes_with_odd_feature_sizes(spatial):
     assert torch.sigmoid(out.logits).mean() < 0.05
     pos, prob = decode_anchors(out.offsets, out.logits, head.radii, [4 * s for s in spatial], top_k=100)
     assert pos.shape == (2, 5, 3) and prob.shape == (2, 5)
+
+
+def _unet(L=3, deep_supervision=True):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    return PlainConvUNet(1, 4, [4, 8, 8, 8], nn.Conv3d, 3, [1, 2, 2, 2], 1, L, 1, norm_op=nn.InstanceNorm3d,
+                         norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU, deep_supervision=deep_supervision)
+
+
+def test_anchor_network_train_eval_outputs_stage_choice_and_existence_recorder():
+    from nnlandmark_h3de.training.nnH3DETrainerAnchor import AnchorHeatmapNetwork, HeatmapAnchorLoss
+    from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
+    torch.manual_seed(0)
+    net = AnchorHeatmapNetwork(_unet(), 3, (1.0, 2.0), anchor_stride=4)
+    assert net.anchor_stage == 0 and net.anchor_grid_stride == (4, 4, 4)  # first decoder stage = encoder stage 2
+    x = torch.randn(2, 1, 16, 24, 8)
+    heat, anchors = net(x)  # training mode: heatmaps (deep supervision list) + anchors
+    assert [tuple(h.shape) for h in heat] == [(2, 4, 16, 24, 8), (2, 4, 8, 12, 4), (2, 4, 4, 6, 2)]
+    assert anchors.logits.shape == (2, 2, 3, 4, 6, 2) and torch.all(heat[0][:, 0] == 0)
+    target = [torch.zeros(2, 3, *h.shape[2:]) for h in heat]
+    target[0][0, 1, 5, 7, 3] = 1.0  # a present landmark (not Gaussian: centre = the argmax voxel)
+    loss = HeatmapAnchorLoss(HeatmapMSELoss(), AnchorLoss((1.0, 2.0)))
+    l = loss((heat[0], anchors), target[0])
+    l.backward()
+    assert torch.isfinite(l) and net.anchor_head.out.weight.grad is not None
+    net.eval()
+    net.set_deep_supervision(False)
+    with torch.no_grad():
+        plain = net(x[:1])
+        assert torch.is_tensor(plain) and plain.shape == (1, 4, 16, 24, 8)
+        net.record_existence = True
+        net.reset_existence()
+        net(x[:1])
+        first = net.anchor_existence.clone()
+        net(x[1:])
+        _, a1 = net.forward_with_anchors(x[1:])
+    expected = torch.maximum(first, torch.sigmoid(a1.logits.transpose(0, 2).flatten(1).amax(1)))
+    assert torch.allclose(net.anchor_existence, expected)

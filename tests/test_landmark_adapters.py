@@ -3,7 +3,16 @@ import pytest
 import torch
 from torch import nn
 
-from nnlandmark_h3de.networks.building_blocks.landmark_adapters import LandmarkAdapterHead
+from nnlandmark_h3de.networks.building_blocks.landmark_adapters import LandmarkAdapterHead, attach_adapter_head
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 C, L, CA = 6, 4, 3
 
@@ -82,3 +91,31 @@ def test_adapter_is_one_conv_for_all_landmarks():
     # dense adapter conv, grouped adapter conv, shared 1x1, grouped 1x1: independent of L
     assert len(convs) == 4
     assert [c.groups for c in convs] == [1, L, 1, L]
+
+
+def _bodies():
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from nnlandmark_h3de.networks.h3de_unet import H3DEUNet
+    common = dict(input_channels=1, n_stages=3, features_per_stage=[4, 8, 8], conv_op=nn.Conv3d, kernel_sizes=3,
+                  strides=[1, 2, 2], n_conv_per_stage=1, num_classes=L, n_conv_per_stage_decoder=1,
+                  norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU,
+                  deep_supervision=True)
+    yield "unet", PlainConvUNet(**common)
+    yield "h3de", H3DEUNet(**common, vbra_stages=[2], vbra_head_dim=8)
+
+
+@pytest.mark.parametrize("kind", ["unet", "h3de"])
+def test_attach_adapter_head_replaces_only_the_full_resolution_head(kind):
+    torch.manual_seed(0)
+    body = dict(_bodies())[kind]
+    x = torch.randn(1, 1, 8, 12, 8)
+    before = [o.shape for o in body(x)]
+    attach_adapter_head(body, adapter_channels=CA)
+    heads = [m for m in body.modules() if isinstance(m, LandmarkAdapterHead)]
+    assert len(heads) == 1 and heads[0].num_landmarks == L
+    out = body(x)
+    assert [o.shape for o in out] == before  # deep supervision outputs unchanged in number and shape
+    out[0].sum().backward()
+    assert heads[0].adapter[0].weight.grad.abs().sum() > 0
+    body.decoder.deep_supervision = False
+    assert body(x).shape == before[0]

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["LandmarkAdapterHead"]
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+__all__ = ["LandmarkAdapterHead", "attach_adapter_head"]
 
 _CROSS_CHANNEL_NORMS = (nn.GroupNorm, nn.LayerNorm)
 
@@ -60,3 +62,21 @@ class LandmarkAdapterHead(nn.Module):
         if self.num_plain_outputs == 0:
             return out + own
         return torch.cat((out[:, :self.num_plain_outputs], out[:, self.num_plain_outputs:] + own), 1)
+
+
+def attach_adapter_head(body: nn.Module, adapter_channels: int = 16, kernel_size: int = 3,
+                        n_adapter_convs: int = 1) -> nn.Module:
+    """Replace the body's full-resolution 1x1 heatmap conv by a LandmarkAdapterHead (in place, returns body)."""
+    dec, enc = body.decoder, body.encoder
+    owner, name = (dec, "head") if isinstance(getattr(dec, "head", None), nn.Module) else (dec.seg_layers, "-1")
+    old = owner[-1] if name == "-1" else getattr(owner, name)
+    head = LandmarkAdapterHead(enc.conv_op, old.in_channels, old.out_channels, adapter_channels, kernel_size,
+                               n_adapter_convs, conv_bias=enc.conv_bias, norm_op=enc.norm_op,
+                               norm_op_kwargs=enc.norm_op_kwargs, nonlin=enc.nonlin, nonlin_kwargs=enc.nonlin_kwargs)
+    head.apply(InitWeights_He(1e-2))
+    head.to(next(old.parameters()).device)
+    if name == "-1":
+        owner[-1] = head
+    else:
+        setattr(owner, name, head)
+    return body

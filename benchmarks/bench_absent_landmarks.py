@@ -1,0 +1,254 @@
+"""Absent landmarks: peak-height threshold (heatmap-only trainer) vs H3DE-Net's anchor existence.
+
+Generated phantoms where every structure is left out with probability `--absent-fraction` (its
+landmarks absent from image and file) -> nnU-Net raw dataset -> plan/preprocess -> small
+configuration -> the same number of epochs for each trainer (in this process; `--minutes` caps each) -> each trainer's own
+final validation calibrates its existence threshold (best F1 on the validation cases) -> held-out
+test cases: existence precision/recall/F1 with that threshold, and MRE (mm, world) over the
+landmarks present in reference and prediction. Also printed, on the same test cases:
+- the oracle F1 (best threshold chosen on the test cases: separability without calibration noise),
+- the anchor trainer's own peak heights (does joint training change the heatmap score?),
+- existence aggregates (max vs top-k mean over anchors) and locations (heatmap peak vs anchor
+  medoid / weighted mean), from one forward pass of the whole image (it fits in one patch).
+
+    python benchmarks/bench_absent_landmarks.py --out /tmp/bench_absent --epochs 30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="work folder (default: a temporary folder)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs per trainer (same for both)")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock cap per trainer")
+    p.add_argument("--n-train", type=int, default=24, help="training + validation cases")
+    p.add_argument("--n-val", type=int, default=6, help="validation cases (threshold calibration)")
+    p.add_argument("--n-test", type=int, default=12)
+    p.add_argument("--shape", type=int, default=40, help="phantom edge (voxels)")
+    p.add_argument("--spacing", type=float, default=3.0)
+    p.add_argument("--absent-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--h3de", action="store_true", help="nnH3DETrainer / nnH3DETrainerAnchor instead of the U-Net")
+    p.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
+    return p.parse_args(argv)
+
+
+def setup_environment(out: Path) -> None:
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(out / name)
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    os.environ["nnUNet_compile"] = "false"
+    os.environ["nnUNet_extTrainer"] = str(REPO / "trainers")
+
+
+def make_dataset(args, out: Path, dataset_id: int = 901):
+    from nnlandmark_h3de.conversion import convert_dataset
+    from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
+    from nnlandmark_h3de.training.small_configuration import add_small_configuration
+
+    n = args.n_train + args.n_test
+    name = f"Dataset{dataset_id:03d}_AbsentPhantoms"
+    raw, pre = out / "nnUNet_raw" / name, out / "nnUNet_preprocessed" / name
+    if (pre / "nnUNetPlans.json").is_file() and "3d_fullres_small" in (pre / "nnUNetPlans.json").read_text():
+        print(f"reusing the dataset in {out} (delete it to regenerate)")
+        return raw, pre, json.loads((raw / "landmarks.json").read_text())["test_cases"]
+    cases = generate_phantom_cases(out / "phantoms", n, shape=(args.shape,) * 3, spacing=(args.spacing,) * 3,
+                                   seed=args.seed, absent_fraction=args.absent_fraction, progress=False)
+    ids = sorted(cases)
+    train, test = ids[:args.n_train], ids[args.n_train:]
+    splits = [{"train": train[:-args.n_val], "val": train[-args.n_val:]}]
+    name = f"Dataset{dataset_id:03d}_AbsentPhantoms"
+    folder = convert_dataset(cases, out / "nnUNet_raw" / name, test_cases=test, splits=splits, progress=False)
+    subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id),
+                    "-c", "3d_fullres", "-np", "1"], check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "nnUNet_n_proc_DA": "1"})  # the planner's VRAM estimate needs >= 1
+    pre = out / "nnUNet_preprocessed" / name
+    if not (pre / "splits_final.json").is_file():
+        (pre / "splits_final.json").write_text(json.dumps(splits))
+    add_small_configuration(pre / "nnUNetPlans.json", "3d_fullres_small")
+    return Path(folder), pre, test
+
+
+def train(base_cls, pre: Path, seconds: float, epochs: int, iterations: int):
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnlandmark_h3de.demo.budget_trainer import TrainingBudget
+
+    cls = type(base_cls.__name__ + "_bench", (TrainingBudget, base_cls),
+               {"budget_seconds": seconds, "budget_max_epochs": epochs, "budget_iterations_per_epoch": iterations,
+                "budget_val_iterations_per_epoch": 2})
+    plans = load_json(pre / "nnUNetPlans.json")
+    plans["continue_training"] = False  # what nnunetv2.run.run_training passes (2.8.1 pops it)
+    trainer = cls(plans, "3d_fullres_small", 0, load_json(pre / "dataset.json"), device=torch.device("cpu"))
+    t0 = time.monotonic()
+    trainer.run_training()
+    t_train = time.monotonic() - t0
+    trainer.perform_actual_validation()
+    thr = json.loads((Path(trainer.output_folder) / "landmark_thresholds.json").read_text())
+    return trainer, t_train, thr
+
+
+def predict_test(trainer, raw: Path, test_cases, anchors: bool):
+    """Per case: world points (peak), peak heights, and for anchor networks the sliding-window anchor
+    existence plus whole-image anchor decodings (locations and aggregates)."""
+    import numpy as np
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnlandmark_h3de.inference.index_mapping import network_index_to_world
+    from nnlandmark_h3de.inference.peaks import decode_peaks
+    from nnlandmark_h3de.networks.building_blocks.anchor_head import decode_anchors
+
+    net = trainer._unwrapped_network()
+    trainer.set_deep_supervision_enabled(False)
+    net.eval()
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, type(trainer).__name__, trainer.inference_allowed_mirroring_axes)
+    pre = trainer.configuration_manager.preprocessor_class(verbose=False)
+    patch = list(trainer.configuration_manager.patch_size)
+    out = {}
+    for case in test_cases:
+        data, _, props = pre.run_case([str(raw / "imagesTs" / f"{case}_0000.nii.gz")], None, trainer.plans_manager,
+                                      trainer.configuration_manager, trainer.dataset_json)
+        data = torch.from_numpy(data).float()
+
+        def world(idx):
+            return network_index_to_world(np.asarray(idx), props, trainer.plans_manager, trainer.configuration_manager,
+                                          network_shape=tuple(data.shape[1:]))
+
+        rec = {}
+        if anchors:
+            net.record_existence = True
+            net.reset_existence()
+        with torch.no_grad():
+            logits = predictor.predict_sliding_window_return_logits(data)
+        idx, peak, _ = decode_peaks(logits[1:], logits=True)
+        rec["peak_points"], rec["peak"] = world(idx), np.asarray(peak, dtype=np.float64)
+        if anchors:
+            net.record_existence = False
+            rec["anchor_sw"] = net.anchor_existence.numpy().astype(np.float64)
+            if all(s <= p for s, p in zip(data.shape[1:], patch)):  # whole image in one patch: anchor locations
+                x = torch.zeros(1, data.shape[0], *patch)
+                x[(0, slice(None), *[slice(0, s) for s in data.shape[1:]])] = data
+                with torch.no_grad():
+                    _, a = net.forward_with_anchors(x)
+                for loc in ("medoid", "weighted"):
+                    pos, prob = decode_anchors(a.offsets, a.logits, net.anchor_head.radii, patch, location=loc)
+                    rec[f"anchor_{loc}_points"] = world(pos[0].numpy())
+                    rec["anchor_max"] = prob[0].numpy().astype(np.float64)
+                _, prob = decode_anchors(a.offsets, a.logits, net.anchor_head.radii, patch, existence="topk_mean")
+                rec["anchor_topk_mean"] = prob[0].numpy().astype(np.float64)
+        out[case] = rec
+    return out
+
+
+def existence_metrics(scores, present, threshold):
+    import numpy as np
+    pred = scores >= threshold
+    tp, fp, fn = int((pred & present).sum()), int((pred & ~present).sum()), int((~pred & present).sum())
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": int((~pred & ~present).sum()),
+            "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn), "f1": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
+def oracle_f1(scores, present):
+    from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
+    return calibrate_peak_threshold(scores, present)[1].get("f1", float("nan"))
+
+
+def mre(points, ref, mask):
+    import numpy as np
+    d = np.linalg.norm(points - ref, axis=-1)[mask]
+    return float(d.mean()) if d.size else float("nan"), int(d.size)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_absent_"))
+    setup_environment(out)
+    import numpy as np
+    import torch
+    torch.set_num_threads(args.threads)
+    from nnlandmark_h3de.conversion import load_dataset_landmarks
+    if args.h3de:
+        from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer as Plain
+        from nnlandmark_h3de.training.nnH3DETrainerAnchor import nnH3DETrainerAnchor as Anchor
+    else:
+        from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer as Plain
+        from nnlandmark_h3de.training.nnH3DETrainerAnchor import nnLandmarkTrainerAnchor as Anchor
+
+    t0 = time.monotonic()
+    raw, pre, test = make_dataset(args, out)
+    print(f"dataset ready in {time.monotonic() - t0:.0f} s: {raw}")
+    names = json.loads((raw / "dataset.json").read_text())["landmarks"]["names"]
+    ref = {k: v.reordered(names) for k, v in load_dataset_landmarks(raw / "landmarks.json").items()}
+    present = np.array([ref[c].present for c in test])
+    ref_pts = np.array([ref[c].points_lps for c in test])
+    print(f"{len(test)} test cases x {len(names)} landmarks, {int((~present).sum())} absent "
+          f"({100 * (~present).mean():.1f} %)")
+
+    results, rows = {"args": vars(args), "absent_fraction_test": float((~present).mean())}, []
+    for label, cls, has_anchors in (("heatmap-only", Plain, False), ("anchor head", Anchor, True)):
+        torch.manual_seed(args.seed)
+        trainer, t_train, thr = train(cls, pre, 60 * args.minutes, args.epochs, args.iterations)
+        epochs = trainer.current_epoch
+        pred = predict_test(trainer, raw, test, has_anchors)
+        get = lambda key: np.array([pred[c][key] for c in test])  # noqa: E731
+        scores = {"peak": get("peak")}
+        if has_anchors:
+            scores["anchor"] = get("anchor_sw")
+            if "anchor_max" in pred[test[0]]:
+                scores["anchor_max_1patch"], scores["anchor_topk_mean_1patch"] = get("anchor_max"), get("anchor_topk_mean")
+        threshold = float(thr["threshold"][0])
+        main_score = thr["score"]
+        r = {"trainer": cls.__name__, "train_seconds": t_train, "epochs": epochs, "threshold": thr}
+        for key, s in scores.items():
+            entry = {"oracle_f1": oracle_f1(s, present)}
+            if key == main_score:
+                m = existence_metrics(s, present, threshold)
+                pts = get("peak_points")
+                entry.update(m, mre_mm=mre(pts, ref_pts, present & (s >= threshold))[0])
+            r[key] = entry
+        loc = {"peak": mre(get("peak_points"), ref_pts, present)}
+        for l in ("medoid", "weighted"):
+            if has_anchors and f"anchor_{l}_points" in pred[test[0]]:
+                loc[f"anchor_{l}"] = mre(get(f"anchor_{l}_points"), ref_pts, present)
+        r["location_mre_mm_all_present"] = loc
+        results[label] = r
+        e = r[main_score]
+        rows.append((label, main_score, threshold, e["precision"], e["recall"], e["f1"], e["oracle_f1"], e["mre_mm"],
+                     epochs, t_train))
+        print(f"[{label}] {json.dumps(r, default=float)}")
+
+    print("\nexistence on held-out cases (threshold calibrated on the validation cases, best F1)")
+    print(f"{'trainer':14s} {'score':7s} {'thr':>7s} {'prec':>6s} {'recall':>6s} {'F1':>6s} {'oracleF1':>8s} "
+          f"{'MRE mm':>7s} {'epochs':>6s} {'train s':>7s}")
+    for row in rows:
+        print(f"{row[0]:14s} {row[1]:7s} {row[2]:7.3f} {row[3]:6.3f} {row[4]:6.3f} {row[5]:6.3f} {row[6]:8.3f} "
+              f"{row[7]:7.3f} {row[8]:6d} {row[9]:7.0f}")
+    a, h = results["anchor head"], results["heatmap-only"]
+    print(f"F1 anchor / F1 peak = {a['anchor']['f1'] / max(1e-9, h['peak']['f1']):.3f}")
+    print("anchor trainer, other scores (oracle F1): " +
+          ", ".join(f"{k} {v['oracle_f1']:.3f}" for k, v in a.items() if isinstance(v, dict) and "oracle_f1" in v))
+    print("location MRE (mm, all present landmarks, (mre, n)): heatmap-only " +
+          json.dumps(h["location_mre_mm_all_present"]) + "; anchor trainer " + json.dumps(a["location_mre_mm_all_present"]))
+    (out / "bench_absent_landmarks.json").write_text(json.dumps(results, indent=2, default=float))
+    print(f"results: {out / 'bench_absent_landmarks.json'}; total {time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

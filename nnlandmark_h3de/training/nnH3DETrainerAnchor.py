@@ -1,0 +1,282 @@
+"""Heatmap trainers with H3DE-Net's anchor head: explicit existence of every landmark.
+
+`AnchorTrainerMixin` in front of any landmark trainer (`nnLandmarkTrainer`, `nnH3DETrainer`):
+- network: the trainer's body, plus an `AnchorHead` on the decoder stage whose stride is closest to
+  `anchor_stride` (paper: 4); the stage's output is taken with a forward hook, so any body whose
+  `decoder.stages[j]` produce the encoder's skip resolutions works (PlainConvUNet, H3DEUNet);
+- loss: the trainer's heatmap loss + `anchor_loss_weight` * `AnchorLoss` (offsets, balanced BCE,
+  case-level BCE); the anchor targets are built on the device from the full-resolution heatmap
+  target (`centres_from_heatmaps`), so the data pipeline is unchanged;
+- final validation: besides the heatmap peaks, the anchor existence probability of every case
+  (max over the anchors of all sliding-window tiles) is recorded; both scores are calibrated (best
+  F1) and compared in summary.json; `landmark_thresholds.json` stores the anchor one
+  (`"score": "anchor"`). Locations stay the heatmap peaks (the benchmark measures why).
+
+The wrapper returns `(heatmaps, AnchorOutput)` only in training mode; in eval mode it returns the
+heatmaps (stock predictor unchanged) and, with `record_existence`, keeps the running max existence
+in `anchor_existence` (the predictor hook), or `forward_with_anchors(x)` gives both.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from os.path import join
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import distributed as dist
+from torch import nn
+
+from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+from nnlandmark_h3de.heatmaps.anchor_targets import AnchorLoss, centres_from_heatmaps
+from nnlandmark_h3de.inference.index_mapping import network_index_to_world
+from nnlandmark_h3de.inference.peaks import decode_peaks
+from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
+from nnlandmark_h3de.landmarks.atomic import atomic_write_text
+from nnlandmark_h3de.networks.building_blocks.anchor_head import AnchorHead, AnchorOutput
+from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork, prepend_zero_channel
+from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
+from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer
+from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+
+__all__ = ["AnchorHeatmapNetwork", "HeatmapAnchorLoss", "AnchorTrainerMixin", "choose_anchor_stage",
+           "nnLandmarkTrainerAnchor", "nnLandmarkTrainerAnchor_2epochs_3iters", "nnH3DETrainerAnchor",
+           "nnH3DETrainerAnchor_2epochs_3iters"]
+
+
+def choose_anchor_stage(encoder, target_stride: float) -> Tuple[int, Tuple[int, ...]]:
+    """(index into decoder.stages, per-axis stride) of the decoder output closest to `target_stride`
+    (geometric mean over axes, in log scale). decoder.stages[j] has encoder stage n - 2 - j's size."""
+    n = len(encoder.strides)
+    best = None
+    for i in range(n - 1):  # the bottleneck (n - 1) has no decoder stage
+        stride = tuple(int(np.prod([encoder.strides[s][a] for s in range(i + 1)])) for a in range(len(encoder.strides[0])))
+        cost = abs(np.mean(np.log(stride)) - math.log(target_stride))
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, n - 2 - i, stride)
+    return best[1], best[2]
+
+
+class AnchorHeatmapNetwork(LandmarkHeatmapNetwork):
+    """1 + L channel heatmap network (see LandmarkHeatmapNetwork) with an anchor head on one decoder stage."""
+
+    def __init__(self, body: nn.Module, num_landmarks: int, anchor_radii: Sequence[float] = (1.0, 2.0),
+                 anchor_stride: float = 4.0):
+        super().__init__(body)
+        enc = body.encoder
+        self.anchor_stage, self.anchor_grid_stride = choose_anchor_stage(enc, anchor_stride)
+        channels = enc.output_channels[len(enc.output_channels) - 2 - self.anchor_stage]
+        self.anchor_head = AnchorHead(enc.conv_op, channels, num_landmarks, anchor_radii, conv_bias=enc.conv_bias,
+                                      norm_op=enc.norm_op, norm_op_kwargs=enc.norm_op_kwargs, nonlin=enc.nonlin,
+                                      nonlin_kwargs=enc.nonlin_kwargs)
+        self.record_existence = False
+        self.register_buffer("anchor_existence", torch.zeros(num_landmarks), persistent=False)
+
+    def forward_with_anchors(self, x: torch.Tensor):
+        feats: List[torch.Tensor] = []
+        hook = self.body.decoder.stages[self.anchor_stage].register_forward_hook(lambda m, i, o: feats.append(o))
+        try:
+            out = self.body(x)
+        finally:
+            hook.remove()
+        heat = [prepend_zero_channel(o) for o in out] if isinstance(out, (list, tuple)) else prepend_zero_channel(out)
+        return heat, self.anchor_head(feats[0])
+
+    def reset_existence(self) -> None:
+        self.anchor_existence.zero_()
+
+    def forward(self, x: torch.Tensor):
+        if self.training:
+            return self.forward_with_anchors(x)
+        if not self.record_existence:
+            return super().forward(x)
+        heat, anchors = self.forward_with_anchors(x)
+        p = torch.sigmoid(anchors.logits.detach().float().transpose(0, 2).flatten(1).amax(1))  # (L,)
+        torch.maximum(self.anchor_existence, p, out=self.anchor_existence)
+        return heat
+
+
+class HeatmapAnchorLoss(nn.Module):
+    """heatmap loss(heatmaps, target) + weight * AnchorLoss; heatmap loss only for plain (eval) outputs."""
+
+    def __init__(self, heatmap_loss: nn.Module, anchor_loss: AnchorLoss, weight: float = 1.0):
+        super().__init__()
+        self.heatmap_loss, self.anchor_loss, self.weight = heatmap_loss, anchor_loss, float(weight)
+        self.last_parts: Dict[str, torch.Tensor] = {}
+
+    def forward(self, output, target):
+        if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], AnchorOutput)):
+            return self.heatmap_loss(output, target)
+        heat, anchors = output
+        full = target[0] if isinstance(target, (list, tuple)) else target
+        centres, present = centres_from_heatmaps(full)
+        l_anchor, self.last_parts = self.anchor_loss(anchors.offsets, anchors.logits, centres, present, full.shape[2:])
+        return self.heatmap_loss(heat, target) + self.weight * l_anchor
+
+
+# ------------------------------------------------------------------------------ final validation
+def predict_validation_with_existence(trainer) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """This rank's validation cases -> (points LPS (L, 3), peak heights (L,), anchor existence (L,))."""
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=True, device=trainer.device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, trainer.__class__.__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    net = trainer._unwrapped_network()
+    _, val_keys = trainer.do_split()
+    if trainer.is_ddp:
+        val_keys = val_keys[trainer.local_rank::dist.get_world_size()]
+    dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys,
+                                        folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
+    results = {}
+    net.record_existence = True
+    try:
+        for k in dataset_val.identifiers:
+            data, _, _, properties = dataset_val.load_case(k)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = torch.from_numpy(data[:])
+            net.reset_existence()
+            logits = predictor.predict_sliding_window_return_logits(data)
+            existence = net.anchor_existence.cpu().numpy().astype(np.float64)
+            idx, peak, _ = decode_peaks(logits[1:], logits=True)
+            del logits
+            points = network_index_to_world(idx, properties, trainer.plans_manager, trainer.configuration_manager,
+                                             network_shape=data.shape[1:])
+            results[k] = (points, np.asarray(peak, dtype=np.float64), existence)
+    finally:
+        net.record_existence = False
+    return results
+
+
+def write_score_thresholds(path, names: Sequence[str], threshold: float, score: str, calibration: Dict) -> None:
+    d = {"names": list(names), "threshold": [float(threshold)] * len(names), "score": score,
+         "calibration": calibration}
+    atomic_write_text(path, json.dumps(d, indent=2) + "\n")
+
+
+def run_anchor_final_validation(trainer) -> None:
+    from nnlandmark_h3de.conversion import load_dataset_landmarks
+    from nnlandmark_h3de.evaluation import evaluate_landmarks
+    from nnlandmark_h3de.evaluation.report import write_summary_json
+
+    folder = join(trainer.output_folder, "validation")
+    maybe_mkdir_p(folder)
+    results = predict_validation_with_existence(trainer)
+    if trainer.is_ddp:
+        everything = [None] * dist.get_world_size()
+        dist.all_gather_object(everything, results)
+        results = {k: v for r in everything for k, v in r.items()}
+    compute_gaussian.cache_clear()
+    if trainer.local_rank != 0:
+        if trainer.is_ddp:
+            dist.barrier()
+        return
+    names = trainer.landmark_names
+    ref_file = trainer.reference_landmarks_file()
+    reference = {} if ref_file is None else {k: v.reordered(names) for k, v in load_dataset_landmarks(ref_file).items()}
+    cases = sorted(results)
+    evaluated = [c for c in cases if c in reference]
+    present = np.array([reference[c].present for c in evaluated]).reshape(-1, len(names))
+    calib = {}
+    for score, col in (("anchor", 2), ("peak", 1)):
+        values = np.array([results[c][col] for c in evaluated]).reshape(-1, len(names))
+        thr, info = calibrate_peak_threshold(values, present)
+        if info["method"] == "default":
+            thr = 0.5 if score == "anchor" else thr  # a probability: 0.5 without anything to calibrate on
+        calib[score] = {"threshold": thr, **info, "n_cases": len(evaluated)}
+    thr = calib["anchor"]["threshold"]
+    write_score_thresholds(join(trainer.output_folder, "landmark_thresholds.json"), names, thr, "anchor",
+                           calib["anchor"])
+    trainer.print_to_log_file(f"existence thresholds (best F1 on validation): {calib}")
+    predictions = {}
+    for c in cases:
+        points, peak, existence = results[c]
+        points = np.where((existence >= thr)[:, None], points, np.nan)
+        ls = LandmarkSet(names, points, confidence=existence, source=join(folder, c + ".mrk.json"))
+        write_landmarks(ls, ls.source)
+        predictions[c] = ls
+    if evaluated:
+        summary = evaluate_landmarks(reference, {c: predictions[c] for c in evaluated})
+        summary["existence_threshold"] = {"score": "anchor", "threshold": thr, **calib["anchor"],
+                                          "alternatives": {"peak": calib["peak"]}}
+        write_summary_json(summary, join(folder, "summary.json"))
+        mre = summary["foreground_mean"]["micro"]["mean_radial_error_mm"]
+        trainer.logger.log_summary("final_val/mre_mm", mre)
+        trainer.print_to_log_file(f"Mean radial error (mm, all validation landmarks): {mre}", also_print_to_console=True)
+    if trainer.is_ddp:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------ trainers
+class AnchorTrainerMixin:
+    """Put in front of a landmark trainer: `class T(AnchorTrainerMixin, nnLandmarkTrainer)`."""
+    anchor_radii: Tuple[float, ...] = (1.0, 2.0)  # grid units
+    anchor_stride: float = 4.0  # voxels, the decoder stage closest to it gets the head
+    anchor_loss_weight: float = 1.0
+    anchor_offset_weight: float = 1.0
+    anchor_exist_weight: float = 1.0
+    anchor_case_weight: float = 1.0
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        body = cls.build_landmark_body(plans_manager, configuration_manager, num_input_channels,
+                                       num_output_channels - 1, enable_deep_supervision)
+        return AnchorHeatmapNetwork(body, num_output_channels - 1, cls.anchor_radii, cls.anchor_stride)
+
+    def _build_loss(self):
+        anchor = AnchorLoss(self.anchor_radii, self.anchor_offset_weight, self.anchor_exist_weight,
+                            self.anchor_case_weight)
+        return HeatmapAnchorLoss(super()._build_loss(), anchor, self.anchor_loss_weight)
+
+    def train_step(self, batch: dict) -> dict:
+        out = super().train_step(batch)
+        out.update({f"anchor_{k}": v.cpu().numpy() for k, v in self.loss.last_parts.items()})
+        return out
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        keys = [k for k in (train_outputs[0] if train_outputs else {}) if k.startswith("anchor_")]
+        if keys:
+            self.print_to_log_file("anchor losses: " + ", ".join(
+                f"{k[7:]} {np.mean([o[k] for o in train_outputs]):.4f}" for k in keys))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.set_deep_supervision_enabled(False)
+        self.network.eval()
+        try:
+            run_anchor_final_validation(self)
+        finally:
+            self.set_deep_supervision_enabled(True)
+
+
+class nnLandmarkTrainerAnchor(AnchorTrainerMixin, nnLandmarkTrainer):
+    """nnLandmarkTrainer (plans' U-Net) + H3DE-Net's anchor head."""
+
+
+class nnH3DETrainerAnchor(AnchorTrainerMixin, nnH3DETrainer):
+    """nnH3DETrainer (H3DEUNet) + its anchor head: H3DE-Net as published, with calibrated existence."""
+
+
+def _smoke(cls):
+    """2 epochs of 3 training and 2 validation batches (smoke runs and tests)."""
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        cls.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 2
+    return __init__
+
+
+class nnLandmarkTrainerAnchor_2epochs_3iters(nnLandmarkTrainerAnchor):
+    __init__ = _smoke(nnLandmarkTrainerAnchor)
+
+
+class nnH3DETrainerAnchor_2epochs_3iters(nnH3DETrainerAnchor):
+    __init__ = _smoke(nnH3DETrainerAnchor)
