@@ -160,3 +160,59 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "## Results on the test cases" in report and "cumulative_error" in report
     for case in record["cases"]["test"]:
         assert (out / "predictions" / f"{case}.mrk.json").is_file()
+
+
+# ------------------------------------------------------------------------ the AFIDs benchmark
+def _benchmark_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "afids_benchmark.py"
+    spec = importlib.util.spec_from_file_location("afids_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_refuses_a_template_on_both_sides(tmp_path):
+    bench = _benchmark_module()
+    with pytest.raises(bench.BenchmarkError, match="tmpl_b"):
+        bench.main(["--templates", str(tmp_path), "--train", "tmpl_a", "tmpl_b", "--test", "tmpl_b",
+                    "--cpu_minutes", "1", "--work_dir", str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists()
+
+
+def test_benchmark_names_a_missing_template_file(tmp_path):
+    bench = _benchmark_module()
+    (tmp_path / "images").mkdir()
+    with pytest.raises(bench.BenchmarkError, match="nope.nii.gz"):
+        bench.main(["--templates", str(tmp_path), "--train", "nope", "--test", "other", "--cpu_minutes", "1",
+                    "--work_dir", str(tmp_path / "work")])
+
+
+def test_rater_floor_is_computed_from_the_second_raters_file(afids_dir):
+    bench = _benchmark_module()
+    floor = bench.rater_floor(afids_dir, ["AC", "PC"])
+    (template, fl), = floor.items()
+    assert template == "human_MNI152NLin2009cAsym_T1w_2mm"
+    assert fl["n_all"] == 32 and abs(fl["mean_all_mm"] - 0.77) < 0.01  # the README's published figure
+    assert fl["n_evaluated"] == 2 and fl["mean_mm"] < 1.0
+
+
+def test_centre_offset_baseline_is_exact_when_offsets_agree(tmp_path):
+    import SimpleITK as sitk
+    from nnlandmark_h3de.demo.reposing import image_centre
+    from nnlandmark_h3de.landmarks import ImageGeometry, read_landmarks, write_landmarks
+    bench = _benchmark_module()
+    offset = np.array([[5.0, -3.0, 2.0], [-7.0, 1.0, 4.0]])
+    cases = {}
+    for i, origin in enumerate([(0, 0, 0), (13, -4, 9), (-20, 6, 1)]):
+        img = sitk.Image([10 + i, 12, 8], sitk.sitkFloat32)
+        img.SetOrigin(origin)
+        img.SetSpacing((1.5, 1.0, 2.0))
+        sitk.WriteImage(img, str(tmp_path / f"c{i}.nii.gz"))
+        centre = image_centre(ImageGeometry.from_sitk(img))
+        write_landmarks(LandmarkSet(["a", "b"], centre + offset), tmp_path / f"c{i}.mrk.json")
+        cases[f"c{i}"] = (tmp_path / f"c{i}.nii.gz", tmp_path / f"c{i}.mrk.json")
+    out = bench.centre_offset_baseline({k: cases[k] for k in ("c0", "c1")}, {"c2": cases["c2"]}, tmp_path / "pred")
+    np.testing.assert_allclose(read_landmarks(out / "c2.mrk.json").points_lps,
+                               read_landmarks(cases["c2"][1]).points_lps, atol=1e-9)

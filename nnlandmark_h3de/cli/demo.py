@@ -10,7 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "CPU training for a time budget, nnLandmark_predict and nnLandmark_evaluate, and write "
                     "OUTPUT_DIR/report.md. All nnU-Net folders live inside OUTPUT_DIR; nothing is downloaded.")
     p.add_argument("-o", "--output_dir", default="nnLandmark_demo", help="output folder (default ./nnLandmark_demo)")
-    p.add_argument("--quick", action="store_true", help="tiny run (10 smaller phantoms, ~2-3 min) for smoke tests")
+    p.add_argument("--quick", action="store_true", help="tiny run (10 phantoms of 32^3 voxels, a few minutes) for smoke tests")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-time budget of the whole demo in minutes (default 10, or 2.5 with --quick); "
                         "training gets what the other stages leave")

@@ -110,6 +110,12 @@ def write_report(result, path: Path, total_seconds: float) -> Path:
               f"absent. Full numbers: [{_rel(result.summary_file, root)}]({_rel(result.summary_file, root)}) "
               f"and the per-case CSV beside it.", ""]
         L += results_tables(summ) + [""]
+        micro = summ["foreground_mean"]["micro"]
+        if micro["TP"] == 0:
+            L += ["**No landmark was detected in the test cases** (every reference landmark is a false "
+                  "negative): the model is under-trained for this budget, and the existence thresholds "
+                  "calibrated in its final validation declared every landmark absent. Run again with a "
+                  "larger `--minutes`.", ""]
         plots = summ.get("plots") or []
         if plots:
             L += ["## Plots", ""] + [f"![{Path(p).stem}]({_rel(p, root)})" for p in plots] + [""]
