@@ -152,3 +152,18 @@ def test_nnH3DETrainer_builds_h3de_body_with_zero_channel(arch):
         assert all(float(o[:, 0].abs().max()) == 0.0 for o in outs)  # constant-zero channel 0
         net.decoder.deep_supervision = False  # nnU-Net's toggle reaches the H3DE decoder
         assert tuple(net(x).shape) == (1, 5, 8, 24, 20)
+
+
+def test_h3de_block_is_three_residual_branches():
+    """x + DWConv(x), then + VBRA(LN(.)), then + MLP(LN(.)): silencing each branch's last layer leaves x."""
+    torch.manual_seed(5)
+    blk = H3DEBlock(16, num_heads=2, n_regions=2, topk=2)
+    x = torch.randn(1, 16, 5, 6, 7)
+    assert blk(x).shape == x.shape
+    with torch.no_grad():
+        for layer in (blk.pos, blk.attn.proj, blk.mlp[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        assert torch.equal(blk(x), x)
+        blk.pos.bias.fill_(1.0)  # only the conv branch on: x + 1 everywhere
+        assert torch.allclose(blk(x), x + 1)

@@ -1,13 +1,12 @@
 """nnU-Net's plain conv encoder with H3DE blocks (DWConv + V-BRA + MLP) appended to chosen stages.
 
 The conv stages stay exactly as nnU-Net plans them (same module names, so conv weights and the
-`encoder.stages` key keep working); stage s of `vbra_stages` gets `blocks_per_stage[s]` H3DE blocks
-after its convs.
+`encoder.stages` key keep working); each stage named in `vbra_stage_kwargs` gets its `n_blocks` H3DE
+blocks after its convs.
 """
-from typing import Dict, Sequence
+from typing import Dict
 
 import numpy as np
-from torch import nn
 
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks

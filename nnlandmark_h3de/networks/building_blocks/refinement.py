@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
-from nnlandmark_h3de.networks.building_blocks.upsample import _MODES
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+from nnlandmark_h3de.networks.building_blocks.upsample import INTERPOLATION_MODES
 
 
 class FullResRefinement(nn.Module):
@@ -19,7 +19,7 @@ class FullResRefinement(nn.Module):
                  dropout_op=None, dropout_op_kwargs: dict = None, nonlin=None, nonlin_kwargs: dict = None,
                  nonlin_first: bool = False):
         super().__init__()
-        self.mode = _MODES[convert_conv_op_to_dim(conv_op)]
+        self.mode = INTERPOLATION_MODES[convert_conv_op_to_dim(conv_op)]
         self.convs = StackedConvBlocks(n_convs, conv_op, feature_channels + image_channels, feature_channels,
                                        kernel_size, 1, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                        dropout_op_kwargs, nonlin, nonlin_kwargs, nonlin_first)

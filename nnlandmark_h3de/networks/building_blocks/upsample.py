@@ -12,14 +12,14 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+INTERPOLATION_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 class ConvInterpolateUp(nn.Module):
     def __init__(self, conv_op: Type[_ConvNd], input_channels: int, output_channels: int, conv_bias: bool = True):
         super().__init__()
         self.conv = conv_op(input_channels, output_channels, 1, 1, 0, bias=conv_bias)
-        self.mode = _MODES[convert_conv_op_to_dim(conv_op)]
+        self.mode = INTERPOLATION_MODES[convert_conv_op_to_dim(conv_op)]
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         x = self.conv(x)
