@@ -70,7 +70,9 @@ def write_report(result, path: Path, total_seconds: float) -> Path:
           "time budget, and the held-out test cases were predicted and evaluated with the package's own "
           "commands. The exact landmark positions are known by construction, so the errors below are the "
           "model's alone. Phantom figures say nothing about real anatomy; see `benchmarks/afids_benchmark.py`.",
-          "", f"- Total wall time: {total_seconds:.0f} s (budget {s.minutes:g} min{', --quick' if s.quick else ''})",
+          "", f"- Total wall time: {total_seconds:.0f} s (budget {s.minutes:g} min{', --quick' if s.quick else ''}"
+              + ("; exceeded: the stages around training took longer than the budget allows for on this "
+                 "machine, see the stage table" if total_seconds > 60 * s.minutes else "") + ")",
           f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible, Python {platform.python_version()}; "
           f"{_versions()}", ""]
 
