@@ -1,0 +1,57 @@
+"""nnLandmark_evaluate: compare predicted landmark files with a reference (thin argparse wrapper)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nnlandmark_h3de.evaluation.summary import DEFAULT_SDR_RADII
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnLandmark_evaluate",
+        description="Radial error (mm), SDR and existence metrics of predicted landmark files "
+                    "(.mrk.json, .fcsv, .csv, .json) against a reference, matched by case (file name "
+                    "minus extension) and landmark name. Writes summary.json, a per-case CSV beside it "
+                    "and optionally PNG plots.")
+    p.add_argument("-ref", required=True, help="folder of reference landmark files, or a converted dataset's "
+                                               "landmarks.json (or the raw dataset folder holding it)")
+    p.add_argument("-pred", required=True, help="folder of predicted landmark files")
+    p.add_argument("-o", default=None, help="summary JSON to write (default: <pred>/summary.json); the CSV "
+                                            "goes beside it with the .csv suffix")
+    p.add_argument("--sdr", nargs="+", type=float, default=list(DEFAULT_SDR_RADII), metavar="MM",
+                   help="SDR radii in mm; a landmark counts as success when error <= r (default: 2 2.5 3 4)")
+    p.add_argument("--plots", action="store_true", help="write PNG plots into plots/ beside the summary")
+    p.add_argument("--case", default=None, help="case to draw slices for (with --plots and --image)")
+    p.add_argument("--image", default=None, help="image of --case for the three-slice plots")
+    p.add_argument("--chill", action="store_true", help="skip missing/unreadable cases and unknown landmark "
+                                                        "names instead of failing; they are listed in the summary")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from nnlandmark_h3de.evaluation.evaluate import evaluate_folders
+    from nnlandmark_h3de.evaluation.report import format_table
+    from nnlandmark_h3de.landmarks.landmark_set import LandmarkError
+
+    output = Path(args.o) if args.o else Path(args.pred) / "summary.json"
+    if (args.case or args.image) and not args.plots:
+        print("nnLandmark_evaluate: --case/--image draw slice plots and need --plots", file=sys.stderr)
+        return 2
+    try:
+        summary = evaluate_folders(args.ref, args.pred, output, sdr_radii=args.sdr, chill=args.chill,
+                                   plots=args.plots, plot_case=args.case, plot_image=args.image)
+    except (LandmarkError, ValueError, FileNotFoundError) as e:
+        print(f"nnLandmark_evaluate: error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(summary))
+    for item in summary["skipped"]:
+        print(f"skipped: {item}", file=sys.stderr)
+    print(f"wrote {output} and {summary['per_case_csv']}" + (f" and {len(summary['plots'])} plots" if args.plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
