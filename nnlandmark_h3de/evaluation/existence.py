@@ -7,22 +7,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-import numpy as np
-
-
-def existence_counts(reference_present, prediction_present) -> Dict[str, int]:
-    """TP/FP/FN/TN counts from two boolean masks of equal shape."""
-    ref = np.asarray(reference_present, dtype=bool)
-    pred = np.asarray(prediction_present, dtype=bool)
-    if ref.shape != pred.shape:
-        raise ValueError(f"presence masks differ in shape: {ref.shape} vs {pred.shape}")
-    return {
-        "TP": int(np.count_nonzero(ref & pred)),
-        "FP": int(np.count_nonzero(~ref & pred)),
-        "FN": int(np.count_nonzero(ref & ~pred)),
-        "TN": int(np.count_nonzero(~ref & ~pred)),
-    }
-
 
 def existence_status(reference_present: bool, prediction_present: bool) -> str:
     """'TP' | 'FP' | 'FN' | 'TN' for one landmark of one case."""

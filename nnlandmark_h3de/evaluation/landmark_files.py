@@ -7,12 +7,8 @@ Every problem raises `LandmarkError` naming the file; with `chill` it is appende
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
-
-import numpy as np
 
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 
@@ -82,50 +78,6 @@ def read_landmark_files(files: Dict[str, Path], chill: bool = False,
     return sets
 
 
-def read_dataset_landmarks_json(path) -> Dict[str, LandmarkSet]:
-    """A converter's landmarks.json: `{"coordinate_system": "LPS", "units": "mm", "names": [...],
-    "cases": {case: {name: [x, y, z] | null}}}` -> case -> LandmarkSet in `names` order."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LandmarkError(f"{path}: reference landmarks file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LandmarkError(f"{path}: not readable as JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), dict):
-        raise LandmarkError(f"{path}: not a dataset landmarks.json (needs a 'cases' object of case -> "
-                            f"{{name: [x, y, z] or null}})")
-    if str(doc.get("coordinate_system", "LPS")).upper() != "LPS":
-        raise LandmarkError(f"{path}: coordinate_system must be 'LPS', got {doc.get('coordinate_system')!r}")
-    if str(doc.get("units", "mm")).lower() != "mm":
-        raise LandmarkError(f"{path}: units must be 'mm', got {doc.get('units')!r}")
-    names = doc.get("names")
-    if names is None:
-        names = []
-        for points in doc["cases"].values():
-            names.extend(n for n in (points or {}) if n not in names)
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise LandmarkError(f"{path}: 'names' must be a list of strings")
-    sets = {}
-    for case, points in doc["cases"].items():
-        if not isinstance(points, dict):
-            raise LandmarkError(f"{path}: case {case!r}: expected {{name: [x, y, z] or null}}, got {type(points).__name__}")
-        unknown = [n for n in points if n not in names]
-        if unknown:
-            raise LandmarkError(f"{path}: case {case!r}: landmark names {unknown} are not in 'names'")
-        pts = np.full((len(names), 3), np.nan)
-        for i, n in enumerate(names):
-            p = points.get(n)
-            if p is None:
-                continue
-            if (not isinstance(p, list) or len(p) != 3 or
-                    not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)):
-                raise LandmarkError(f"{path}: case {case!r}, landmark {n!r}: expected [x, y, z] or null, got {p!r}")
-            pts[i] = p
-        sets[str(case)] = LandmarkSet(list(names), pts, source=str(path))
-    return sets
-
-
 def reference_kind(path) -> str:
     """'dataset_json' for a landmarks.json (or a raw dataset folder holding one), else 'folder'."""
     path = Path(path)
@@ -140,8 +92,8 @@ def load_reference(path, chill: bool = False, skipped: Optional[List[dict]] = No
     """Reference landmarks per case from a landmarks.json or a folder of landmark files."""
     path = Path(path)
     if reference_kind(path) == "dataset_json":
-        json_path = path if path.is_file() else path / "landmarks.json"
-        return read_dataset_landmarks_json(json_path)
+        from nnlandmark_h3de.conversion import load_dataset_landmarks  # the converter owns that format
+        return load_dataset_landmarks(path)
     files = find_landmark_files(path)
     if not files:
         raise LandmarkError(f"{path}: no landmark files ({', '.join(LANDMARK_EXTENSIONS)}) in the reference folder")

@@ -74,7 +74,11 @@ def plot_error_boxplot(summary: dict, path) -> Path:
     names = list(errors)
     fig, ax = plt.subplots(figsize=(6, max(3.0, 0.28 * len(names) + 1.2)))
     data = [np.asarray(errors[n], float) for n in names]
-    ax.boxplot([d if d.size else [np.nan] for d in data], vert=False, showfliers=True)
+    boxes = [d if d.size else [np.nan] for d in data]
+    try:  # matplotlib >= 3.10 names it `orientation`; `vert` is deprecated there
+        ax.boxplot(boxes, orientation="horizontal", showfliers=True)
+    except TypeError:
+        ax.boxplot(boxes, vert=False, showfliers=True)
     ax.set_yticks(range(1, len(names) + 1))
     ax.set_yticklabels([n if d.size else f"{n} (no TP)" for n, d in zip(names, data)], fontsize=8)
     ax.invert_yaxis()

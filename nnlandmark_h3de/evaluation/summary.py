@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from nnlandmark_h3de.evaluation.existence import existence_counts, existence_scores, existence_status
+from nnlandmark_h3de.evaluation.existence import existence_scores, existence_status
 from nnlandmark_h3de.evaluation.radial_errors import check_sdr_radii, error_statistics, radial_errors, sdr_key
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 
