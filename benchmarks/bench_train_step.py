@@ -1,0 +1,166 @@
+"""Time per training step: nnLandmarkTrainer (and nnH3DETrainer when importable) vs the stock
+nnUNetTrainer, in one process, on the same plans (a small configuration) and the same input
+batches, steps alternated after a warm-up so machine load hits all trainers alike. Also times the
+heatmap transform (per batch, all deep-supervision scales) against the stock step.
+
+    python benchmarks/bench_train_step.py [--steps 8] [--warmup 2] [--patch 48 64 64] [--json]
+
+Without -d it generates a blob dataset, plans and preprocesses it in a temporary nnU-Net tree.
+With --json the LAST line is one JSON object: ratio_nnLandmarkTrainer (median step time / stock's),
+ratio_nnH3DETrainer (if that trainer exists): the median over rounds of (step time / stock step
+time of the same round), heatmap_transform_ratio, and the raw times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from copy import deepcopy
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def prepare_dataset(root: Path, dataset_id: int, shape, patch, base_features, max_features) -> None:
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(root / name)
+    os.environ.setdefault("nnUNet_compile", "false")
+    from nnlandmark_h3de.training.blob_dataset import make_blob_dataset
+    make_blob_dataset(dataset_id, n_cases=5, shape_zyx=shape)
+    env = {**os.environ, "nnUNet_n_proc_DA": "1"}
+    subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
+                    "-np", "1", "-npfp", "1"], env=env, check=True, capture_output=True)
+    subprocess.run([str(BIN / "nnLandmark_add_small_config"), "-d", str(dataset_id), "--patch_size", *map(str, patch),
+                    "--base_features", str(base_features), "--max_features", str(max_features)],
+                   env=env, check=True, capture_output=True)
+
+
+def make_trainer(cls, plans, configuration, dataset_json):
+    import torch
+    p = deepcopy(plans)
+    p["continue_training"] = False
+    t = cls(p, configuration, 0, dataset_json, device=torch.device("cpu"))
+    t.initialize()
+    t.set_deep_supervision_enabled(True)
+    return t
+
+
+def landmark_targets(transform, seg_full):
+    """Per sample heatmaps at every scale (what the landmark pipeline's last transform makes), stacked."""
+    per_sample = [transform(segmentation=seg_full[b])["segmentation"] for b in range(seg_full.shape[0])]
+    import torch
+    return [torch.stack([s[k] for s in per_sample]) for k in range(len(per_sample[0]))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-d", type=int, default=None, help="existing dataset id (with the configuration planned)")
+    ap.add_argument("-c", default="3d_fullres_small", help="configuration (default 3d_fullres_small)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--shape", type=int, nargs=3, default=(56, 72, 72), help="generated image shape (z y x)")
+    ap.add_argument("--patch", type=int, nargs=3, default=(48, 64, 64))
+    ap.add_argument("--base_features", type=int, default=16)
+    ap.add_argument("--max_features", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    tmp = None
+    dataset_id = args.d
+    if dataset_id is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_train_step_")
+        dataset_id = 987
+        prepare_dataset(Path(tmp.name), dataset_id, args.shape, args.patch, args.base_features, args.max_features)
+    os.environ["nnUNet_n_proc_DA"] = "0"
+
+    import numpy as np
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    from threadpoolctl import threadpool_limits
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+
+    torch.set_num_threads(args.threads)
+    name = maybe_convert_to_dataset_name(dataset_id)
+    plans = load_json(os.path.join(nnUNet_preprocessed.get(), name, "nnUNetPlans.json"))
+    dataset_json = load_json(os.path.join(nnUNet_preprocessed.get(), name, "dataset.json"))
+
+    trainers = {"nnUNetTrainer": nnUNetTrainer, "nnLandmarkTrainer": nnLandmarkTrainer}
+    try:
+        from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer
+        trainers["nnH3DETrainer"] = nnH3DETrainer
+    except ImportError as e:
+        print(f"nnH3DETrainer not importable ({e}); skipped")
+    built = {k: make_trainer(cls, plans, args.c, dataset_json) for k, cls in trainers.items()}
+
+    stock = built["nnUNetTrainer"]
+    dl_train, _ = stock.get_dataloaders()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    batches = [next(dl_train) for _ in range(args.steps + args.warmup)]
+    ds_scales = built["nnLandmarkTrainer"]._get_deep_supervision_scales()
+    heat = built["nnLandmarkTrainer"].build_heatmap_transform(ds_scales)
+    downsample = DownsampleSegForDSTransform(ds_scales)  # the stock transform the heatmaps replace
+    full_segs = [b["target"][0] if isinstance(b["target"], list) else b["target"] for b in batches]
+    lm_batches = [{"data": b["data"], "target": landmark_targets(heat, s)} for b, s in zip(batches, full_segs)]
+
+    times = {k: [] for k in built}
+    transform_times, downsample_times = [], []
+    for i in range(args.warmup + args.steps):
+        # per-sample transforms timed as nnU-Net's data loader runs them: inside threadpool_limits(1)
+        with threadpool_limits(limits=1, user_api=None):
+            t0 = time.perf_counter()
+            landmark_targets(heat, full_segs[i])
+            t1 = time.perf_counter()
+            for b in range(full_segs[i].shape[0]):
+                downsample(segmentation=full_segs[i][b])
+            t2 = time.perf_counter()
+        if i >= args.warmup:
+            transform_times.append(t1 - t0)
+            downsample_times.append(t2 - t1)
+        order = list(built.items())
+        for k, t in (order if i % 2 == 0 else order[::-1]):  # alternate who goes first
+            batch = batches[i] if k == "nnUNetTrainer" else lm_batches[i]
+            t.network.train()
+            t0 = time.perf_counter()
+            t.train_step(batch)
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times[k].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    # paired: each step's time over the stock step of the same round (neighbours in time share the load)
+    result = {f"ratio_{k}": statistics.median(a / b for a, b in zip(times[k], times["nnUNetTrainer"]))
+              for k in med if k != "nnUNetTrainer"}
+    result["median_ratios_unpaired"] = {k: med[k] / med["nnUNetTrainer"] for k in med if k != "nnUNetTrainer"}
+    result["heatmap_transform_ratio"] = statistics.median(transform_times) / med["nnUNetTrainer"]
+    result["median_step_s"] = med
+    result["heatmap_transform_s"] = statistics.median(transform_times)
+    result["stock_downsample_seg_s"] = statistics.median(downsample_times)
+    result.update({"patch_size": list(stock.configuration_manager.patch_size), "batch_size": stock.batch_size,
+                   "steps": args.steps, "warmup": args.warmup, "threads": args.threads})
+    for k, v in med.items():
+        print(f"{k:>20s}: median {v:.3f} s/step over {args.steps} steps (all: {np.round(times[k], 3).tolist()})")
+    print(f"heatmap transform: {result['heatmap_transform_s'] * 1e3:.1f} ms per batch, one thread "
+          f"({100 * result['heatmap_transform_ratio']:.1f} % of a stock step; it replaces nnU-Net's "
+          f"DownsampleSegForDSTransform: {result['stock_downsample_seg_s'] * 1e3:.1f} ms)")
+    for k in result:
+        if k.startswith("ratio_"):
+            print(f"{k} = {result[k]:.3f} (target <= 1.15 for nnLandmarkTrainer)")
+    if args.json:
+        print(json.dumps(result))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
