@@ -203,3 +203,11 @@ def test_plots_are_written(tmp_path):
         assert (tmp_path / "eval" / "plots" / p.split("/")[-1]).stat().st_size > 10_000
     with pytest.raises(ValueError, match="'zz' is not among"):
         evaluate_folders(ref_dir, pred_dir, out, plots=True, plot_case="zz", plot_image=image)
+
+
+def test_landmark_order_follows_the_fullest_reference_and_missing_reference_names_are_absent():
+    ref = {"a": LandmarkSet(["B"], [[0, 0, 0]]), "b": LandmarkSet(["A", "B", "C"], [[0, 0, 0]] * 3)}
+    pred = {"a": LandmarkSet(["A", "B"], [[1, 0, 0], [0, 0, 1]]), "b": LandmarkSet(["A", "B", "C"], [[0, 0, 0]] * 3)}
+    s = evaluate_landmarks(ref, pred)
+    assert s["landmark_names"] == ["A", "B", "C"]
+    assert [s["metric_per_case"][0]["metrics"][n]["status"] for n in "ABC"] == ["FP", "TP", "TN"]

@@ -31,8 +31,8 @@ def conventions(sdr_radii: Sequence[float]) -> Dict[str, str]:
         "radial_error_population": "true positives only (present in reference and prediction); an "
                                    "absent point never contributes a distance",
         "existence": "per landmark and case: TP present in both, FN reference only, FP prediction "
-                     "only, TN absent in both; a landmark name missing from a prediction counts as "
-                     "predicted absent",
+                     "only, TN absent in both; a landmark name missing from a prediction (or from one "
+                     "case's reference) counts as absent there",
         "fractions": "SDR, accuracy, precision, recall and F1 are fractions in [0, 1]",
         "std": "population standard deviation (ddof=0)",
         "micro": "foreground_mean.micro pools every (case, landmark) pair: errors of all true "
@@ -92,8 +92,9 @@ def evaluate_landmarks(reference: Dict[str, LandmarkSet], prediction: Dict[str, 
     if not cases:
         raise LandmarkError("no case has both reference and predicted landmarks: nothing to evaluate")
 
+    # landmark order: the fullest reference case's order, then names only other cases have
     names: List[str] = []
-    for case in cases:
+    for case in sorted(cases, key=lambda c: -len(reference[c].names)):
         names.extend(n for n in reference[case].names if n not in names)
 
     statuses = np.empty((len(cases), len(names)), dtype=object)
