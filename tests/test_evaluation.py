@@ -211,3 +211,24 @@ def test_landmark_order_follows_the_fullest_reference_and_missing_reference_name
     s = evaluate_landmarks(ref, pred)
     assert s["landmark_names"] == ["A", "B", "C"]
     assert [s["metric_per_case"][0]["metrics"][n]["status"] for n in "ABC"] == ["FP", "TP", "TN"]
+
+
+def test_uncertainty_is_rank_correlated_with_errors_over_true_positives():
+    names = ["a", "b", "c", "d"]
+    ref = {f"c{i}": LandmarkSet(names, np.zeros((4, 3))) for i in range(2)}
+    # errors 1, 2, 3, 4 (case 0) and 5, 6, 7, absent (case 1); uncertainty ranks them exactly,
+    # except the FN whose (huge) uncertainty must not count
+    pts0 = np.array([[1.0, 0, 0], [2, 0, 0], [3, 0, 0], [4, 0, 0]])
+    pts1 = np.array([[5.0, 0, 0], [6, 0, 0], [7, 0, 0], [np.nan] * 3])
+    pred = {"c0": LandmarkSet(names, pts0, uncertainty_mm=[0.1, 0.2, 0.3, 0.4]),
+            "c1": LandmarkSet(names, pts1, uncertainty_mm=[0.5, 0.6, 0.7, 100.0])}
+    s = evaluate_landmarks(ref, pred)
+    assert s["uncertainty_vs_error"]["n_points"] == 7
+    assert s["uncertainty_vs_error"]["spearman_rho"] == pytest.approx(1.0)
+    assert s["metric_per_case"][0]["metrics"]["b"]["uncertainty_mm"] == pytest.approx(0.2)
+    # reversed ranking -> -1; no uncertainty at all -> None
+    pred["c0"].uncertainty_mm = np.array([0.7, 0.6, 0.5, 0.4])
+    pred["c1"].uncertainty_mm = np.array([0.3, 0.2, 0.1, 0.0])
+    assert evaluate_landmarks(ref, pred)["uncertainty_vs_error"]["spearman_rho"] == pytest.approx(-1.0)
+    plain = {k: LandmarkSet(names, v.points_lps) for k, v in pred.items()}
+    assert evaluate_landmarks(ref, plain)["uncertainty_vs_error"] is None

@@ -97,6 +97,10 @@ def format_table(summary: dict) -> str:
     lines.append(row("micro (points)", summary["foreground_mean"]["micro"]))
     lines.append(row("macro (landmarks)", summary["foreground_mean"]["macro"], counts=False))
     lines.append(f"{summary['n_cases']} cases; errors and SDR over true positives; SDR rule: error <= r mm")
+    corr = summary.get("uncertainty_vs_error")
+    if corr:
+        lines.append(f"predicted uncertainty vs radial error: Spearman rho {corr['spearman_rho']:.2f} "
+                     f"over {corr['n_points']} true positives")
     if summary.get("skipped"):
         lines.append(f"skipped {len(summary['skipped'])} item(s): see 'skipped' in the summary")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import numpy as np
 
 from nnlandmark_h3de.evaluation.existence import existence_scores, existence_status
 from nnlandmark_h3de.evaluation.radial_errors import check_sdr_radii, error_statistics, radial_errors, sdr_key
+from nnlandmark_h3de.evaluation.uncertainty_calibration import uncertainty_error_correlation
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 
 DEFAULT_SDR_RADII = (2.0, 2.5, 3.0, 4.0)
@@ -99,6 +100,7 @@ def evaluate_landmarks(reference: Dict[str, LandmarkSet], prediction: Dict[str, 
 
     statuses = np.empty((len(cases), len(names)), dtype=object)
     errors = np.full((len(cases), len(names)), np.nan)
+    uncertainty = np.full((len(cases), len(names)), np.nan)
     per_case = []
     for c, case in enumerate(cases):
         ref_set = reference[case].reordered(names)  # a name this case's reference lacks = absent
@@ -113,6 +115,8 @@ def evaluate_landmarks(reference: Dict[str, LandmarkSet], prediction: Dict[str, 
             pred_set = _restrict_to(pred_set, names)
         pred_set = pred_set.reordered(names)  # a name the prediction lacks = predicted absent
         errors[c] = radial_errors(ref_set.points_lps, pred_set.points_lps)
+        if pred_set.uncertainty_mm is not None:
+            uncertainty[c] = pred_set.uncertainty_mm
         metrics = {}
         for l, name in enumerate(names):
             status = existence_status(bool(ref_set.present[l]), bool(pred_set.present[l]))
@@ -121,6 +125,8 @@ def evaluate_landmarks(reference: Dict[str, LandmarkSet], prediction: Dict[str, 
                              "radial_error_mm": float(errors[c, l]) if status == "TP" else None,
                              "reference_lps": _point(ref_set.points_lps[l]),
                              "prediction_lps": _point(pred_set.points_lps[l])}
+            if np.isfinite(uncertainty[c, l]):
+                metrics[name]["uncertainty_mm"] = float(uncertainty[c, l])
         per_case.append({"case": case, "reference_file": reference[case].source,
                          "prediction_file": prediction[case].source, "metrics": metrics})
 
@@ -136,5 +142,6 @@ def evaluate_landmarks(reference: Dict[str, LandmarkSet], prediction: Dict[str, 
         "foreground_mean": {"micro": micro, "macro": _macro_block(per_landmark, radii)},
         "mean": per_landmark,
         "metric_per_case": per_case,
+        "uncertainty_vs_error": uncertainty_error_correlation(errors[statuses == "TP"], uncertainty[statuses == "TP"]),
         "skipped": skipped,
     }
