@@ -156,13 +156,13 @@ def format_table(rows: List[dict]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
     w = max(len(r["method"]) for r in rows)
-    head = f"{'method':<{w}}  {'MRE mm':>14} {'median':>7} {'SDR@2mm':>8} {'SDR@4mm':>8} {'TP':>4} {'FN':>4} {'FP':>4}  note"
+    head = f"{'method':<{w}}  {'MRE mm':>15} {'median':>7} {'SDR@2mm':>8} {'SDR@4mm':>8} {'TP':>4} {'FN':>4} {'FP':>4}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
         mre = "-" if r.get("mre_mm") is None else f"{r['mre_mm']:.2f}" + (
             "" if r.get("std_mm") is None else f" +- {r['std_mm']:.2f}")
         sdr = lambda k: "-" if r.get(k) is None else f"{100 * r[k]:.1f}%"
-        lines.append(f"{r['method']:<{w}}  {mre:>14} {f(r.get('median_mm'), '7.2f'):>7} {sdr('sdr_2mm'):>8} "
+        lines.append(f"{r['method']:<{w}}  {mre:>15} {f(r.get('median_mm'), '7.2f'):>7} {sdr('sdr_2mm'):>8} "
                      f"{sdr('sdr_4mm'):>8} {f(r.get('TP'), 'd'):>4} {f(r.get('FN'), 'd'):>4} {f(r.get('FP'), 'd'):>4}  "
                      f"{r.get('note', '')}")
     return "\n".join(lines)
