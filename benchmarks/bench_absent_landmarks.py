@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--h3de", action="store_true", help="nnH3DETrainer / nnH3DETrainerAnchor instead of the U-Net")
     p.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
+    p.add_argument("--grad-scales", nargs="+", type=float, default=[0.01, 0.0],
+                   help="anchor trainers to run: gradient of the anchor loss into the shared network (1 = joint)")
     return p.parse_args(argv)
 
 
@@ -82,14 +84,14 @@ def make_dataset(args, out: Path, dataset_id: int = 901):
     return Path(folder), pre, test
 
 
-def train(base_cls, pre: Path, seconds: float, epochs: int, iterations: int):
+def train(base_cls, pre: Path, seconds: float, epochs: int, iterations: int, **attributes):
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnlandmark_h3de.demo.budget_trainer import TrainingBudget
 
     cls = type(base_cls.__name__ + "_bench", (TrainingBudget, base_cls),
                {"budget_seconds": seconds, "budget_max_epochs": epochs, "budget_iterations_per_epoch": iterations,
-                "budget_val_iterations_per_epoch": 2})
+                "budget_val_iterations_per_epoch": 2, **attributes})
     plans = load_json(pre / "nnUNetPlans.json")
     plans["continue_training"] = False  # what nnunetv2.run.run_training passes (2.8.1 pops it)
     trainer = cls(plans, "3d_fullres_small", 0, load_json(pre / "dataset.json"), device=torch.device("cpu"))
@@ -202,9 +204,11 @@ def main(argv=None):
           f"({100 * (~present).mean():.1f} %)")
 
     results, rows = {"args": vars(args), "absent_fraction_test": float((~present).mean())}, []
-    for label, cls, has_anchors in (("heatmap-only", Plain, False), ("anchor head", Anchor, True)):
+    runs = [("heatmap-only", Plain, False, {})] + [
+        (f"anchor g{g:g}", Anchor, True, {"anchor_feature_grad_scale": g}) for g in args.grad_scales]
+    for label, cls, has_anchors, attributes in runs:
         torch.manual_seed(args.seed)
-        trainer, t_train, thr = train(cls, pre, 60 * args.minutes, args.epochs, args.iterations)
+        trainer, t_train, thr = train(cls, pre, 60 * args.minutes, args.epochs, args.iterations, **attributes)
         epochs = trainer.current_epoch
         pred = predict_test(trainer, raw, test, has_anchors)
         get = lambda key: np.array([pred[c][key] for c in test])  # noqa: E731
@@ -215,7 +219,7 @@ def main(argv=None):
                 scores["anchor_max_1patch"], scores["anchor_topk_mean_1patch"] = get("anchor_max"), get("anchor_topk_mean")
         threshold = float(thr["threshold"][0])
         main_score = thr["score"]
-        r = {"trainer": cls.__name__, "train_seconds": t_train, "epochs": epochs, "threshold": thr}
+        r = {"trainer": cls.__name__, **attributes, "train_seconds": t_train, "epochs": epochs, "threshold": thr}
         for key, s in scores.items():
             entry = {"oracle_f1": oracle_f1(s, present)}
             if key == main_score:
@@ -240,12 +244,15 @@ def main(argv=None):
     for row in rows:
         print(f"{row[0]:14s} {row[1]:7s} {row[2]:7.3f} {row[3]:6.3f} {row[4]:6.3f} {row[5]:6.3f} {row[6]:8.3f} "
               f"{row[7]:7.3f} {row[8]:6d} {row[9]:7.0f}")
-    a, h = results["anchor head"], results["heatmap-only"]
-    print(f"F1 anchor / F1 peak = {a['anchor']['f1'] / max(1e-9, h['peak']['f1']):.3f}")
-    print("anchor trainer, other scores (oracle F1): " +
-          ", ".join(f"{k} {v['oracle_f1']:.3f}" for k, v in a.items() if isinstance(v, dict) and "oracle_f1" in v))
-    print("location MRE (mm, all present landmarks, (mre, n)): heatmap-only " +
-          json.dumps(h["location_mre_mm_all_present"]) + "; anchor trainer " + json.dumps(a["location_mre_mm_all_present"]))
+    h = results["heatmap-only"]
+    print(f"all-present F1 (predict every landmark present): {2 * present.sum() / (2 * present.sum() + (~present).sum()):.3f}")
+    print(f"heatmap-only location MRE (mm, all present landmarks, (mre, n)): {json.dumps(h['location_mre_mm_all_present'])}")
+    for label, *_ in runs[1:]:
+        a = results[label]
+        print(f"[{label}] F1 anchor / F1 peak(heatmap-only) = {a['anchor']['f1'] / max(1e-9, h['peak']['f1']):.3f}; "
+              "oracle F1 of each score: " + ", ".join(f"{k} {v['oracle_f1']:.3f}" for k, v in a.items()
+                                                       if isinstance(v, dict) and "oracle_f1" in v))
+        print(f"[{label}] location MRE (mm, all present landmarks, (mre, n)): {json.dumps(a['location_mre_mm_all_present'])}")
     (out / "bench_absent_landmarks.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"results: {out / 'bench_absent_landmarks.json'}; total {time.monotonic() - t0:.0f} s")
 

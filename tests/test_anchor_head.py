@@ -180,3 +180,23 @@ def test_anchor_network_train_eval_outputs_stage_choice_and_existence_recorder()
         _, a1 = net.forward_with_anchors(x[1:])
     expected = torch.maximum(first, torch.sigmoid(a1.logits.transpose(0, 2).flatten(1).amax(1)))
     assert torch.allclose(net.anchor_existence, expected)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_feature_grad_scale_scales_only_the_gradient_into_the_shared_network(scale):
+    from nnlandmark_h3de.training.nnH3DETrainerAnchor import AnchorHeatmapNetwork
+    x = torch.randn(1, 1, 16, 16, 8)
+    grads, outs = [], []
+    for s in (1.0, scale):
+        torch.manual_seed(0)
+        net = AnchorHeatmapNetwork(_unet(), 3, feature_grad_scale=s)
+        _, anchors = net(x)
+        anchors.logits.sum().backward()  # the anchor loss alone
+        outs.append(anchors.logits.detach())
+        grads.append((net.body.encoder.stages[0][0].convs[0].conv.weight.grad, net.anchor_head.out.weight.grad))
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(grads[1][1], grads[0][1])  # the head learns at full strength
+    if scale == 0:
+        assert grads[1][0] is None or torch.all(grads[1][0] == 0)
+    else:
+        torch.testing.assert_close(grads[1][0], scale * grads[0][0], rtol=1e-4, atol=1e-7)

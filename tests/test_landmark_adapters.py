@@ -44,7 +44,7 @@ def _naive(head: LandmarkAdapterHead, x: torch.Tensor) -> torch.Tensor:
             a = nn.functional.conv3d(a, w, None, 1, 1)
             a = nn.functional.instance_norm(a, weight=norm.weight[sl], bias=norm.bias[sl], eps=norm.eps)
             a = nn.functional.leaky_relu(a)
-        w = torch.cat((head.shared_head.weight[p + k], head.adapter_head.weight[k]), 0)[None]
+        w = torch.cat((head.shared_head.weight[p + k], head.adapter_weight[k].view(CA, 1, 1, 1)), 0)[None]
         outs.append(nn.functional.conv3d(torch.cat((x, a), 1), w, head.shared_head.bias[p + k: p + k + 1]))
     return torch.cat(outs, 1)
 
@@ -64,9 +64,9 @@ def test_landmark_k_does_not_depend_on_adapter_j(n_adapter_convs):
     x = torch.randn(1, C, 4, 5, 6)
     params = dict(head.adapter.named_parameters())
     for k in range(L):
-        grads = torch.autograd.grad(head(x)[:, k].sum(), list(params.values()) + [head.adapter_head.weight])
-        for (name, _), g in zip(list(params.items()) + [("adapter_head.weight", None)], grads):
-            rows = g.view(L, -1) if g.shape[0] == L * CA or name == "adapter_head.weight" else None
+        grads = torch.autograd.grad(head(x)[:, k].sum(), list(params.values()) + [head.adapter_weight])
+        for (name, _), g in zip(list(params.items()) + [("adapter_weight", None)], grads):
+            rows = g.view(L, -1) if g.shape[0] == L * CA or name == "adapter_weight" else None
             assert rows is not None, name
             for j in range(L):
                 if j == k:
@@ -88,9 +88,9 @@ def test_shared_features_still_reach_every_output_and_cross_channel_norms_are_re
 def test_adapter_is_one_conv_for_all_landmarks():
     head = _head(n_adapter_convs=2)
     convs = [m for m in head.modules() if isinstance(m, nn.Conv3d)]
-    # dense adapter conv, grouped adapter conv, shared 1x1, grouped 1x1: independent of L
-    assert len(convs) == 4
-    assert [c.groups for c in convs] == [1, L, 1, L]
+    # dense adapter conv, grouped adapter conv, shared 1x1 (+ one einsum): independent of L
+    assert len(convs) == 3
+    assert [c.groups for c in convs] == [1, L, 1]
 
 
 def _bodies():

@@ -6,8 +6,9 @@ where adapter_k = conv_k(shared features) has C_A channels only landmark k reads
 
 Cost: all L adapters are ONE conv with L * C_A output channels (further adapter convs are grouped,
 groups = L), and the per-landmark 1x1 over the concatenation is split into a dense 1x1 on the
-shared features plus a grouped 1x1 (groups = L) on the adapters, summed; nothing loops over
-landmarks and the shared features are never copied L times. Normalisation must be per channel
+shared features plus one einsum over each landmark's own C_A channels, summed; nothing loops over
+landmarks and the shared features are never copied L times. (The einsum, a batched matmul, not a
+grouped 1x1 conv: measured 0.16 s vs 0.62 s forward + backward on CPU for L = 32, C_A = 16, 48^3.) Normalisation must be per channel
 (instance/batch norm) so that landmarks stay independent.
 
 A drop-in replacement for the final 1x1 heatmap conv of a decoder (`decoder.seg_layers[-1]` of
@@ -29,7 +30,7 @@ _CROSS_CHANNEL_NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 
 class LandmarkAdapterHead(nn.Module):
-    """[shared, adapter_k] -> heatmap logit k, for k = 1..L, in two convs + one grouped conv per adapter layer."""
+    """[shared, adapter_k] -> heatmap logit k, for k = 1..L: two convs + one einsum (+ grouped convs if deeper)."""
 
     def __init__(self, conv_op: Type[_ConvNd], input_channels: int, num_outputs: int, adapter_channels: int = 16,
                  kernel_size: int = 3, n_adapter_convs: int = 1, num_plain_outputs: int = 0,
@@ -54,11 +55,14 @@ class LandmarkAdapterHead(nn.Module):
                 layers.append(nonlin(**(nonlin_kwargs or {})))
         self.adapter = nn.Sequential(*layers)
         self.shared_head = conv_op(input_channels, self.num_outputs, 1, 1, 0, bias=True)
-        self.adapter_head = conv_op(ca, self.num_landmarks, 1, 1, 0, groups=self.num_landmarks, bias=False)
+        # landmark k's 1x1 weights on its own adapter channels; He init like nnU-Net's convs (fan_in = C_A)
+        self.adapter_weight = nn.Parameter(torch.randn(self.num_landmarks, self.adapter_channels) *
+                                           (2.0 / self.adapter_channels) ** 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared_head(x)
-        own = self.adapter_head(self.adapter(x))
+        a = self.adapter(x).unflatten(1, (self.num_landmarks, self.adapter_channels))  # (B, L, C_A, ...)
+        own = torch.einsum("blc...,lc->bl...", a, self.adapter_weight.to(a.dtype))
         if self.num_plain_outputs == 0:
             return out + own
         return torch.cat((out[:, :self.num_plain_outputs], out[:, self.num_plain_outputs:] + own), 1)
