@@ -69,3 +69,23 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
     run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres_small",
          "-tr", TRAINER, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, tmp_path)
     assert (out / f"{case}.nii.gz").is_file()
+
+    # H3DE-Net through the same stock commands: train + final validation, then both predictors
+    h3de = "nnH3DETrainer_2epochs_3iters"
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres_small", "0", "-tr", h3de, "-device", "cpu"], env, tmp_path)
+    h3de_fold = nnunet_env["nnUNet_results"] / raw.name / f"{h3de}__nnUNetPlans__3d_fullres_small" / "fold_0"
+    h3de_summary = json.loads((h3de_fold / "validation" / "summary.json").read_text())
+    assert [c["case"] for c in h3de_summary["metric_per_case"]] == val_cases
+    state = torch.load(h3de_fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert any(k.endswith("attn.qkv.weight") for k in state), "the H3DE checkpoint must carry V-BRA weights"
+
+    out_h3de, out_lm = tmp_path / "out_h3de", tmp_path / "out_landmarks"
+    run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out_h3de), "-d", str(DATASET_ID), "-c", "3d_fullres_small",
+         "-tr", h3de, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, tmp_path)
+    assert (out_h3de / f"{case}.nii.gz").is_file()
+    run(["nnLandmark_predict", "-i", str(inp), "-o", str(out_lm), "-d", str(DATASET_ID), "-c", "3d_fullres_small",
+         "-tr", h3de, "-f", "0", "-device", "cpu", "-npp", "0"], env, tmp_path)
+    markups = json.loads((out_lm / f"{case}.mrk.json").read_text())
+    points = markups["markups"][0]["controlPoints"]
+    assert [p["label"] for p in points] == ["L0", "R0", "M"]
+    assert markups["markups"][0]["coordinateSystem"] == "LPS"
