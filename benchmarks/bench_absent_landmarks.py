@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -207,7 +208,9 @@ def main(argv=None):
     runs = [("heatmap-only", Plain, False, {})] + [
         (f"anchor g{g:g}", Anchor, True, {"anchor_feature_grad_scale": g}) for g in args.grad_scales]
     for label, cls, has_anchors, attributes in runs:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # nnU-Net's data loader draws from numpy, the transforms from both
+        np.random.seed(args.seed)
+        random.seed(args.seed)
         trainer, t_train, thr = train(cls, pre, 60 * args.minutes, args.epochs, args.iterations, **attributes)
         epochs = trainer.current_epoch
         pred = predict_test(trainer, raw, test, has_anchors)

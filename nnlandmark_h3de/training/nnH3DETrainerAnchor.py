@@ -75,9 +75,12 @@ class AnchorHeatmapNetwork(LandmarkHeatmapNetwork):
         enc = body.encoder
         self.anchor_stage, self.anchor_grid_stride = choose_anchor_stage(enc, anchor_stride)
         channels = enc.output_channels[len(enc.output_channels) - 2 - self.anchor_stage]
-        self.anchor_head = AnchorHead(enc.conv_op, channels, num_landmarks, anchor_radii, conv_bias=enc.conv_bias,
-                                      norm_op=enc.norm_op, norm_op_kwargs=enc.norm_op_kwargs, nonlin=enc.nonlin,
-                                      nonlin_kwargs=enc.nonlin_kwargs)
+        with torch.random.fork_rng(devices=[]):  # the head's init leaves the RNG stream as without it, so
+            # runs with and without the head see the same augmentation (comparable in benchmarks)
+            self.anchor_head = AnchorHead(enc.conv_op, channels, num_landmarks, anchor_radii,
+                                          conv_bias=enc.conv_bias, norm_op=enc.norm_op,
+                                          norm_op_kwargs=enc.norm_op_kwargs, nonlin=enc.nonlin,
+                                          nonlin_kwargs=enc.nonlin_kwargs)
         self.record_existence = False
         self.register_buffer("anchor_existence", torch.zeros(num_landmarks), persistent=False)
 
