@@ -200,3 +200,20 @@ def test_feature_grad_scale_scales_only_the_gradient_into_the_shared_network(sca
         assert grads[1][0] is None or torch.all(grads[1][0] == 0)
     else:
         torch.testing.assert_close(grads[1][0], scale * grads[0][0], rtol=1e-4, atol=1e-7)
+
+
+def test_anchor_network_heatmaps_equal_the_plain_wrapper_output():
+    """Same body, same input: the anchor network's heatmaps are exactly LandmarkHeatmapNetwork's
+    (zero channel, logit offset, ...), in training and eval mode."""
+    from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
+    from nnlandmark_h3de.training.nnH3DETrainerAnchor import AnchorHeatmapNetwork
+    body = _unet()
+    plain, anchored = LandmarkHeatmapNetwork(body), AnchorHeatmapNetwork(body, 3)
+    x = torch.randn(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        for o_p, o_a in zip(plain(x), anchored(x)[0]):
+            assert torch.equal(o_p, o_a)
+        plain.eval(), anchored.eval()
+        anchored.record_existence = True
+        for o_p, o_a in zip(plain(x), anchored(x)):
+            assert torch.equal(o_p, o_a)

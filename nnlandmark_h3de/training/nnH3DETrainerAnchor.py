@@ -39,7 +39,7 @@ from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.networks.building_blocks.anchor_head import AnchorHead, AnchorOutput
-from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork, prepend_zero_channel
+from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
 from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
 from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
@@ -68,8 +68,8 @@ class AnchorHeatmapNetwork(LandmarkHeatmapNetwork):
     def __init__(self, body: nn.Module, num_landmarks: int, anchor_radii: Sequence[float] = (1.0, 2.0),
                  anchor_stride: float = 4.0, feature_grad_scale: float = 1.0):
         """feature_grad_scale: gradient of the anchor loss let into the shared network (0 = detached head,
-        1 = joint training). The balanced BCE's gradients are ~1e3 x the heatmap MSE's per logit, so at
-        1 the anchor task takes over the shared features (measured in benchmarks/bench_absent_landmarks.py)."""
+        1 = joint training). The balanced BCE's gradient norm is ~20x the heatmap MSE's at initialisation
+        and the ratio grows as the MSE falls, so at 1 the anchor task dominates the shared features."""
         super().__init__(body)
         self.feature_grad_scale = float(feature_grad_scale)
         enc = body.encoder
@@ -88,10 +88,9 @@ class AnchorHeatmapNetwork(LandmarkHeatmapNetwork):
         feats: List[torch.Tensor] = []
         hook = self.body.decoder.stages[self.anchor_stage].register_forward_hook(lambda m, i, o: feats.append(o))
         try:
-            out = self.body(x)
+            heat = super().forward(x)  # the 1 + L wrapper exactly as without the head (zero channel, logit offset)
         finally:
             hook.remove()
-        heat = [prepend_zero_channel(o) for o in out] if isinstance(out, (list, tuple)) else prepend_zero_channel(out)
         f, s = feats[0], self.feature_grad_scale
         if s != 1.0:  # same value, gradient into the shared network scaled by s
             f = f.detach() if s == 0.0 else f * s + f.detach() * (1.0 - s)
@@ -251,10 +250,9 @@ class AnchorTrainerMixin:
     def _add_grad_clip_hook(self, optimizer):
         """Clip the heatmap network and the anchor head separately (each to `grad_clip_norm`).
 
-        One global norm is dominated by the anchor head (its balanced BCE gives ~30x the heatmap
-        loss's gradient norm at initialisation, and the ratio grows as the MSE falls), which shrinks
-        the heatmap gradients until Adam's weight decay outweighs them: measured, the heatmap MRE went
-        from 5.4 to 25 mm even with the head detached (benchmarks/bench_absent_landmarks.py)."""
+        One global norm would be dominated by the anchor head (its balanced BCE gives ~30x the heatmap
+        loss's gradient norm at initialisation, and the ratio grows as the MSE falls), so clipping it
+        would shrink the heatmap network's step whenever the head's gradients are large."""
         mod = self.network
         mod = getattr(mod, "module", mod)  # DDP wraps after configure_optimizers, compile before
         mod = getattr(mod, "_orig_mod", mod)
