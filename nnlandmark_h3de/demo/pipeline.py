@@ -68,8 +68,11 @@ class DemoSettings:
     dataset_id: int = 987
     dataset_name: str = "DemoPhantomHeads"
     configuration: str = "3d_fullres_small"
-    iterations_per_epoch: int = 10
-    val_iterations_per_epoch: int = 2
+    # a light U-Net (8..64 features): on 2 CPU cores many cheap steps beat few expensive ones
+    base_features: int = 8
+    max_features: int = 64
+    iterations_per_epoch: int = 50
+    val_iterations_per_epoch: int = 4
     overwrite: bool = False
 
     @classmethod
@@ -305,7 +308,8 @@ def run_demo(s: DemoSettings, show_progress: bool = True, log=print) -> DemoResu
 
         t0 = begin("small_configuration", f"nnLandmark_add_small_config -> {s.configuration}")
         cmd_stage("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(s.dataset_id),
-                                          "--name", s.configuration])
+                                          "--name", s.configuration, "--base_features", str(s.base_features),
+                                          "--max_features", str(s.max_features)])
         done("small_configuration", t0)
 
         from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer

@@ -89,6 +89,10 @@ class nnLandmarkTrainer(nnUNetTrainer):
         self.left_right_axis: Optional[int] = None  # set in configure_rotation_dummyDA_mirroring_and_inital_patch_size
         self.initial_lr = 5e-4
         self.logger.local_logger = LandmarkLocalLogger()
+        if self.device.type == "cpu" and hasattr(os, "sched_getaffinity"):
+            # nnUNetv2_train sets one thread per core of the machine; in a container or under taskset only
+            # the allowed cores exist, and oversubscribed OpenMP threads make CPU training many times slower
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)))))
 
     # ------------------------------------------------------------------ network
     @staticmethod
