@@ -153,9 +153,12 @@ def main(argv=None):
     print(f"heatmap transform: {result['heatmap_transform_s'] * 1e3:.1f} ms per batch, one thread "
           f"({100 * result['heatmap_transform_ratio']:.1f} % of a stock step; it replaces nnU-Net's "
           f"DownsampleSegForDSTransform: {result['stock_downsample_seg_s'] * 1e3:.1f} ms)")
+    targets = {"ratio_nnLandmarkTrainer": 1.15, "ratio_nnH3DETrainer": 2.0}
     for k in result:
         if k.startswith("ratio_"):
-            print(f"{k} = {result[k]:.3f} (target <= 1.15 for nnLandmarkTrainer)")
+            verdict = "" if k not in targets else \
+                f" (target <= {targets[k]}: {'met' if result[k] <= targets[k] else 'NOT met'})"
+            print(f"{k} = {result[k]:.3f}{verdict}")
     if args.json:
         print(json.dumps(result))
     if tmp is not None:
