@@ -8,6 +8,7 @@ run goes on, and finished cases are recognised by their landmark file (`--contin
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import traceback
@@ -53,7 +54,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         self.pairs = []
         self.thresholds = None
         self.failed: List[str] = []
-        self._fold_peaks = None  # per-fold network-space peaks of the case being predicted
+        self._fold_peaks = None  # network-space peaks of each ensemble member (fold x mirror) of the current case
 
     # ------------------------------------------------------------------ setup
     def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds, checkpoint_name="checkpoint_final.pth"):
@@ -82,11 +83,32 @@ class nnLandmarkPredictor(nnUNetPredictor):
     # ------------------------------------------------------------ per case
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        """nnU-Net's, plus: remember this fold's peaks (a few ms) for the fold-spread uncertainty."""
-        logits = super().predict_sliding_window_return_logits(input_image)
-        if self._fold_peaks is not None:
-            self._fold_peaks.append(decode_peaks(logits[1:], logits=True)[0])
-        return logits
+        """nnU-Net's, plus: remember each ensemble member's peaks (a few ms) for the spread uncertainty.
+
+        With test-time mirroring, the mirrors run one at a time over the whole volume (each output
+        flipped back) instead of inside every tile: the same average nnU-Net computes up to its tile
+        weighting (its Gaussian map sits half a voxel off-centre in even tiles, so a flipped tile is
+        weighted slightly differently), at the same cost, but every mirror's own peaks are known.
+        """
+        axes = tuple(self.allowed_mirroring_axes or ()) if self.use_mirroring else ()
+        if self._fold_peaks is None or not axes:
+            logits = super().predict_sliding_window_return_logits(input_image)
+            if self._fold_peaks is not None:
+                self._fold_peaks.append(decode_peaks(logits[1:], logits=True)[0])
+            return logits
+        combos = [c for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]
+        self.use_mirroring = False
+        try:
+            total = None
+            for combo in combos:
+                dims = [a + 1 for a in combo]  # input_image is (C, z, y, x); mirroring axes are spatial
+                out = super().predict_sliding_window_return_logits(torch.flip(input_image, dims) if dims else input_image)
+                out = torch.flip(out, dims) if dims else out
+                self._fold_peaks.append(decode_peaks(out[1:], logits=True)[0])
+                total = out.float() if total is None else total.add_(out)  # nnU-Net returns fp16
+        finally:
+            self.use_mirroring = True
+        return total.div_(len(combos))
 
     def predict_case(self, data: torch.Tensor, properties: dict, source: str = "<memory>"):
         """Preprocessed case -> (LandmarkSet in world LPS mm, postprocessing report, ensemble logits)."""
@@ -102,7 +124,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
                                           network_shape=tuple(data.shape[1:]))
 
         points = to_world(idx)
-        if len(fold_peaks) > 1:
+        if len(fold_peaks) > 1:  # folds x test-time mirrors
             uncertainty = fold_spread_mm(np.stack([to_world(p) for p in fold_peaks]), points)
         else:
             uncertainty = heatmap_spread_mm(spread, axis_step_mm(to_world, idx))

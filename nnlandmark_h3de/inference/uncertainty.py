@@ -1,8 +1,9 @@
 """Per-landmark uncertainty in millimetres, from what inference already has at hand.
 
-Two cues, both cheap: with several folds, how far the folds' own peaks scatter around the ensemble's
-(a direct sample of model disagreement); with one fold, the width of the heatmap around the peak
-(the fitted Gaussian's standard deviations, voxels -> mm through the grid's own step lengths).
+Two cues, both cheap: with several ensemble members (folds and/or test-time mirrors), how far the
+members' own peaks scatter around the ensemble's (a direct sample of model disagreement); with one
+member (one fold, --disable_tta), the width of the heatmap around the peak (the fitted Gaussian's
+standard deviations, voxels -> mm through the grid's own step lengths).
 """
 from __future__ import annotations
 

@@ -1,0 +1,57 @@
+"""nnLandmarkPredictor runs test-time mirroring one mirror at a time over the whole volume, so each
+mirror's peaks feed the uncertainty. Its logits must equal nnU-Net's own per-tile mirroring."""
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
+from test_index_mapping import _plans
+
+
+def _predictors(mirror_axes):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.LeakyReLU(),
+                              torch.nn.Conv3d(4, 3, 3, padding=1)).eval()  # 1 + 2 landmark channels
+    plans = _plans((0, 1, 2), (1.0, 1.0, 1.0))
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    dataset_json = {"labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz"}
+    out = []
+    for cls in (nnUNetPredictor, nnLandmarkPredictor):
+        p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
+                device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        p.manual_initialization(net, pm, cm, None, dataset_json, "x", mirror_axes)
+        out.append(p)
+    return out
+
+
+def test_whole_volume_mirroring_averages_the_mirrors_like_nnunet():
+    stock, ours = _predictors((0, 1, 2))
+    x = torch.randn(1, 24, 32, 16)  # tile 16^3, step 8: symmetric tile positions on every axis
+    ours._fold_peaks = []
+    got = ours.predict_sliding_window_return_logits(x).float().numpy()
+    assert ours.use_mirroring, "mirroring must be restored"
+    assert len(ours._fold_peaks) == 8  # identity + 7 mirror combinations, one peak set each
+
+    # exactly the mean of the 8 whole-volume predictions of the flipped image, flipped back
+    stock.use_mirroring = False
+    combos = [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    members = [stock.predict_sliding_window_return_logits(torch.flip(x, [a + 1 for a in c]))
+               .flip([a + 1 for a in c]).float().numpy() for c in combos]
+    np.testing.assert_allclose(got, np.mean(members, 0), atol=1e-5)
+    # and nnU-Net's per-tile mirroring up to its off-centre Gaussian tile weights (fp16 output)
+    stock.use_mirroring = True
+    expected = stock.predict_sliding_window_return_logits(x).float().numpy()
+    assert np.abs(got - expected).mean() < 0.02 * expected.std()
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99
+    # the mirrors really disagree (the net is not symmetric), so the spread carries information
+    peaks = np.stack(ours._fold_peaks)
+    assert np.ptp(peaks, axis=0).max() > 0
+
+
+def test_without_a_case_in_flight_it_is_nnunets_path():
+    stock, ours = _predictors((1,))
+    x = torch.randn(1, 16, 24, 16)
+    np.testing.assert_allclose(ours.predict_sliding_window_return_logits(x).numpy(),
+                               stock.predict_sliding_window_return_logits(x).numpy(), atol=1e-6)
