@@ -55,3 +55,41 @@ def test_without_a_case_in_flight_it_is_nnunets_path():
     x = torch.randn(1, 16, 24, 16)
     np.testing.assert_allclose(ours.predict_sliding_window_return_logits(x).numpy(),
                                stock.predict_sliding_window_return_logits(x).numpy(), atol=1e-6)
+
+
+class _FakeAnchorNet(torch.nn.Module):
+    """Heatmaps from a conv; existence = running max of a per-landmark value that grows per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+        self.record_existence = False
+        self.register_buffer("anchor_existence", torch.zeros(2), persistent=False)
+        self.calls = 0
+
+    def reset_existence(self):
+        self.anchor_existence.zero_()
+
+    def forward(self, x):
+        self.calls += 1
+        if self.record_existence:
+            p = torch.tensor([0.1, 0.05]) * self.calls
+            torch.maximum(self.anchor_existence, p, out=self.anchor_existence)
+        return self.conv(x)
+
+
+def test_anchor_existence_is_collected_per_fold_over_all_tiles_and_mirrors():
+    _, ours = _predictors((0,))
+    net = _FakeAnchorNet().eval()
+    ours.network = net
+    assert ours._existence_network() is net
+    ours._fold_peaks, ours._fold_existence = [], []
+    ours.predict_sliding_window_return_logits(torch.randn(1, 16, 16, 16))
+    # one tile x 2 mirrors = 2 calls while recording: the max is the second call's value
+    assert net.calls == 2 and not net.record_existence
+    np.testing.assert_allclose(ours._fold_existence[0], [0.2, 0.1])
+    # outside a case (no existence list) nothing is recorded: calls 3 and 4 would have given 0.4, 0.2
+    ours._fold_existence = None
+    ours.predict_sliding_window_return_logits(torch.randn(1, 16, 16, 16))
+    assert net.calls == 4 and not net.record_existence
+    np.testing.assert_allclose(net.anchor_existence.numpy(), [0.2, 0.1])

@@ -55,6 +55,8 @@ class nnLandmarkPredictor(nnUNetPredictor):
         self.thresholds = None
         self.failed: List[str] = []
         self._fold_peaks = None  # network-space peaks of each ensemble member (fold x mirror) of the current case
+        self._fold_existence = None  # per fold: anchor existence probabilities (L,) when the thresholds use them
+        self.score_kind = "peak"
 
     # ------------------------------------------------------------------ setup
     def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds, checkpoint_name="checkpoint_final.pth"):
@@ -75,21 +77,45 @@ class nnLandmarkPredictor(nnUNetPredictor):
                              f"dataset names {len(self.names)} landmarks (expected 1 + L: constant-zero channel first)")
         self.pairs = resolve_pairs(self.dataset_json, self.names)
         self.thresholds, kind = (None, None) if model_folder is None else read_fold_thresholds(model_folder, folds, self.names)
-        if kind not in (None, "peak") and self.postprocessing.threshold is None:
+        self.score_kind = "peak"
+        if kind == "anchor" and self.postprocessing.threshold is None:
+            if self._existence_network() is not None:
+                self.score_kind = "anchor"
+            else:
+                print("WARNING: the thresholds were calibrated on anchor existence scores, but this network has no "
+                      "anchor head; absent-landmark detection is off (use --threshold to set one for peak heights)")
+                self.thresholds = None
+        elif kind not in (None, "peak") and self.postprocessing.threshold is None:
             print(f"WARNING: the thresholds were calibrated on '{kind}' scores, which this predictor does not "
                   f"compute; absent-landmark detection is off (use --threshold to set one for peak heights)")
             self.thresholds = None
 
+    def _existence_network(self):
+        """The network itself (unwrapped from torch.compile) when it records anchor existence, else None."""
+        net = getattr(self.network, "_orig_mod", self.network)
+        return net if hasattr(net, "reset_existence") and hasattr(net, "anchor_existence") else None
+
     # ------------------------------------------------------------ per case
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        """nnU-Net's, plus: remember each ensemble member's peaks (a few ms) for the spread uncertainty.
+        """nnU-Net's (called once per fold), plus: each member's peaks for the spread uncertainty and,
+        for networks with an anchor head, the fold's existence probabilities (max over tiles and mirrors)."""
+        anchor_net = self._existence_network() if self._fold_existence is not None else None
+        if anchor_net is not None:  # max existence over this fold's tiles and mirrors
+            anchor_net.reset_existence()
+            anchor_net.record_existence = True
+        try:
+            return self._members_sliding_window(input_image)
+        finally:
+            if anchor_net is not None:
+                anchor_net.record_existence = False
+                self._fold_existence.append(anchor_net.anchor_existence.detach().cpu().numpy().astype(np.float64))
 
-        With test-time mirroring, the mirrors run one at a time over the whole volume (each output
+    def _members_sliding_window(self, input_image: torch.Tensor):
+        """With test-time mirroring, the mirrors run one at a time over the whole volume (each output
         flipped back) instead of inside every tile: the same average nnU-Net computes up to its tile
         weighting (its Gaussian map sits half a voxel off-centre in even tiles, so a flipped tile is
-        weighted slightly differently), at the same cost, but every mirror's own peaks are known.
-        """
+        weighted slightly differently), at the same cost, but every mirror's own peaks are known."""
         axes = tuple(self.allowed_mirroring_axes or ()) if self.use_mirroring else ()
         if self._fold_peaks is None or not axes:
             logits = super().predict_sliding_window_return_logits(input_image)
@@ -113,11 +139,14 @@ class nnLandmarkPredictor(nnUNetPredictor):
     def predict_case(self, data: torch.Tensor, properties: dict, source: str = "<memory>"):
         """Preprocessed case -> (LandmarkSet in world LPS mm, postprocessing report, ensemble logits)."""
         self._fold_peaks = []
+        self._fold_existence = [] if self.score_kind == "anchor" else None
         try:
             logits = self.predict_logits_from_preprocessed_data(data)
         finally:
             fold_peaks, self._fold_peaks = self._fold_peaks, None
+            fold_existence, self._fold_existence = self._fold_existence, None
         idx, peak, spread = decode_peaks(logits[1:], logits=True)
+        score = np.mean(fold_existence, axis=0) if fold_existence else peak
 
         def to_world(i):
             return network_index_to_world(i, properties, self.plans_manager, self.configuration_manager,
@@ -129,7 +158,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         else:
             uncertainty = heatmap_spread_mm(spread, axis_step_mm(to_world, idx))
         ls = LandmarkSet(self.names, points, uncertainty_mm=uncertainty, source=source)
-        ls, report = postprocess(ls, peak, self.postprocessing, self.pairs, self.thresholds)
+        ls, report = postprocess(ls, score, self.postprocessing, self.pairs, self.thresholds)
         return ls, report, logits
 
     def output_file(self, ofile_truncated: str) -> str:
