@@ -16,6 +16,7 @@ import numpy as np
 
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet, lps_to_ras
+from nnlandmark_h3de.landmarks.text_file import read_landmark_text
 
 COORDINATE_COLUMNS = {"LPS": ("l", "p", "s"), "RAS": ("r", "a", "s")}
 FLAG_COLUMNS = ("defined", "selected", "visible", "locked")
@@ -44,12 +45,7 @@ def _number(value: str, path, lineno: int, what: str) -> float:
 
 def read_csv(path) -> LandmarkSet:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise LandmarkError(f"{path}: landmark file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LandmarkError(f"{path}: unreadable CSV file ({e})") from None
+    text = read_landmark_text(path, "CSV")
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         raise LandmarkError(f"{path}: empty CSV file (a header label,l,p,s,... is required)")

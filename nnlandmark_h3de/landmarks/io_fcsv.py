@@ -15,6 +15,7 @@ import numpy as np
 
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet, lps_to_ras
+from nnlandmark_h3de.landmarks.text_file import read_landmark_text
 
 FCSV_VERSION = "4.11"
 FCSV_COLUMNS = "id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"
@@ -40,12 +41,7 @@ def _coordinate_system(lines, path) -> str:
 
 def read_fcsv(path) -> LandmarkSet:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise LandmarkError(f"{path}: landmark file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LandmarkError(f"{path}: unreadable fcsv file ({e})") from None
+    text = read_landmark_text(path, "fcsv")
     lines = text.splitlines()
     cs = _coordinate_system(lines, path)
     names, points, descriptions = [], [], []

@@ -13,6 +13,7 @@ import numpy as np
 
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet, lps_to_ras
+from nnlandmark_h3de.landmarks.text_file import read_landmark_json
 
 SCORE_KEYS = ("confidence", "uncertainty_mm")
 
@@ -54,12 +55,7 @@ def _score(entry: dict, key: str, path, name: str) -> float:
 
 def read_json(path) -> LandmarkSet:
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise LandmarkError(f"{path}: landmark file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LandmarkError(f"{path}: not a readable JSON file ({e})") from None
+    doc = read_landmark_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("landmarks"), list):
         raise LandmarkError(f"{path}: expected an object with a 'landmarks' list")
     cs = str(doc.get("coordinate_system", "LPS")).upper()

@@ -17,6 +17,7 @@ import numpy as np
 
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet, lps_to_ras
+from nnlandmark_h3de.landmarks.text_file import read_landmark_json
 
 MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
                   "Resources/Schema/markups-schema-v1.0.3.json#")
@@ -88,12 +89,7 @@ def _measurement_values(markup: dict, name: str, n: int, path) -> Optional[np.nd
 def read_mrk_json(path) -> LandmarkSet:
     """First Fiducial markup of a Slicer markups JSON file, as LPS."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise LandmarkError(f"{path}: landmark file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LandmarkError(f"{path}: not a readable JSON file ({e})") from None
+    doc = read_landmark_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("markups"), list):
         raise LandmarkError(f"{path}: not a Slicer markups file (no 'markups' list)")
     schema = doc.get("@schema")
