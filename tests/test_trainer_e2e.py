@@ -89,3 +89,19 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
     points = markups["markups"][0]["controlPoints"]
     assert [p["label"] for p in points] == ["L0", "R0", "M"]
     assert markups["markups"][0]["coordinateSystem"] == "LPS"
+
+    # the anchor-head variant: its final validation calibrates the anchor existence score, which
+    # nnLandmark_predict then applies (peak height stays as the calibrated alternative)
+    anchor = "nnLandmarkTrainerAnchor_2epochs_3iters"
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres_small", "0", "-tr", anchor, "-device", "cpu"], env, tmp_path)
+    anchor_fold = nnunet_env["nnUNet_results"] / raw.name / f"{anchor}__nnUNetPlans__3d_fullres_small" / "fold_0"
+    anchor_thresholds = json.loads((anchor_fold / "landmark_thresholds.json").read_text())
+    assert anchor_thresholds["score"] == "anchor" and len(anchor_thresholds["threshold"]) == 3
+    anchor_summary = json.loads((anchor_fold / "validation" / "summary.json").read_text())
+    assert anchor_summary["existence_threshold"]["score"] == "anchor"
+    assert "peak" in anchor_summary["existence_threshold"]["alternatives"]
+    out_anchor = tmp_path / "out_anchor"
+    proc = run(["nnLandmark_predict", "-i", str(inp), "-o", str(out_anchor), "-d", str(DATASET_ID), "-c",
+                "3d_fullres_small", "-tr", anchor, "-f", "0", "-device", "cpu", "-npp", "0"], env, tmp_path)
+    assert "absent-landmark detection is off" not in proc.stdout + proc.stderr
+    assert (out_anchor / f"{case}.mrk.json").is_file()

@@ -4,7 +4,7 @@ validation cases, landmarks decoded in network space (`decode_peaks`) and mapped
 
     fold_X/validation/<case>.mrk.json   (absent landmarks: positionStatus undefined)
     fold_X/validation/summary.json      (evaluate_landmarks vs the raw dataset's landmarks.json)
-    fold_X/landmark_thresholds.json     (peak-height existence threshold, best F1 on these cases)
+    fold_X/landmark_thresholds.json     (existence threshold on peak height or anchor existence, best F1)
 
 Under DDP every rank predicts its share of the cases; rank 0 gathers, calibrates and writes.
 """
@@ -30,8 +30,12 @@ from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshol
 __all__ = ["run_final_validation", "predict_validation_landmarks"]
 
 
-def predict_validation_landmarks(trainer) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """This rank's validation cases -> (points LPS (L, 3), peak heights (L,))."""
+def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple[np.ndarray, Dict[str, np.ndarray]]]:
+    """This rank's validation cases -> (points LPS (L, 3), existence scores {"peak": (L,)[, "anchor": (L,)]}).
+
+    `existence_net`: the network's anchor-head wrapper (record_existence / reset_existence /
+    anchor_existence) to also score existence with the anchors (max over tiles and mirrors).
+    """
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
@@ -44,18 +48,29 @@ def predict_validation_landmarks(trainer) -> Dict[str, Tuple[np.ndarray, np.ndar
     dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys,
                                         folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
     results = {}
-    for k in dataset_val.identifiers:
-        data, _, _, properties = dataset_val.load_case(k)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
-            data = torch.from_numpy(data[:])
-        trainer.print_to_log_file(f"predicting {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
-        logits = predictor.predict_sliding_window_return_logits(data)
-        idx, peak, _ = decode_peaks(logits[1:], logits=True)
-        del logits
-        points = network_index_to_world(idx, properties, trainer.plans_manager, trainer.configuration_manager,
-                                         network_shape=data.shape[1:])
-        results[k] = (points, np.asarray(peak, dtype=np.float64))
+    if existence_net is not None:
+        existence_net.record_existence = True
+    try:
+        for k in dataset_val.identifiers:
+            data, _, _, properties = dataset_val.load_case(k)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
+                data = torch.from_numpy(data[:])
+            trainer.print_to_log_file(f"predicting {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
+            if existence_net is not None:
+                existence_net.reset_existence()
+            logits = predictor.predict_sliding_window_return_logits(data)
+            idx, peak, _ = decode_peaks(logits[1:], logits=True)
+            del logits
+            points = network_index_to_world(idx, properties, trainer.plans_manager, trainer.configuration_manager,
+                                             network_shape=data.shape[1:])
+            scores = {"peak": np.asarray(peak, dtype=np.float64)}
+            if existence_net is not None:
+                scores["anchor"] = existence_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
+            results[k] = (points, scores)
+    finally:
+        if existence_net is not None:
+            existence_net.record_existence = False
     return results
 
 
@@ -70,14 +85,26 @@ def _gather(results: dict, is_ddp: bool) -> dict:
     return merged
 
 
-def run_final_validation(trainer) -> None:
+def _calibrate(results: dict, evaluated, reference, names, score: str) -> Tuple[float, dict]:
+    """Best-F1 threshold of one existence score over the evaluated (case, landmark) pairs."""
+    values = np.array([results[c][1][score] for c in evaluated]).reshape(-1, len(names))
+    present = np.array([reference[c].present for c in evaluated]).reshape(-1, len(names))
+    threshold, info = calibrate_peak_threshold(values, present)
+    if info["method"] == "default" and score == "anchor":
+        threshold = 0.5  # a probability: 0.5 when there is nothing to calibrate on
+    return threshold, {**info, "n_cases": len(evaluated)}
+
+
+def run_final_validation(trainer, score: str = "peak", existence_net=None) -> None:
+    """Predict, calibrate the existence threshold on `score` ("peak" or, with `existence_net`, "anchor"),
+    write the landmark files, thresholds and summary.json (other scores' calibrations as alternatives)."""
     from nnlandmark_h3de.conversion import load_dataset_landmarks
     from nnlandmark_h3de.evaluation import evaluate_landmarks
     from nnlandmark_h3de.evaluation.report import write_summary_json
 
     validation_folder = join(trainer.output_folder, "validation")
     maybe_mkdir_p(validation_folder)
-    results = _gather(predict_validation_landmarks(trainer), trainer.is_ddp)
+    results = _gather(predict_validation_landmarks(trainer, existence_net), trainer.is_ddp)
     compute_gaussian.cache_clear()
     if trainer.local_rank != 0:
         if trainer.is_ddp:
@@ -86,7 +113,7 @@ def run_final_validation(trainer) -> None:
 
     names = trainer.landmark_names
     reference_file = trainer.reference_landmarks_file()
-    reference = None
+    reference = {}
     if reference_file is None:
         trainer.print_to_log_file("WARNING: no landmarks.json in $nnUNet_raw/<dataset>/ nor in the preprocessed "
                                   "folder: landmarks are written but not evaluated, the threshold is the default")
@@ -97,26 +124,28 @@ def run_final_validation(trainer) -> None:
             trainer.print_to_log_file(f"WARNING: {reference_file} has no landmarks for validation cases {missing}")
 
     cases = sorted(results)
-    evaluated = [c for c in cases if reference is not None and c in reference]
-    peaks = np.array([results[c][1] for c in evaluated]).reshape(-1, len(names))
-    present = np.array([reference[c].present for c in evaluated]).reshape(-1, len(names))
-    threshold, calibration = calibrate_peak_threshold(peaks, present)
-    calibration["n_cases"] = len(evaluated)
+    evaluated = [c for c in cases if c in reference]
+    calibrations = {kind: _calibrate(results, evaluated, reference, names, kind)
+                    for kind in (results[cases[0]][1] if cases else {"peak": None})}
+    threshold, calibration = calibrations[score]
     write_thresholds(join(trainer.output_folder, "landmark_thresholds.json"), names, [threshold] * len(names),
-                     calibration)
-    trainer.print_to_log_file(f"existence threshold (peak height): {threshold:.4g} ({calibration})")
+                     calibration, score=score)
+    trainer.print_to_log_file(f"existence threshold ({score}): {threshold:.4g} ({calibration})")
 
     predictions = {}
     for c in cases:
-        points, peak = results[c]
-        points = np.where((peak >= threshold)[:, None], points, np.nan)
-        ls = LandmarkSet(names, points, confidence=peak, source=join(validation_folder, c + ".mrk.json"))
+        points, scores = results[c]
+        points = np.where((scores[score] >= threshold)[:, None], points, np.nan)
+        ls = LandmarkSet(names, points, confidence=scores[score], source=join(validation_folder, c + ".mrk.json"))
         write_landmarks(ls, ls.source)
         predictions[c] = ls
 
     if evaluated:
         summary = evaluate_landmarks(reference, {c: predictions[c] for c in evaluated})
-        summary["existence_threshold"] = {"score": "peak", "threshold": threshold, **calibration}
+        summary["existence_threshold"] = {"score": score, "threshold": threshold, **calibration}
+        others = {k: {"threshold": t, **info} for k, (t, info) in calibrations.items() if k != score}
+        if others:
+            summary["existence_threshold"]["alternatives"] = others
         write_summary_json(summary, join(validation_folder, "summary.json"))
         mre = summary["foreground_mean"]["micro"]["mean_radial_error_mm"]
         trainer.logger.log_summary("final_val/mre_mm", mre)

@@ -76,7 +76,8 @@ def calibrate_peak_threshold(peaks: np.ndarray, present: np.ndarray) -> Tuple[fl
     return threshold, {"method": "best_f1", "f1": float(f1.max()), "n_present": n_pos, "n_absent": n_neg}
 
 
-def write_thresholds(path, names: Sequence[str], thresholds: Sequence[float], calibration: Dict) -> None:
+def write_thresholds(path, names: Sequence[str], thresholds: Sequence[float], calibration: Dict,
+                     score: str = "peak") -> None:
     """fold_X/landmark_thresholds.json in the format of docs/architecture.md (+ how it was calibrated)."""
-    d = {"names": list(names), "threshold": [float(t) for t in thresholds], "score": "peak", "calibration": calibration}
+    d = {"names": list(names), "threshold": [float(t) for t in thresholds], "score": score, "calibration": calibration}
     atomic_write_text(path, json.dumps(d, indent=2) + "\n")

@@ -18,29 +18,17 @@ in `anchor_existence` (the predictor hook), or `forward_with_anchors(x)` gives b
 """
 from __future__ import annotations
 
-import json
 import math
-import warnings
-from os.path import join
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import distributed as dist
 from torch import nn
 
-from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-
 from nnlandmark_h3de.heatmaps.anchor_targets import AnchorLoss, centres_from_heatmaps
-from nnlandmark_h3de.inference.index_mapping import network_index_to_world
-from nnlandmark_h3de.inference.peaks import decode_peaks
-from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
-from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.networks.building_blocks.anchor_head import AnchorHead, AnchorOutput
 from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
-from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
+from nnlandmark_h3de.training.final_validation import run_final_validation
 from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 
@@ -128,101 +116,6 @@ class HeatmapAnchorLoss(nn.Module):
         return self.heatmap_loss(heat, target) + self.weight * l_anchor
 
 
-# ------------------------------------------------------------------------------ final validation
-def predict_validation_with_existence(trainer) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """This rank's validation cases -> (points LPS (L, 3), peak heights (L,), anchor existence (L,))."""
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                perform_everything_on_device=True, device=trainer.device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
-    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
-                                    trainer.dataset_json, trainer.__class__.__name__,
-                                    trainer.inference_allowed_mirroring_axes)
-    net = trainer._unwrapped_network()
-    _, val_keys = trainer.do_split()
-    if trainer.is_ddp:
-        val_keys = val_keys[trainer.local_rank::dist.get_world_size()]
-    dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys,
-                                        folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
-    results = {}
-    net.record_existence = True
-    try:
-        for k in dataset_val.identifiers:
-            data, _, _, properties = dataset_val.load_case(k)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                data = torch.from_numpy(data[:])
-            net.reset_existence()
-            logits = predictor.predict_sliding_window_return_logits(data)
-            existence = net.anchor_existence.cpu().numpy().astype(np.float64)
-            idx, peak, _ = decode_peaks(logits[1:], logits=True)
-            del logits
-            points = network_index_to_world(idx, properties, trainer.plans_manager, trainer.configuration_manager,
-                                             network_shape=data.shape[1:])
-            results[k] = (points, np.asarray(peak, dtype=np.float64), existence)
-    finally:
-        net.record_existence = False
-    return results
-
-
-def write_score_thresholds(path, names: Sequence[str], threshold: float, score: str, calibration: Dict) -> None:
-    d = {"names": list(names), "threshold": [float(threshold)] * len(names), "score": score,
-         "calibration": calibration}
-    atomic_write_text(path, json.dumps(d, indent=2) + "\n")
-
-
-def run_anchor_final_validation(trainer) -> None:
-    from nnlandmark_h3de.conversion import load_dataset_landmarks
-    from nnlandmark_h3de.evaluation import evaluate_landmarks
-    from nnlandmark_h3de.evaluation.report import write_summary_json
-
-    folder = join(trainer.output_folder, "validation")
-    maybe_mkdir_p(folder)
-    results = predict_validation_with_existence(trainer)
-    if trainer.is_ddp:
-        everything = [None] * dist.get_world_size()
-        dist.all_gather_object(everything, results)
-        results = {k: v for r in everything for k, v in r.items()}
-    compute_gaussian.cache_clear()
-    if trainer.local_rank != 0:
-        if trainer.is_ddp:
-            dist.barrier()
-        return
-    names = trainer.landmark_names
-    ref_file = trainer.reference_landmarks_file()
-    reference = {} if ref_file is None else {k: v.reordered(names) for k, v in load_dataset_landmarks(ref_file).items()}
-    cases = sorted(results)
-    evaluated = [c for c in cases if c in reference]
-    present = np.array([reference[c].present for c in evaluated]).reshape(-1, len(names))
-    calib = {}
-    for score, col in (("anchor", 2), ("peak", 1)):
-        values = np.array([results[c][col] for c in evaluated]).reshape(-1, len(names))
-        thr, info = calibrate_peak_threshold(values, present)
-        if info["method"] == "default":
-            thr = 0.5 if score == "anchor" else thr  # a probability: 0.5 without anything to calibrate on
-        calib[score] = {"threshold": thr, **info, "n_cases": len(evaluated)}
-    thr = calib["anchor"]["threshold"]
-    write_score_thresholds(join(trainer.output_folder, "landmark_thresholds.json"), names, thr, "anchor",
-                           calib["anchor"])
-    trainer.print_to_log_file(f"existence thresholds (best F1 on validation): {calib}")
-    predictions = {}
-    for c in cases:
-        points, peak, existence = results[c]
-        points = np.where((existence >= thr)[:, None], points, np.nan)
-        ls = LandmarkSet(names, points, confidence=existence, source=join(folder, c + ".mrk.json"))
-        write_landmarks(ls, ls.source)
-        predictions[c] = ls
-    if evaluated:
-        summary = evaluate_landmarks(reference, {c: predictions[c] for c in evaluated})
-        summary["existence_threshold"] = {"score": "anchor", "threshold": thr, **calib["anchor"],
-                                          "alternatives": {"peak": calib["peak"]}}
-        write_summary_json(summary, join(folder, "summary.json"))
-        mre = summary["foreground_mean"]["micro"]["mean_radial_error_mm"]
-        trainer.logger.log_summary("final_val/mre_mm", mre)
-        trainer.print_to_log_file(f"Mean radial error (mm, all validation landmarks): {mre}", also_print_to_console=True)
-    if trainer.is_ddp:
-        dist.barrier()
-
-
 # ------------------------------------------------------------------------------------ trainers
 class AnchorTrainerMixin:
     """Put in front of a landmark trainer: `class T(AnchorTrainerMixin, nnLandmarkTrainer)`."""
@@ -283,7 +176,7 @@ class AnchorTrainerMixin:
         self.set_deep_supervision_enabled(False)
         self.network.eval()
         try:
-            run_anchor_final_validation(self)
+            run_final_validation(self, score="anchor", existence_net=self._unwrapped_network())
         finally:
             self.set_deep_supervision_enabled(True)
 
