@@ -185,6 +185,9 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", type=Path, default=Path("afids_benchmark_work"),
                    help="where cases, nnU-Net folders and predictions go (default ./afids_benchmark_work)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --work_dir first")
+    p.add_argument("--base_features", type=int, default=8, help="small configuration: first-stage features")
+    p.add_argument("--max_features", type=int, default=64, help="small configuration: feature cap")
+    p.add_argument("--iterations_per_epoch", type=int, default=50)
     p.add_argument("--json", type=Path, default=None, help="also write the table (and settings) as JSON")
     return p.parse_args(argv)
 
@@ -241,7 +244,8 @@ def main(argv=None) -> int:
                                         "-c", "3d_fullres", "-np", "1"], {**env, "nnUNet_n_proc_DA": "1"},
                 logs / "plan_and_preprocess.log")
     run_command("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID),
-                                        "--name", CONFIGURATION], env, logs / "small_configuration.log")
+                                        "--name", CONFIGURATION, "--base_features", str(args.base_features),
+                                        "--max_features", str(args.max_features)], env, logs / "small_configuration.log")
     timings["plan_preprocess_s"] = time.monotonic() - t1
 
     rows, failures = [], []
@@ -251,7 +255,9 @@ def main(argv=None) -> int:
             import contextlib
             import io
             with environment(env), contextlib.redirect_stdout(io.StringIO()):
-                name = write_budget_trainer(work / "trainers", trainer, 60.0 * args.cpu_minutes)
+                name = write_budget_trainer(work / "trainers", trainer, 60.0 * args.cpu_minutes,
+                                            iterations_per_epoch=args.iterations_per_epoch,
+                                            val_iterations_per_epoch=max(1, args.iterations_per_epoch // 10))
             lines = run_command(f"train {trainer}", [find_command("nnUNetv2_train"), str(DATASET_ID), CONFIGURATION,
                                                      "0", "-tr", name, "-device", "cpu"], env,
                                 logs / f"train_{trainer}.log", progress_pattern=r"Epoch \d+\s*$")
