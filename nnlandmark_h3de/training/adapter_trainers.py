@@ -7,12 +7,12 @@ supervision, the 1 + L channel wrapper, loss and validation are unchanged.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from nnlandmark_h3de.networks.building_blocks.landmark_adapters import attach_adapter_head
 from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+from nnlandmark_h3de.training.schedule import smoke_init
 
 __all__ = ["AdapterTrainerMixin", "nnLandmarkTrainerAdapter", "nnH3DETrainerAdapter",
            "nnLandmarkTrainerAdapter_2epochs_3iters", "nnH3DETrainerAdapter_2epochs_3iters"]
@@ -40,17 +40,9 @@ class nnH3DETrainerAdapter(AdapterTrainerMixin, nnH3DETrainer):
     """nnH3DETrainer with landmark adapters in the full-resolution head."""
 
 
-def _smoke(cls):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        cls.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 2
-    return __init__
-
-
 class nnLandmarkTrainerAdapter_2epochs_3iters(nnLandmarkTrainerAdapter):
-    __init__ = _smoke(nnLandmarkTrainerAdapter)
+    __init__ = smoke_init(nnLandmarkTrainerAdapter)
 
 
 class nnH3DETrainerAdapter_2epochs_3iters(nnH3DETrainerAdapter):
-    __init__ = _smoke(nnH3DETrainerAdapter)
+    __init__ = smoke_init(nnH3DETrainerAdapter)

@@ -14,6 +14,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnlandmark_h3de.networks.h3de_unet import H3DEUNet
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
 __all__ = ["nnH3DETrainer", "nnH3DETrainer_1epoch", "nnH3DETrainer_5epochs", "nnH3DETrainer_2epochs_3iters",
            "h3de_arch_kwargs"]
@@ -51,24 +52,14 @@ class nnH3DETrainer(nnLandmarkTrainer):
                                       allow_init=True, deep_supervision=enable_deep_supervision)
 
 
-def _with_schedule(num_epochs: int, iterations: int | None = None, val_iterations: int | None = None):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        nnH3DETrainer.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = num_epochs
-        if iterations is not None:
-            self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = iterations, val_iterations
-    return __init__
-
-
 class nnH3DETrainer_1epoch(nnH3DETrainer):
-    __init__ = _with_schedule(1)
+    __init__ = schedule_init(nnH3DETrainer, 1)
 
 
 class nnH3DETrainer_5epochs(nnH3DETrainer):
-    __init__ = _with_schedule(5)
+    __init__ = schedule_init(nnH3DETrainer, 5)
 
 
 class nnH3DETrainer_2epochs_3iters(nnH3DETrainer):
     """Smoke runs and tests: 2 epochs of 3 training and 2 validation batches."""
-    __init__ = _with_schedule(2, 3, 2)
+    __init__ = smoke_init(nnH3DETrainer)

@@ -31,6 +31,7 @@ from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
 from nnlandmark_h3de.training.final_validation import run_final_validation
 from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+from nnlandmark_h3de.training.schedule import smoke_init
 
 __all__ = ["AnchorHeatmapNetwork", "HeatmapAnchorLoss", "AnchorTrainerMixin", "choose_anchor_stage",
            "nnLandmarkTrainerAnchor", "nnLandmarkTrainerAnchor_2epochs_3iters", "nnH3DETrainerAnchor",
@@ -189,18 +190,9 @@ class nnH3DETrainerAnchor(AnchorTrainerMixin, nnH3DETrainer):
     """nnH3DETrainer (H3DEUNet) + its anchor head: H3DE-Net as published, with calibrated existence."""
 
 
-def _smoke(cls):
-    """2 epochs of 3 training and 2 validation batches (smoke runs and tests)."""
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        cls.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 2
-    return __init__
-
-
 class nnLandmarkTrainerAnchor_2epochs_3iters(nnLandmarkTrainerAnchor):
-    __init__ = _smoke(nnLandmarkTrainerAnchor)
+    __init__ = smoke_init(nnLandmarkTrainerAnchor)
 
 
 class nnH3DETrainerAnchor_2epochs_3iters(nnH3DETrainerAnchor):
-    __init__ = _smoke(nnH3DETrainerAnchor)
+    __init__ = smoke_init(nnH3DETrainerAnchor)

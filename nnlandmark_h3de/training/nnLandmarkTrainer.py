@@ -24,7 +24,7 @@ import torch
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
-from batchgenerators.utilities.file_and_folder_operations import load_pickle, maybe_mkdir_p
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from nnunetv2.paths import nnUNet_raw

@@ -10,44 +10,31 @@ from nnlandmark_h3de.heatmaps.linear_ball_heatmap import BallsToLinearBallHeatma
 from nnlandmark_h3de.heatmaps import expected_ball_voxels
 from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
 __all__ = ["nnLandmarkTrainer_1epoch", "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
 
 
-def _epochs(n: int):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        nnLandmarkTrainer.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = n
-    return __init__
-
-
 class nnLandmarkTrainer_1epoch(nnLandmarkTrainer):
-    __init__ = _epochs(1)
+    __init__ = schedule_init(nnLandmarkTrainer, 1)
 
 
 class nnLandmarkTrainer_5epochs(nnLandmarkTrainer):
-    __init__ = _epochs(5)
+    __init__ = schedule_init(nnLandmarkTrainer, 5)
 
 
 class nnLandmarkTrainer_50epochs(nnLandmarkTrainer):
-    __init__ = _epochs(50)
+    __init__ = schedule_init(nnLandmarkTrainer, 50)
 
 
 class nnLandmarkTrainer_250epochs(nnLandmarkTrainer):
-    __init__ = _epochs(250)
+    __init__ = schedule_init(nnLandmarkTrainer, 250)
 
 
 class nnLandmarkTrainer_2epochs_3iters(nnLandmarkTrainer):
     """Smoke runs and tests: 2 epochs of 3 training and 2 validation batches."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 2
+    __init__ = smoke_init(nnLandmarkTrainer)
 
 
 class nnLandmarkTrainer_publicDefault(nnLandmarkTrainer):
