@@ -33,7 +33,7 @@ from nnlandmark_h3de.conversion.draw_balls import (ball_voxels, draw_balls, find
                                                    nonzero_bbox_zyx, voxels_outside_box)
 from nnlandmark_h3de.conversion.errors import ConversionError, ConversionWarning
 from nnlandmark_h3de.conversion.lazy_image import LazyImage
-from nnlandmark_h3de.landmarks.geometry import ImageGeometry
+from nnlandmark_h3de.landmarks.geometry import ImageGeometry, read_image_header
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 
 FILE_ENDING = ".nii.gz"
@@ -106,12 +106,10 @@ def _image_header(c: _Case) -> ImageGeometry:
         path = Path(c.image)
         if not path.is_file():
             raise CaseError(f"{path}: image file not found")
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
         try:
-            reader.ReadImageInformation()
-        except RuntimeError as e:
-            raise CaseError(f"{path}: unreadable image ({str(e).strip().splitlines()[-1]})") from None
+            reader = read_image_header(path)
+        except ValueError as e:
+            raise CaseError(str(e)) from None
         dim, comps, size = reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize()
     if dim != 3 or comps != 1:
         raise CaseError(f"{c.image_label}: expected a 3D single-component image, got {dim}D with {comps} "

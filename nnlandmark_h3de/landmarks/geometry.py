@@ -31,13 +31,7 @@ class ImageGeometry:
     @classmethod
     def from_file(cls, path) -> "ImageGeometry":
         """Reads only the header."""
-        import SimpleITK as sitk
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as e:
-            raise ValueError(f"{path}: unreadable image ({str(e).strip().splitlines()[-1]})") from None
+        reader = read_image_header(path)
         return cls(tuple(int(s) for s in reader.GetSize()[:3]), tuple(float(s) for s in reader.GetSpacing()[:3]),
                    tuple(float(o) for o in reader.GetOrigin()[:3]),
                    tuple(float(d) for d in np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3].ravel()))
@@ -96,6 +90,18 @@ class ImageGeometry:
         zyx = np.atleast_2d(zyx)
         shape = np.asarray(self.shape_zyx)
         return np.all((zyx >= -margin) & (zyx <= shape - 1 + margin), axis=-1)
+
+
+def read_image_header(path):
+    """A SimpleITK reader with the header read (no pixels); an unreadable file is a ValueError naming it."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise ValueError(f"{path}: unreadable image ({str(e).strip().splitlines()[-1]})") from None
+    return reader
 
 
 def read_image(path):
