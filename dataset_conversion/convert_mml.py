@@ -101,13 +101,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--drop_bad_cases", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    from nnlandmark_h3de.conversion import ConversionError
     from nnlandmark_h3de.landmarks import LandmarkError
     try:
         folder = convert_mml(a.input, a.dataset_id, a.dataset_name, a.complete_only, a.output_root,
                              ball_radius_mm=a.ball_radius_mm, overwrite=a.overwrite,
                              on_error="drop" if a.drop_bad_cases else "raise")
-    except (ConversionError, LandmarkError) as e:
+    except LandmarkError as e:  # includes ConversionError
         print(f"convert_mml: error: {e}", file=sys.stderr)
         return 1
     print(f"Wrote {folder}")

@@ -33,3 +33,12 @@ def afids_dir():
     if not (AFIDS_DIR / "images").is_dir():
         pytest.skip(f"AFIDs templates not found at {AFIDS_DIR} (set NNLANDMARK_AFIDS_DIR)")
     return AFIDS_DIR
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,13 +12,7 @@ from nnlandmark_h3de.networks.building_blocks.anchor_head import (AnchorHead, ce
                                                                   decode_offsets, grid_stride, grid_to_voxel,
                                                                   voxel_to_grid)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PATCH = (28, 20, 12)

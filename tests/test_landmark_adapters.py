@@ -5,13 +5,7 @@ from torch import nn
 
 from nnlandmark_h3de.networks.building_blocks.landmark_adapters import LandmarkAdapterHead, attach_adapter_head
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 C, L, CA = 6, 4, 3
