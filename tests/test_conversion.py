@@ -14,17 +14,10 @@ from nnlandmark_h3de.conversion import (ConversionError, ConversionWarning, ball
                                         draw_balls, load_dataset_landmarks, nnunet_target_spacing,
                                         read_dataset_landmark_info)
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet, read_landmarks, write_landmarks
+from rotations import rotation
 
 REPO = Path(__file__).resolve().parents[1]
 ROT = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90 deg about z
-
-
-def rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return tuple((rz @ ry @ rx).ravel())
 
 
 def make_image(shape_zyx=(20, 24, 28), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None, seed=0):

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from nnlandmark_h3de.conversion import ConversionError, ConversionWarning, convert_dataset, load_dataset_landmarks
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
+from rotations import rotation
 
 
 def plan_and_preprocess(dataset_id: int) -> None:
@@ -68,14 +69,6 @@ def test_afids_templates_survive_nnunet_preprocessing(afids_dir, nnunet_env):
     print(f"AFIDs ball COM error (target voxels): max {worst:.3f}, mean {np.mean(np.concatenate(list(errs.values()))):.3f}")
     assert all(len(e) == 29 for e in errs.values())
     assert worst < 0.5, {c: float(e.max()) for c, e in errs.items()}
-
-
-def rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return tuple((rz @ ry @ rx).ravel())
 
 
 def test_anisotropic_rotated_dataset_resampled(nnunet_env):

@@ -10,17 +10,10 @@ import SimpleITK as sitk
 
 from nnlandmark_h3de.inference.index_mapping import network_index_to_world, world_to_network_index
 from nnlandmark_h3de.landmarks import ImageGeometry
+from rotations import rotation_matrix
 
 A = np.array([0.7, -0.4, 0.25])
 B = 100.0
-
-
-def _rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def _linear_image(path, size_ijk, spacing, origin, direction, zero_slab=3):
@@ -73,7 +66,7 @@ def test_mapping_matches_nnunet_preprocessing(tmp_path, size, spacing, angles, t
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    direction = _rotation(*angles)
+    direction = rotation_matrix(*angles)
     _linear_image(tmp_path / "img_0000.nii.gz", size, spacing, (-12.0, 7.5, 3.0), direction)
     pm = PlansManager(_plans(tf, target))
     cm = pm.get_configuration("3d_fullres")
