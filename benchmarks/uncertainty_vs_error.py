@@ -1,9 +1,10 @@
 """Does the per-landmark uncertainty that nnLandmark_predict writes rank the real errors?
 
-Predicts held-out cases with a trained model twice, with test-time mirroring (uncertainty = spread
-of the mirrors' peaks, or of folds x mirrors) and without (one member: heatmap width), evaluates
-both against the exact landmarks and prints Spearman's rho between uncertainty and radial error
-over the true positives (the `uncertainty_vs_error` block of summary.json).
+Predicts held-out cases with a trained model three times: the calibrated uncertainty (the default:
+fold_X/landmark_uncertainty.json from the final validation), the spread of the test-time mirrors'
+(and folds') peaks, and without mirroring the heatmap width; evaluates each against the exact
+landmarks and prints Spearman's rho between uncertainty and radial error over the true positives
+(the `uncertainty_vs_error` block of summary.json), pooled and within landmarks.
 
     python benchmarks/uncertainty_vs_error.py -m MODEL_FOLDER --phantoms 16 --seed 1 [--json]
     python benchmarks/uncertainty_vs_error.py -m MODEL_FOLDER --images DIR --landmarks DIR
@@ -27,6 +28,10 @@ def run(cmd):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def main():
@@ -59,7 +64,9 @@ def main():
         for case, img in cases.items():
             shutil.copy(img, inp / f"{case}_0000.nii.gz")
         result = {}
-        for mode, extra in (("tta_spread", []), ("heatmap_width", ["--disable_tta"])):
+        modes = (("calibrated", []), ("tta_spread", ["--uncertainty", "spread"]),
+                 ("heatmap_width", ["--disable_tta", "--uncertainty", "spread"]))
+        for mode, extra in modes:
             out = work / mode
             run([str(BIN / "nnLandmark_predict"), "-i", str(inp), "-o", str(out), "-m", args.m,
                  "-f", *args.f, "-device", "cpu", "-npp", "0", "--disable_progress_bar", *extra])
@@ -67,10 +74,12 @@ def main():
             s = json.loads((out / "summary.json").read_text())
             corr = s["uncertainty_vs_error"] or {}
             result[mode] = {"spearman_rho": corr.get("spearman_rho"), "p_value": corr.get("p_value"),
+                            "within_landmark_spearman_rho": corr.get("within_landmark_spearman_rho"),
                             "n_points": corr.get("n_points"),
                             "mre_mm": s["foreground_mean"]["micro"]["mean_radial_error_mm"]}
-            print(f"{mode:>14}: Spearman rho(uncertainty, error) = {corr.get('spearman_rho')} "
-                  f"(p = {corr.get('p_value')}, n = {corr.get('n_points')}); MRE {result[mode]['mre_mm']:.2f} mm")
+            print(f"{mode:>14}: Spearman rho(uncertainty, error) = {_fmt(corr.get('spearman_rho'))} "
+                  f"(p = {_fmt(corr.get('p_value'))}, n = {corr.get('n_points')}), within landmarks "
+                  f"{_fmt(corr.get('within_landmark_spearman_rho'))}; MRE {result[mode]['mre_mm']:.2f} mm")
         if args.json:
             print(json.dumps(result))
     finally:

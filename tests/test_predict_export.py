@@ -257,3 +257,24 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
         assert np.nanmax(ls.uncertainty_mm) < 1e-6
         # averaged threshold 0.7: every landmark whose peak lies under it is absent, the others present
         np.testing.assert_array_equal(ls.present, ls.confidence >= 0.7)
+
+    # calibrated uncertainty (fold_X/landmark_uncertainty.json, folds averaged) replaces the spread:
+    # u = mean rms * (mean reference peak / peak) ** mean alpha, with peak = the written confidence
+    # (no absent check: c1's absent landmark keeps a point; no left/right check: it would move values)
+    for f, (rms, alpha) in enumerate((([1.0, 2.0, 3.0], 1.0), ([3.0, 4.0, 5.0], 0.0))):
+        (model / f"fold_{f}" / "landmark_uncertainty.json").write_text(json.dumps(
+            {"names": NAMES[::-1], "rms_error_mm": rms[::-1], "median_present_peak": [0.8, 0.8, 0.8], "alpha": alpha}))
+    cal = tmp_path / "calibrated"
+    code, text = in_process(predict_cli.main, ["-i", raw / "imagesTs_clean", "-o", cal, "-d", "951", "-tr", TRAINER,
+                                               "-f", "0", "1", "-device", "cpu", "-npp", "0", "--disable_tta",
+                                               "--disable_progress_bar", "--no_absent", "--no_lr_check"], capsys)
+    assert code == 0, text
+    for case in truth:
+        ls = read_points(cal / f"{case}.mrk.json")
+        expected = np.array([2.0, 3.0, 4.0]) * (0.8 / ls.confidence) ** 0.5
+        np.testing.assert_allclose(ls.uncertainty_mm, expected, rtol=1e-4)
+    spread = tmp_path / "spread"
+    assert in_process(predict_cli.main, ["-i", raw / "imagesTs_clean", "-o", spread, "-d", "951", "-tr", TRAINER,
+                                         "-f", "0", "1", "-device", "cpu", "-npp", "0", "--disable_tta",
+                                         "--disable_progress_bar", "--no_absent", "--uncertainty", "spread"], capsys)[0] == 0
+    assert np.nanmax(read_points(spread / "c0.mrk.json").uncertainty_mm) < 1e-6

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BIN = Path(sys.executable).parent
@@ -60,6 +61,9 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
         assert math.isfinite(micro["mean_radial_error_mm"])
     thresholds = json.loads((fold / "landmark_thresholds.json").read_text())
     assert thresholds["names"] == ["L0", "R0", "M"] and len(thresholds["threshold"]) == 3
+    uncertainty = json.loads((fold / "landmark_uncertainty.json").read_text())
+    assert uncertainty["names"] == ["L0", "R0", "M"] and 0 <= uncertainty["alpha"] <= 3
+    assert all(math.isfinite(v) and v > 0 for v in uncertainty["rms_error_mm"] + uncertainty["median_present_peak"])
 
     # the stock predictor builds the network through the trainer and exports a segmentation
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -84,11 +88,19 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
          "-tr", h3de, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, tmp_path)
     assert (out_h3de / f"{case}.nii.gz").is_file()
     run(["nnLandmark_predict", "-i", str(inp), "-o", str(out_lm), "-d", str(DATASET_ID), "-c", "3d_fullres_small",
-         "-tr", h3de, "-f", "0", "-device", "cpu", "-npp", "0"], env, tmp_path)
+         "-tr", h3de, "-f", "0", "-device", "cpu", "-npp", "0", "--no_lr_check"], env, tmp_path)
     markups = json.loads((out_lm / f"{case}.mrk.json").read_text())
     points = markups["markups"][0]["controlPoints"]
     assert [p["label"] for p in points] == ["L0", "R0", "M"]
     assert markups["markups"][0]["coordinateSystem"] == "LPS"
+    # the uncertainty written is the calibrated model's, evaluated at each landmark's peak (= confidence;
+    # no left/right check, which would move a swapped pair's values to its partner)
+    from nnlandmark_h3de.inference.uncertainty import UncertaintyModel
+    from nnlandmark_h3de.landmarks import read_landmarks
+    ls = read_landmarks(out_lm / f"{case}.mrk.json")
+    model_u = UncertaintyModel.read(h3de_fold / "landmark_uncertainty.json")
+    assert ls.present.any()
+    np.testing.assert_allclose(ls.uncertainty_mm[ls.present], model_u(ls.confidence)[ls.present], rtol=1e-4)
 
     # the anchor-head variant: its final validation calibrates the anchor existence score, which
     # nnLandmark_predict then applies (peak height stays as the calibrated alternative)

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--not_on_device", action="store_true")
     p.add_argument("--save_heatmaps", action="store_true",
                    help="also write the heatmaps resampled to the original image (<case>_heatmaps.nii.gz; slow)")
+    p.add_argument("--uncertainty", choices=["calibrated", "spread"], default="calibrated",
+                   help="per-landmark uncertainty (mm): 'calibrated' = the landmark's validation RMS error scaled by "
+                        "its peak height (fold_X/landmark_uncertainty.json; falls back to 'spread' without it), "
+                        "'spread' = scatter of the folds' and mirrors' peaks (heatmap width with one member)")
     add_postprocessing_args(p)
     return p
 
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
                                     device=torch.device(args.device), verbose=args.verbose,
                                     verbose_preprocessing=args.verbose, allow_tqdm=not args.disable_progress_bar,
                                     output_format=args.format, postprocessing=postprocessing_options(args),
-                                    save_heatmaps=args.save_heatmaps)
+                                    save_heatmaps=args.save_heatmaps, uncertainty=args.uncertainty)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=not args.continue_prediction,
                                  num_processes_preprocessing=args.npp, num_processes_segmentation_export=0,

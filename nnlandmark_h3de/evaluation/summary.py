@@ -142,6 +142,8 @@ def evaluate_landmarks(reference: Dict[str, LandmarkSet], prediction: Dict[str, 
         "foreground_mean": {"micro": micro, "macro": _macro_block(per_landmark, radii)},
         "mean": per_landmark,
         "metric_per_case": per_case,
-        "uncertainty_vs_error": uncertainty_error_correlation(errors[statuses == "TP"], uncertainty[statuses == "TP"]),
+        "uncertainty_vs_error": uncertainty_error_correlation(
+            errors[statuses == "TP"], uncertainty[statuses == "TP"],
+            landmark=np.broadcast_to(np.arange(len(names)), statuses.shape)[statuses == "TP"]),
         "skipped": skipped,
     }

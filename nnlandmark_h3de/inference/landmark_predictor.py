@@ -25,10 +25,11 @@ from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_fold_thresholds,
                                                       resolve_pairs)
-from nnlandmark_h3de.inference.uncertainty import axis_step_mm, fold_spread_mm, heatmap_spread_mm
+from nnlandmark_h3de.inference.uncertainty import axis_step_mm, fold_spread_mm, heatmap_spread_mm, read_fold_uncertainty
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
 
 OUTPUT_FORMATS = ("mrk.json", "fcsv", "csv", "json")
+UNCERTAINTY_SOURCES = ("calibrated", "spread")
 HEATMAP_SUFFIX = "_heatmaps.nii.gz"
 
 
@@ -43,13 +44,17 @@ def landmark_names(dataset_json: dict) -> List[str]:
 
 class nnLandmarkPredictor(nnUNetPredictor):
     def __init__(self, *args, output_format: str = "mrk.json", postprocessing: Optional[PostprocessingOptions] = None,
-                 save_heatmaps: bool = False, **kwargs):
+                 save_heatmaps: bool = False, uncertainty: str = "calibrated", **kwargs):
         super().__init__(*args, **kwargs)
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"unknown output format {output_format!r}; choose one of {OUTPUT_FORMATS}")
         self.output_format = output_format
         self.postprocessing = postprocessing or PostprocessingOptions()
         self.save_heatmaps = save_heatmaps
+        if uncertainty not in UNCERTAINTY_SOURCES:
+            raise ValueError(f"unknown uncertainty {uncertainty!r}; choose one of {UNCERTAINTY_SOURCES}")
+        self.uncertainty = uncertainty
+        self.uncertainty_model = None  # fitted in the final validation (fold_X/landmark_uncertainty.json)
         self.names: List[str] = []
         self.pairs = []
         self.thresholds = None
@@ -76,6 +81,9 @@ class nnLandmarkPredictor(nnUNetPredictor):
             raise ValueError(f"the network has {self.label_manager.num_segmentation_heads} output channels but the "
                              f"dataset names {len(self.names)} landmarks (expected 1 + L: constant-zero channel first)")
         self.pairs = resolve_pairs(self.dataset_json, self.names)
+        self.uncertainty_model = None
+        if model_folder is not None and self.uncertainty == "calibrated":
+            self.uncertainty_model = read_fold_uncertainty(model_folder, folds, self.names)
         self.thresholds, kind = (None, None) if model_folder is None else read_fold_thresholds(model_folder, folds, self.names)
         self.score_kind = "peak"
         if kind == "anchor" and self.postprocessing.threshold is None:
@@ -136,6 +144,16 @@ class nnLandmarkPredictor(nnUNetPredictor):
             self.use_mirroring = True
         return total.div_(len(combos))
 
+    def sliding_window_with_member_peaks(self, data: torch.Tensor):
+        """The loaded network's sliding-window logits of one case (mirrors averaged) and each mirror's
+        own network-space peaks: what the final validation needs to calibrate the spread cue."""
+        self._fold_peaks = []
+        try:
+            logits = self.predict_sliding_window_return_logits(data)
+        finally:
+            member_peaks, self._fold_peaks = self._fold_peaks, None
+        return logits, member_peaks
+
     def predict_case(self, data: torch.Tensor, properties: dict, source: str = "<memory>"):
         """Preprocessed case -> (LandmarkSet in world LPS mm, postprocessing report, ensemble logits)."""
         self._fold_peaks = []
@@ -145,7 +163,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         finally:
             fold_peaks, self._fold_peaks = self._fold_peaks, None
             fold_existence, self._fold_existence = self._fold_existence, None
-        idx, peak, spread = decode_peaks(logits[1:], logits=True)
+        idx, peak, width = decode_peaks(logits[1:], logits=True)
         score = np.mean(fold_existence, axis=0) if fold_existence else peak
 
         def to_world(i):
@@ -153,10 +171,14 @@ class nnLandmarkPredictor(nnUNetPredictor):
                                           network_shape=tuple(data.shape[1:]))
 
         points = to_world(idx)
-        if len(fold_peaks) > 1:  # folds x test-time mirrors
-            uncertainty = fold_spread_mm(np.stack([to_world(p) for p in fold_peaks]), points)
+        # folds x test-time mirrors: how far the members' peaks scatter
+        spread = fold_spread_mm(np.stack([to_world(p) for p in fold_peaks]), points) if len(fold_peaks) > 1 else None
+        if self.uncertainty_model is not None:
+            uncertainty = self.uncertainty_model(peak, spread)
+        elif spread is not None:
+            uncertainty = spread
         else:
-            uncertainty = heatmap_spread_mm(spread, axis_step_mm(to_world, idx))
+            uncertainty = heatmap_spread_mm(width, axis_step_mm(to_world, idx))
         ls = LandmarkSet(self.names, points, uncertainty_mm=uncertainty, source=source)
         ls, report = postprocess(ls, score, self.postprocessing, self.pairs, self.thresholds)
         return ls, report, logits

@@ -4,7 +4,10 @@ validation cases, landmarks decoded in network space (`decode_peaks`) and mapped
 
     fold_X/validation/<case>.mrk.json   (absent landmarks: positionStatus undefined)
     fold_X/validation/summary.json      (evaluate_landmarks vs the raw dataset's landmarks.json)
-    fold_X/landmark_thresholds.json     (existence threshold on peak height or anchor existence, best F1)
+    fold_X/landmark_thresholds.json     (existence thresholds on peak height or anchor existence, best F1)
+    fold_X/landmark_uncertainty.json    (per-landmark error scale and peak-height exponent)
+
+Both calibrations are in `training/calibration.py`.
 
 Under DDP every rank predicts its share of the cases; rank 0 gathers, calibrates and writes.
 """
@@ -19,24 +22,29 @@ import torch
 from torch import distributed as dist
 
 from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
 from nnlandmark_h3de.inference.index_mapping import network_index_to_world
+from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
 from nnlandmark_h3de.inference.peaks import decode_peaks
+from nnlandmark_h3de.inference.uncertainty import fold_spread_mm
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
-from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold, write_thresholds
+from nnlandmark_h3de.training.calibration import calibrate_relative_thresholds, fit_uncertainty_model
+from nnlandmark_h3de.training.landmark_validation import DEFAULT_PEAK_THRESHOLD, write_thresholds
 
 __all__ = ["run_final_validation", "predict_validation_landmarks"]
 
 
-def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple[np.ndarray, Dict[str, np.ndarray]]]:
-    """This rank's validation cases -> (points LPS (L, 3), existence scores {"peak": (L,)[, "anchor": (L,)]}).
+def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple[np.ndarray, Dict[str, np.ndarray], np.ndarray]]:
+    """This rank's validation cases -> (points LPS (L, 3), existence scores {"peak": (L,)[, "anchor": (L,)]},
+    spread of the test-time mirrors' peaks around the points (L,) in mm, NaN without mirroring).
 
-    `existence_net`: the network's anchor-head wrapper (record_existence / reset_existence /
-    anchor_existence) to also score existence with the anchors (max over tiles and mirrors).
+    The mirrors run the way nnLandmark_predict runs them (each over the whole volume), so the spread
+    calibrated here is the one the predictor will see. `existence_net`: the network's anchor-head
+    wrapper (record_existence / reset_existence / anchor_existence) to also score existence with the
+    anchors (max over tiles and mirrors).
     """
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+    predictor = nnLandmarkPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
@@ -59,15 +67,21 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
             trainer.print_to_log_file(f"predicting {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
             if existence_net is not None:
                 existence_net.reset_existence()
-            logits = predictor.predict_sliding_window_return_logits(data)
+            logits, member_peaks = predictor.sliding_window_with_member_peaks(data)
             idx, peak, _ = decode_peaks(logits[1:], logits=True)
             del logits
-            points = network_index_to_world(idx, properties, trainer.plans_manager, trainer.configuration_manager,
-                                             network_shape=data.shape[1:])
+
+            def to_world(i):
+                return network_index_to_world(i, properties, trainer.plans_manager, trainer.configuration_manager,
+                                              network_shape=data.shape[1:])
+
+            points = to_world(idx)
+            spread = (fold_spread_mm(np.stack([to_world(p) for p in member_peaks]), points) if len(member_peaks) > 1
+                      else np.full(len(points), np.nan))
             scores = {"peak": np.asarray(peak, dtype=np.float64)}
             if existence_net is not None:
                 scores["anchor"] = existence_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
-            results[k] = (points, scores)
+            results[k] = (points, scores, spread)
     finally:
         if existence_net is not None:
             existence_net.record_existence = False
@@ -85,14 +99,25 @@ def _gather(results: dict, is_ddp: bool) -> dict:
     return merged
 
 
-def _calibrate(results: dict, evaluated, reference, names, score: str) -> Tuple[float, dict]:
-    """Best-F1 threshold of one existence score over the evaluated (case, landmark) pairs."""
+def _calibrate(results: dict, evaluated, reference, names, score: str) -> Tuple[np.ndarray, dict]:
+    """Per-landmark best-F1 thresholds of one existence score over the evaluated (case, landmark) pairs."""
     values = np.array([results[c][1][score] for c in evaluated]).reshape(-1, len(names))
     present = np.array([reference[c].present for c in evaluated]).reshape(-1, len(names))
-    threshold, info = calibrate_peak_threshold(values, present)
-    if info["method"] == "default" and score == "anchor":
-        threshold = 0.5  # a probability: 0.5 when there is nothing to calibrate on
-    return threshold, {**info, "n_cases": len(evaluated)}
+    # a probability gets 0.5 when there is nothing to calibrate on
+    default = 0.5 if score == "anchor" else DEFAULT_PEAK_THRESHOLD
+    thresholds, info = calibrate_relative_thresholds(values, present, default)
+    return thresholds, {**info, "n_cases": len(evaluated)}
+
+
+def _fit_uncertainty(results: dict, evaluated, reference, names):
+    """Radial errors of the (unthresholded) validation peaks -> `UncertaintyModel`."""
+    shape = (-1, len(names))
+    errors = np.array([np.linalg.norm(results[c][0] - reference[c].points_lps, axis=1) for c in evaluated])
+    peaks = np.array([results[c][1]["peak"] for c in evaluated])
+    spread = np.array([results[c][2] for c in evaluated]).reshape(shape)
+    present = np.array([reference[c].present for c in evaluated])
+    return fit_uncertainty_model(names, errors.reshape(shape), peaks.reshape(shape), present.reshape(shape),
+                                 spread_mm=spread if np.isfinite(spread).all() else None)
 
 
 def run_final_validation(trainer, score: str = "peak", existence_net=None) -> None:
@@ -128,13 +153,18 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
     calibrations = {kind: _calibrate(results, evaluated, reference, names, kind)
                     for kind in (results[cases[0]][1] if cases else {"peak": None})}
     threshold, calibration = calibrations[score]
-    write_thresholds(join(trainer.output_folder, "landmark_thresholds.json"), names, [threshold] * len(names),
-                     calibration, score=score)
-    trainer.print_to_log_file(f"existence threshold ({score}): {threshold:.4g} ({calibration})")
+    write_thresholds(join(trainer.output_folder, "landmark_thresholds.json"), names, threshold, calibration, score=score)
+    trainer.print_to_log_file(f"existence thresholds ({score}): {np.round(threshold, 4).tolist()} ({calibration})")
+    if evaluated:
+        model = _fit_uncertainty(results, evaluated, reference, names)
+        model.write(join(trainer.output_folder, "landmark_uncertainty.json"))
+        trainer.print_to_log_file(f"uncertainty model: alpha {model.alpha:.3g}, beta {model.beta:.3g}, "
+                                  f"RMS error per landmark (mm) "
+                                  f"{np.round(model.rms_mm, 2).tolist()}")
 
     predictions = {}
     for c in cases:
-        points, scores = results[c]
+        points, scores, _ = results[c]
         points = np.where((scores[score] >= threshold)[:, None], points, np.nan)
         ls = LandmarkSet(names, points, confidence=scores[score], source=join(validation_folder, c + ".mrk.json"))
         write_landmarks(ls, ls.source)
@@ -142,8 +172,8 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
 
     if evaluated:
         summary = evaluate_landmarks(reference, {c: predictions[c] for c in evaluated})
-        summary["existence_threshold"] = {"score": score, "threshold": threshold, **calibration}
-        others = {k: {"threshold": t, **info} for k, (t, info) in calibrations.items() if k != score}
+        summary["existence_threshold"] = {"score": score, "threshold": threshold.tolist(), **calibration}
+        others = {k: {"threshold": t.tolist(), **info} for k, (t, info) in calibrations.items() if k != score}
         if others:
             summary["existence_threshold"]["alternatives"] = others
         write_summary_json(summary, join(validation_folder, "summary.json"))

@@ -1,0 +1,122 @@
+"""What the final validation learns from the fold's validation cases, stored next to the checkpoints.
+
+Existence thresholds. Landmarks differ in how high their peaks get (a crisp eye vs a faint rod end):
+measured on generated phantoms, present "rod_bottom" peaks at 0.2-0.3 while an absent eye still
+peaks at 0.5-0.8, so no single threshold separates present from absent. Each score is therefore
+divided by its landmark's median score over the validation cases where it is present (one robust
+number per landmark, not a per-landmark threshold fitted to a handful of cases), and one threshold
+on that relative score is chosen for the best F1 over all (case, landmark) pairs.
+
+Uncertainty. The error a user should expect for a landmark is mostly the landmark's own
+difficulty (its validation RMS error, shrunk in log toward the all-landmark RMS when it has few cases),
+scaled per case by how much weaker than usual its peak is and, when test-time mirrors are run, by
+how much more than usual the mirrors' peaks disagree: u = s_l * (ref_l / peak) ** alpha *
+(spread / ref_spread_l) ** beta, alpha, beta >= 0 fitted on the validation errors (log-linear
+least squares within landmarks, so they model the case-to-case part only).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnlandmark_h3de.inference.uncertainty import UncertaintyModel
+from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
+
+__all__ = ["reference_scores", "calibrate_relative_thresholds", "fit_uncertainty_model"]
+
+# Cases of one landmark worth as much as the pooled estimate when shrinking its RMS error.
+SHRINKAGE_CASES = 3.0
+MAX_EXPONENT = 3.0
+
+
+def reference_scores(scores: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Per landmark the median score over the cases where it is present, (N, L) -> (L,).
+
+    A landmark present in no case gets the median over all present scores (NaN if there are none).
+    """
+    scores, present = np.asarray(scores, dtype=np.float64), np.asarray(present, dtype=bool)
+    pooled = np.nanmedian(scores[present]) if present.any() else np.nan
+    ref = np.array([np.nanmedian(scores[present[:, l], l]) if present[:, l].any() else pooled
+                    for l in range(scores.shape[1])])
+    return np.maximum(ref, 1e-6)
+
+
+def calibrate_relative_thresholds(scores: np.ndarray, present: np.ndarray, default: float
+                                  ) -> Tuple[np.ndarray, Dict]:
+    """(N, L) scores and truth -> per-landmark thresholds (L,) = t * median present score, and how.
+
+    With nothing to calibrate on (no absent or no present pair) every landmark gets `default`.
+    """
+    scores, present = np.asarray(scores, dtype=np.float64), np.asarray(present, dtype=bool)
+    ref = reference_scores(scores, present)
+    t, info = calibrate_peak_threshold(scores / ref[None], present)
+    if info["method"] == "default":
+        return np.full(scores.shape[1], float(default)), {**info, "threshold": float(default)}
+    return t * ref, {**info, "method": "best_f1_relative_to_median_present", "relative_threshold": float(t),
+                     "median_present_score": ref.tolist()}
+
+
+def _within_landmark(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Concatenate each landmark's valid values minus their mean (landmarks with >= 2 values)."""
+    parts = [values[ok[:, l], l] - values[ok[:, l], l].mean() for l in range(values.shape[1]) if ok[:, l].sum() >= 2]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _nonnegative_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares y ~ x @ b through 0 with 0 <= b <= MAX_EXPONENT (exhaustive over active sets:
+    a cue may only raise the uncertainty when it says the prediction is worse)."""
+    best, best_rss = np.zeros(x.shape[1]), float(np.sum(y ** 2))
+    for k in range(1, x.shape[1] + 1):
+        for cols in itertools.combinations(range(x.shape[1]), k):
+            sub = x[:, cols]
+            if np.linalg.matrix_rank(sub) < k:
+                continue
+            b = np.linalg.lstsq(sub, y, rcond=None)[0]
+            if (b < 0).any():
+                continue
+            b = np.minimum(b, MAX_EXPONENT)
+            rss = float(np.sum((y - sub @ b) ** 2))
+            if rss < best_rss:
+                best, best_rss = np.zeros(x.shape[1]), rss
+                best[list(cols)] = b
+    return best
+
+
+def fit_uncertainty_model(names: Sequence[str], errors_mm: np.ndarray, peaks: np.ndarray, present: np.ndarray,
+                          spread_mm: Optional[np.ndarray] = None) -> UncertaintyModel:
+    """Fit on the validation cases, all (N, L): radial errors (NaN where not evaluable), peak heights,
+    reference presence, and optionally the mirrors' peak spread (mm).
+
+    rms_mm[l]: RMS error of landmark l, shrunk (in log) toward the pooled RMS with weight SHRINKAGE_CASES;
+    alpha, beta: slopes of log error on log(ref / peak) and log(spread / median spread) within
+    landmarks, non-negative least squares.
+    """
+    e = np.asarray(errors_mm, dtype=np.float64)
+    p = np.asarray(peaks, dtype=np.float64)
+    ok = np.isfinite(e) & np.isfinite(p) & np.asarray(present, dtype=bool)
+    ref = reference_scores(np.where(ok, p, np.nan), ok)
+    use_spread = spread_mm is not None and np.isfinite(np.asarray(spread_mm, dtype=np.float64)[ok]).all() and ok.any()
+    ref_spread = None
+    if use_spread:
+        spread = np.asarray(spread_mm, dtype=np.float64)
+        ref_spread = reference_scores(np.where(ok, spread, np.nan), ok)
+    if not ok.any():
+        return UncertaintyModel(names, np.full(len(names), np.nan), ref, 0.0, info={"n_points": 0})
+    pooled_ms = float(np.mean(e[ok] ** 2))
+    n_l = ok.sum(0)
+    ms_l = np.array([np.mean(e[ok[:, l], l] ** 2) if n_l[l] else pooled_ms for l in range(e.shape[1])])
+    # geometric shrinkage: a scale, so a faint landmark is not dragged toward the hardest one's errors
+    rms = np.exp((n_l * 0.5 * np.log(np.maximum(ms_l, 1e-12)) + SHRINKAGE_CASES * 0.5 * np.log(max(pooled_ms, 1e-12)))
+                 / (n_l + SHRINKAGE_CASES))
+    y = _within_landmark(np.log(np.maximum(e, 1e-3)), ok)
+    cues = [_within_landmark(np.log(ref[None] / np.maximum(p, 1e-6)), ok)]
+    if use_spread:
+        floor = UncertaintyModel.SPREAD_FLOOR
+        cues.append(_within_landmark(np.log(np.maximum(spread / ref_spread[None], floor)), ok))
+    slopes = _nonnegative_slopes(np.stack(cues, axis=1), y) if y.size else np.zeros(len(cues))
+    alpha, beta = float(slopes[0]), float(slopes[1]) if use_spread else 0.0
+    return UncertaintyModel(names, rms, ref, alpha, ref_spread, beta,
+                            {"n_points": int(ok.sum()), "pooled_rms_mm": float(np.sqrt(pooled_ms)),
+                             "shrinkage_cases": SHRINKAGE_CASES, "spread_cue": bool(use_spread)})
