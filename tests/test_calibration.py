@@ -6,8 +6,8 @@ import pytest
 
 from nnlandmark_h3de.evaluation.uncertainty_calibration import uncertainty_error_correlation
 from nnlandmark_h3de.inference.uncertainty import UncertaintyModel, read_fold_uncertainty
-from nnlandmark_h3de.training.calibration import (calibrate_relative_thresholds, fit_uncertainty_model,
-                                                  reference_scores)
+from nnlandmark_h3de.training.calibration import (DEFAULT_RELATIVE_THRESHOLD, calibrate_relative_thresholds,
+                                                  fit_uncertainty_model, reference_scores)
 from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
 
 
@@ -42,6 +42,9 @@ def test_relative_thresholds_separate_landmarks_of_different_scales():
 def test_relative_thresholds_default_without_absent_landmarks():
     s = np.array([[0.9, 0.3], [0.8, 0.2]])
     thresholds, info = calibrate_relative_thresholds(s, np.ones_like(s, dtype=bool), default=0.1)
+    np.testing.assert_allclose(thresholds, DEFAULT_RELATIVE_THRESHOLD * np.array([0.85, 0.25]))
+    assert info["method"] == "default_relative_to_median_present" and "no absent" in info["reason"]
+    thresholds, info = calibrate_relative_thresholds(s, np.zeros_like(s, dtype=bool), default=0.1)
     assert thresholds.tolist() == [0.1, 0.1] and info["method"] == "default"
 
 
@@ -130,3 +133,14 @@ def test_uncertainty_model_learns_the_spread_cue_when_the_peak_says_nothing(tmp_
     model.write(tmp_path / "u.json")
     again = UncertaintyModel.read(tmp_path / "u.json")
     np.testing.assert_allclose(again(peaks, spread), model(peaks, spread))
+
+
+def test_final_validation_keeps_the_existence_score_that_separates_best():
+    from nnlandmark_h3de.training.final_validation import _choose_score
+    fit = lambda f1: (None, {"method": "best_f1_relative_to_median_present", "f1": f1})  # noqa: E731
+    default = (None, {"method": "default_relative_to_median_present"})
+    assert _choose_score({"peak": fit(0.93), "anchor": fit(0.80)}, "anchor") == "peak"
+    assert _choose_score({"peak": fit(0.80), "anchor": fit(0.80)}, "anchor") == "anchor"  # tie: preferred
+    assert _choose_score({"peak": fit(0.80), "anchor": fit(0.95)}, "anchor") == "anchor"
+    assert _choose_score({"peak": default, "anchor": default}, "anchor") == "anchor"  # nothing to compare
+    assert _choose_score({"peak": fit(0.9)}, "peak") == "peak"

@@ -102,16 +102,20 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
     assert ls.present.any()
     np.testing.assert_allclose(ls.uncertainty_mm[ls.present], model_u(ls.confidence)[ls.present], rtol=1e-4)
 
-    # the anchor-head variant: its final validation calibrates the anchor existence score, which
+    # the anchor-head variant: its final validation calibrates the anchor existence score and the peak
+    # height and keeps the one with the better validation F1 (anchor on ties), which
     # nnLandmark_predict then applies (peak height stays as the calibrated alternative)
     anchor = "nnLandmarkTrainerAnchor_2epochs_3iters"
     run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres_small", "0", "-tr", anchor, "-device", "cpu"], env, tmp_path)
     anchor_fold = nnunet_env["nnUNet_results"] / raw.name / f"{anchor}__nnUNetPlans__3d_fullres_small" / "fold_0"
     anchor_thresholds = json.loads((anchor_fold / "landmark_thresholds.json").read_text())
-    assert anchor_thresholds["score"] == "anchor" and len(anchor_thresholds["threshold"]) == 3
+    assert len(anchor_thresholds["threshold"]) == 3
     anchor_summary = json.loads((anchor_fold / "validation" / "summary.json").read_text())
-    assert anchor_summary["existence_threshold"]["score"] == "anchor"
-    assert "peak" in anchor_summary["existence_threshold"]["alternatives"]
+    chosen = anchor_summary["existence_threshold"]
+    assert chosen["score"] == anchor_thresholds["score"] and chosen["score"] in ("anchor", "peak")
+    other = "peak" if chosen["score"] == "anchor" else "anchor"
+    assert other in chosen["alternatives"]
+    assert chosen.get("f1", 0) >= chosen["alternatives"][other].get("f1", 0)
     out_anchor = tmp_path / "out_anchor"
     proc = run(["nnLandmark_predict", "-i", str(inp), "-o", str(out_anchor), "-d", str(DATASET_ID), "-c",
                 "3d_fullres_small", "-tr", anchor, "-f", "0", "-device", "cpu", "-npp", "0"], env, tmp_path)

@@ -28,6 +28,8 @@ __all__ = ["reference_scores", "calibrate_relative_thresholds", "fit_uncertainty
 
 # Cases of one landmark worth as much as the pooled estimate when shrinking its RMS error.
 SHRINKAGE_CASES = 3.0
+# Without absent validation landmarks: absent = under this fraction of the landmark's median present score.
+DEFAULT_RELATIVE_THRESHOLD = 0.25
 MAX_EXPONENT = 3.0
 
 
@@ -47,15 +49,22 @@ def calibrate_relative_thresholds(scores: np.ndarray, present: np.ndarray, defau
                                   ) -> Tuple[np.ndarray, Dict]:
     """(N, L) scores and truth -> per-landmark thresholds (L,) = t * median present score, and how.
 
-    With nothing to calibrate on (no absent or no present pair) every landmark gets `default`.
+    Validation cases without any absent landmark give no threshold to fit: then a landmark is called
+    absent only when its score is under DEFAULT_RELATIVE_THRESHOLD of its usual present score (so a
+    model with low peaks everywhere does not lose landmarks to an absolute cut). With no present
+    landmark at all, every landmark gets the absolute `default`.
     """
     scores, present = np.asarray(scores, dtype=np.float64), np.asarray(present, dtype=bool)
+    if not present.any():
+        t, info = calibrate_peak_threshold(scores, present)  # describes why there is nothing to fit
+        return np.full(scores.shape[1], float(default)), {**info, "threshold": float(default)}
     ref = reference_scores(scores, present)
     t, info = calibrate_peak_threshold(scores / ref[None], present)
+    described = {"relative_threshold": float(t), "median_present_score": ref.tolist()}
     if info["method"] == "default":
-        return np.full(scores.shape[1], float(default)), {**info, "threshold": float(default)}
-    return t * ref, {**info, "method": "best_f1_relative_to_median_present", "relative_threshold": float(t),
-                     "median_present_score": ref.tolist()}
+        t = DEFAULT_RELATIVE_THRESHOLD
+        return t * ref, {**info, **described, "method": "default_relative_to_median_present", "relative_threshold": t}
+    return t * ref, {**info, **described, "method": "best_f1_relative_to_median_present"}
 
 
 def _within_landmark(values: np.ndarray, ok: np.ndarray) -> np.ndarray:

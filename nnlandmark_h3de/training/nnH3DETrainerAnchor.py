@@ -9,8 +9,9 @@
   target (`centres_from_heatmaps`), so the data pipeline is unchanged;
 - final validation: besides the heatmap peaks, the anchor existence probability of every case
   (max over the anchors of all sliding-window tiles) is recorded; both scores are calibrated (best
-  F1) and compared in summary.json; `landmark_thresholds.json` stores the anchor one
-  (`"score": "anchor"`). Locations stay the heatmap peaks (the benchmark measures why).
+  F1) and compared in summary.json; `landmark_thresholds.json` stores the one with the better
+  validation F1, the anchor one on ties (`"score": "anchor"|"peak"`). Locations stay the heatmap
+  peaks (`benchmarks/bench_absent_landmarks.py` measures why).
 
 The wrapper returns `(heatmaps, AnchorOutput)` only in training mode; in eval mode it returns the
 heatmaps (stock predictor unchanged) and, with `record_existence`, keeps the running max existence
