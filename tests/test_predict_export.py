@@ -278,3 +278,10 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
                                          "-f", "0", "1", "-device", "cpu", "-npp", "0", "--disable_tta",
                                          "--disable_progress_bar", "--no_absent", "--uncertainty", "spread"], capsys)[0] == 0
     assert np.nanmax(read_points(spread / "c0.mrk.json").uncertainty_mm) < 1e-6
+    # nnLandmark_export -m applies the same calibrated uncertainty to the stock predictor's output
+    exported = tmp_path / "exported_calibrated"
+    assert in_process(export_cli.main, ["-i", probs, "-o", exported, "-m", model, "--no_absent", "--no_lr_check"],
+                      capsys)[0] == 0
+    for case in truth:
+        ls = read_points(exported / f"{case}.mrk.json")
+        np.testing.assert_allclose(ls.uncertainty_mm, np.array([2.0, 3.0, 4.0]) * (0.8 / ls.confidence) ** 0.5, rtol=1e-4)

@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "from nnLandmark_predict --save_heatmaps) into landmark files.")
     p.add_argument("-i", required=True, help="folder with the predictions")
     p.add_argument("-o", required=True, help="output folder for the landmark files")
-    p.add_argument("-m", help="trained model folder: landmark names, pairs and calibrated thresholds")
+    p.add_argument("-m", help="trained model folder: landmark names, pairs, calibrated thresholds and uncertainty")
     p.add_argument("-d", help="dataset name or id (with -tr/-p/-c), instead of -m")
     p.add_argument("-p", default="nnUNetPlans")
     p.add_argument("-tr", default="nnLandmarkTrainer")
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     from nnlandmark_h3de.inference.export import export_folder
     from nnlandmark_h3de.inference.landmark_predictor import landmark_names
     from nnlandmark_h3de.inference.postprocessing import read_fold_thresholds, resolve_pairs
+    from nnlandmark_h3de.inference.uncertainty import read_fold_uncertainty
 
     model_folder = args.m
     if model_folder is None and args.d is not None:
@@ -43,17 +44,19 @@ def main(argv=None) -> int:
         raise SystemExit(f"nnLandmark_export: {dj_path} not found; give the model with -m or -d")
     dataset_json = json.loads(dj_path.read_text())
     names = landmark_names(dataset_json)
-    thresholds = None
+    thresholds, uncertainty_model = None, None
     if model_folder is not None:
         folds = args.f or sorted(p.name[len("fold_"):] for p in Path(model_folder).glob("fold_*")
-                                 if (p / "landmark_thresholds.json").is_file())
+                                 if (p / "landmark_thresholds.json").is_file()
+                                 or (p / "landmark_uncertainty.json").is_file())
         thresholds, kind = read_fold_thresholds(model_folder, folds, names)
+        uncertainty_model = read_fold_uncertainty(model_folder, folds, names)
         if kind not in (None, "peak") and args.threshold is None:
             print(f"WARNING: thresholds were calibrated on '{kind}' scores, not peak heights; absent detection is off")
             thresholds = None
     _, failed = export_folder(args.i, args.o, names, resolve_pairs(dataset_json, names), thresholds,
                               postprocessing_options(args), args.format, overwrite=not args.continue_prediction,
-                              show_progress=not args.disable_progress_bar)
+                              show_progress=not args.disable_progress_bar, uncertainty_model=uncertainty_model)
     return 1 if failed else 0
 
 

@@ -85,10 +85,12 @@ def find_exportable_cases(folder) -> Dict[str, Tuple[str, Path]]:
 
 def export_folder(input_folder, output_folder, names: Sequence[str], pairs=(), thresholds=None,
                   options: Optional[PostprocessingOptions] = None, output_format: str = "mrk.json",
-                  overwrite: bool = True, show_progress: bool = True) -> Tuple[List[str], List[str]]:
+                  overwrite: bool = True, show_progress: bool = True, uncertainty_model=None
+                  ) -> Tuple[List[str], List[str]]:
     """Write one landmark file per exportable case; returns (written cases, failed cases).
 
-    A failing case is reported by name and the others go on.
+    `uncertainty_model` (the folds' `UncertaintyModel`): the calibrated uncertainty from the peak
+    heights instead of the heatmap width. A failing case is reported by name and the others go on.
     """
     options = options or PostprocessingOptions()
     cases = find_exportable_cases(input_folder)
@@ -105,6 +107,8 @@ def export_folder(input_folder, output_folder, names: Sequence[str], pairs=(), t
                 ls, peak = landmarks_from_probabilities(path, path.with_suffix(".pkl"), names)
             else:
                 ls, peak = landmarks_from_heatmap_nifti(path, names)
+            if uncertainty_model is not None:
+                ls.uncertainty_mm = uncertainty_model(peak)
             ls, report = postprocess(ls, peak, options, pairs, thresholds)
             for what in ("swapped", "absent"):
                 if report[what]:
