@@ -2,9 +2,10 @@
 
 Generated phantoms where every structure is left out with probability `--absent-fraction` (its
 landmarks absent from image and file) -> nnU-Net raw dataset -> plan/preprocess -> small
-configuration -> the same number of epochs for each trainer (in this process; `--minutes` caps each) -> each trainer's own
-final validation calibrates its existence threshold (best F1 on the validation cases) -> held-out
-test cases: existence precision/recall/F1 with that threshold, and MRE (mm, world) over the
+configuration -> the same number of epochs for each trainer (in this process; `--minutes` caps
+each) -> each trainer's own final validation calibrates the thresholds of every score it has (best
+F1 on the validation cases) and keeps the better score -> held-out test cases: existence
+precision/recall/F1 of each score with its calibrated thresholds, and MRE (mm, world) over the
 landmarks present in reference and prediction. Also printed, on the same test cases:
 - the oracle F1 (thresholds chosen on the test cases themselves: separability without calibration
   noise), for one global threshold and for thresholds relative to each landmark's median present
@@ -103,7 +104,11 @@ def train(base_cls, pre: Path, seconds: float, epochs: int, iterations: int, **a
     t_train = time.monotonic() - t0
     trainer.perform_actual_validation()
     thr = json.loads((Path(trainer.output_folder) / "landmark_thresholds.json").read_text())
-    return trainer, t_train, thr
+    summary = json.loads((Path(trainer.output_folder) / "validation" / "summary.json").read_text())
+    # every calibrated score's thresholds: the one kept (thr) and the alternatives
+    calibrated = {thr["score"]: thr["threshold"], **{k: v["threshold"] for k, v in
+                                                     summary["existence_threshold"].get("alternatives", {}).items()}}
+    return trainer, t_train, thr, calibrated
 
 
 def predict_test(trainer, raw: Path, test_cases, anchors: bool):
@@ -216,7 +221,8 @@ def main(argv=None):
         torch.manual_seed(args.seed)  # nnU-Net's data loader draws from numpy, the transforms from both
         np.random.seed(args.seed)
         random.seed(args.seed)
-        trainer, t_train, thr = train(cls, pre, 60 * args.minutes, args.epochs, args.iterations, **attributes)
+        trainer, t_train, thr, calibrated = train(cls, pre, 60 * args.minutes, args.epochs, args.iterations,
+                                                  **attributes)
         epochs = trainer.current_epoch
         pred = predict_test(trainer, raw, test, has_anchors)
         get = lambda key: np.array([pred[c][key] for c in test])  # noqa: E731
@@ -225,16 +231,15 @@ def main(argv=None):
             scores["anchor"] = get("anchor_sw")
             if "anchor_max" in pred[test[0]]:
                 scores["anchor_max_1patch"], scores["anchor_topk_mean_1patch"] = get("anchor_max"), get("anchor_topk_mean")
-        threshold = np.asarray(thr["threshold"], dtype=np.float64)  # per landmark
         main_score = thr["score"]
         r = {"trainer": cls.__name__, **attributes, "train_seconds": t_train, "epochs": epochs, "threshold": thr}
         for key, s in scores.items():
             entry = {"oracle_f1": oracle_f1(s, present, relative=True),
                      "oracle_f1_global_threshold": oracle_f1(s, present, relative=False)}
-            if key == main_score:
-                m = existence_metrics(s, present, threshold)
-                pts = get("peak_points")
-                entry.update(m, mre_mm=mre(pts, ref_pts, present & (s >= threshold))[0])
+            if key in calibrated:  # with the thresholds calibrated on the validation cases
+                t = np.asarray(calibrated[key], dtype=np.float64)
+                m = existence_metrics(s, present, t)
+                entry.update(m, mre_mm=mre(get("peak_points"), ref_pts, present & (s >= t))[0], kept=key == main_score)
             r[key] = entry
         loc = {"peak": mre(get("peak_points"), ref_pts, present)}
         for l in ("medoid", "weighted"):
@@ -260,7 +265,8 @@ def main(argv=None):
     print(f"heatmap-only location MRE (mm, all present landmarks, (mre, n)): {json.dumps(h['location_mre_mm_all_present'])}")
     for label, *_ in runs[1:]:
         a = results[label]
-        print(f"[{label}] F1 anchor / F1 peak(heatmap-only) = {a['anchor']['f1'] / max(1e-9, h['peak']['f1']):.3f}; "
+        print(f"[{label}] kept score: {a['threshold']['score']}; F1 anchor (its own calibrated thresholds) = "
+              f"{a['anchor']['f1']:.3f}, F1 peak(heatmap-only) = {h['peak']['f1']:.3f}; "
               "oracle F1 of each score: " + ", ".join(f"{k} {v['oracle_f1']:.3f}" for k, v in a.items()
                                                        if isinstance(v, dict) and "oracle_f1" in v)
               + "; with one global threshold: " + ", ".join(f"{k} {v['oracle_f1_global_threshold']:.3f}"
