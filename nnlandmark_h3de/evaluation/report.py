@@ -99,8 +99,10 @@ def format_table(summary: dict) -> str:
     lines.append(f"{summary['n_cases']} cases; errors and SDR over true positives; SDR rule: error <= r mm")
     corr = summary.get("uncertainty_vs_error")
     if corr:
+        within = corr.get("within_landmark_spearman_rho")
         lines.append(f"predicted uncertainty vs radial error: Spearman rho {corr['spearman_rho']:.2f} "
-                     f"over {corr['n_points']} true positives")
+                     f"over {corr['n_points']} true positives"
+                     + ("" if within is None else f" ({within:.2f} within landmarks)"))
     if summary.get("skipped"):
         lines.append(f"skipped {len(summary['skipped'])} item(s): see 'skipped' in the summary")
     return "\n".join(lines)
