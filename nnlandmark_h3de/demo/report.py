@@ -112,6 +112,12 @@ def write_report(result, path: Path, total_seconds: float) -> Path:
               f"absent. Full numbers: [{_rel(result.summary_file, root)}]({_rel(result.summary_file, root)}) "
               f"and the per-case CSV beside it.", ""]
         L += results_tables(summ) + [""]
+        corr = summ.get("uncertainty_vs_error")
+        if corr:
+            L += [f"Uncertainty: Spearman rho between the uncertainty written for each landmark and its error "
+                  f"{corr['spearman_rho']:.2f} over {corr['n_points']} true positives, "
+                  f"{_fmt(corr.get('within_landmark_spearman_rho'))} within landmarks (1 = the points to check by "
+                  f"hand are exactly the worst ones).", ""]
         micro = summ["foreground_mean"]["micro"]
         if micro["TP"] == 0:
             L += ["**No landmark was detected in the test cases** (every reference landmark is a false "
