@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the heatmaps resampled to the original image (<case>_heatmaps.nii.gz; slow)")
     p.add_argument("--uncertainty", choices=["calibrated", "spread"], default="calibrated",
                    help="per-landmark uncertainty (mm): 'calibrated' = the landmark's validation RMS error scaled by "
-                        "its peak height (fold_X/landmark_uncertainty.json; falls back to 'spread' without it), "
+                        "its peak height and the members' spread (fold_X/landmark_uncertainty.json; falls back to 'spread' without it), "
                         "'spread' = scatter of the folds' and mirrors' peaks (heatmap width with one member)")
     add_postprocessing_args(p)
     return p

@@ -25,7 +25,8 @@ from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_fold_thresholds,
                                                       resolve_pairs)
-from nnlandmark_h3de.inference.uncertainty import axis_step_mm, fold_spread_mm, heatmap_spread_mm, read_fold_uncertainty
+from nnlandmark_h3de.inference.uncertainty import (axis_step_mm, heatmap_spread_mm, member_spread_mm,
+                                                   read_fold_uncertainty)
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
 
 OUTPUT_FORMATS = ("mrk.json", "fcsv", "csv", "json")
@@ -171,8 +172,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
                                           network_shape=tuple(data.shape[1:]))
 
         points = to_world(idx)
-        # folds x test-time mirrors: how far the members' peaks scatter
-        spread = fold_spread_mm(np.stack([to_world(p) for p in fold_peaks]), points) if len(fold_peaks) > 1 else None
+        spread = member_spread_mm(fold_peaks, points, to_world)  # folds x test-time mirrors
         if self.uncertainty_model is not None:
             uncertainty = self.uncertainty_model(peak, spread)
         elif spread is not None:

@@ -87,7 +87,7 @@ def read_fold_thresholds(model_folder, folds: Sequence, names: Sequence[str]) ->
     """
     rows, kinds, missing = [], set(), []
     for f in folds:
-        fold_dir = Path(model_folder) / (f"fold_{f}" if f != "all" else "fold_all")
+        fold_dir = Path(model_folder) / f"fold_{f}"  # "all" -> fold_all
         path = fold_dir / "landmark_thresholds.json"
         if not path.is_file():
             missing.append(str(f))

@@ -1,8 +1,8 @@
 """Per-landmark uncertainty in millimetres, from what inference already has at hand.
 
 Calibrated, when the final validation wrote fold_X/landmark_uncertainty.json: the landmark's
-validation RMS error scaled by how much weaker than usual its peak is (`UncertaintyModel`, fitted
-in `training/calibration.py`). Otherwise two raw cues, both cheap: with several ensemble members
+validation RMS error scaled by how much weaker than usual its peak is and how much more than usual
+the ensemble members disagree (`UncertaintyModel`, fitted in `training/calibration.py`). Otherwise two raw cues, both cheap: with several ensemble members
 (folds and/or test-time mirrors), how far the members' own peaks scatter around the ensemble's (a
 direct sample of model disagreement); with one member (one fold, --disable_tta), the width of the
 heatmap around the peak (the fitted Gaussian's standard deviations, voxels -> mm through the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -40,6 +41,15 @@ def fold_spread_mm(fold_points: np.ndarray, ensemble_points: np.ndarray) -> np.n
     """RMS distance (mm) of each fold's point from the ensemble's point: (F, L, 3), (L, 3) -> (L,)."""
     d = np.linalg.norm(np.asarray(fold_points) - np.asarray(ensemble_points)[None], axis=2)
     return np.sqrt(np.mean(d ** 2, axis=0))
+
+
+def member_spread_mm(member_peaks: Sequence[np.ndarray], points: np.ndarray,
+                     index_to_world: Callable[[np.ndarray], np.ndarray]) -> Optional[np.ndarray]:
+    """Spread (mm) of the ensemble members' network-space peaks around the ensemble's world points;
+    None with fewer than two members (nothing to compare)."""
+    if len(member_peaks) < 2:
+        return None
+    return fold_spread_mm(np.stack([index_to_world(p) for p in member_peaks]), points)
 
 
 class UncertaintyModel:
@@ -116,11 +126,6 @@ class UncertaintyModel:
 
 def read_fold_uncertainty(model_folder, folds: Sequence, names: Sequence[str]) -> Optional[UncertaintyModel]:
     """The folds' `fold_X/landmark_uncertainty.json` averaged, in `names` order; None if no fold has one."""
-    from pathlib import Path
-
-    models = []
-    for f in folds:
-        path = Path(model_folder) / (f"fold_{f}" if f != "all" else "fold_all") / "landmark_uncertainty.json"
-        if path.is_file():
-            models.append(UncertaintyModel.read(path))
+    paths = [Path(model_folder) / f"fold_{f}" / "landmark_uncertainty.json" for f in folds]  # "all" -> fold_all
+    models = [UncertaintyModel.read(p) for p in paths if p.is_file()]
     return UncertaintyModel.mean(models, names) if models else None

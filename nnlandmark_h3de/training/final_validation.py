@@ -27,7 +27,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
 from nnlandmark_h3de.inference.peaks import decode_peaks
-from nnlandmark_h3de.inference.uncertainty import fold_spread_mm
+from nnlandmark_h3de.inference.uncertainty import member_spread_mm
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
 from nnlandmark_h3de.training.calibration import calibrate_relative_thresholds, fit_uncertainty_model
 from nnlandmark_h3de.training.landmark_validation import DEFAULT_PEAK_THRESHOLD, write_thresholds
@@ -76,8 +76,8 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
                                               network_shape=data.shape[1:])
 
             points = to_world(idx)
-            spread = (fold_spread_mm(np.stack([to_world(p) for p in member_peaks]), points) if len(member_peaks) > 1
-                      else np.full(len(points), np.nan))
+            spread = member_spread_mm(member_peaks, points, to_world)
+            spread = np.full(len(points), np.nan) if spread is None else spread
             scores = {"peak": np.asarray(peak, dtype=np.float64)}
             if existence_net is not None:
                 scores["anchor"] = existence_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
@@ -129,7 +129,7 @@ def _fit_uncertainty(results: dict, evaluated, reference, names):
     spread = np.array([results[c][2] for c in evaluated]).reshape(shape)
     present = np.array([reference[c].present for c in evaluated])
     return fit_uncertainty_model(names, errors.reshape(shape), peaks.reshape(shape), present.reshape(shape),
-                                 spread_mm=spread if np.isfinite(spread).all() else None)
+                                 spread_mm=spread)
 
 
 def run_final_validation(trainer, score: str = "peak", existence_net=None) -> None:
