@@ -29,8 +29,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-# Closer together than non-overlapping label balls allow at 2 mm (see dataset_conversion/convert_afids.py).
-DEFAULT_EXCLUDE = ("intermammillary sulcus", "R MB", "L MB")
 DATASET_ID, DATASET_NAME, CONFIGURATION = 988, "AFIDsReposedBenchmark", "3d_fullres_small"
 
 
@@ -178,10 +176,10 @@ def parse_args(argv=None):
     p.add_argument("--cpu_minutes", type=float, required=True, help="training wall-clock budget per trainer")
     p.add_argument("--cases_per_template", type=int, default=6, help="re-posed cases per template (default 6)")
     p.add_argument("--trainers", nargs="+", default=["nnLandmarkTrainer", "nnH3DETrainer"])
-    p.add_argument("--exclude_names", nargs="*", default=list(DEFAULT_EXCLUDE),
-                   help=f"landmarks left out (default: {', '.join(DEFAULT_EXCLUDE)}: too close for label balls)")
-    p.add_argument("--ball_radius_mm", type=float, default=2.0,
-                   help="label ball radius (default 2.0: AFIDs pairs come within ~5.5 mm once scaled by 0.9)")
+    p.add_argument("--exclude_names", nargs="*", default=[],
+                   help="landmarks left out (default: none, all 32 are evaluated: targets are the exact points)")
+    p.add_argument("--ball_radius_mm", type=float, default=None,
+                   help="label ball radius for nnU-Net's patch sampling (default: the converter's rule)")
     p.add_argument("--work_dir", type=Path, default=Path("afids_benchmark_work"),
                    help="where cases, nnU-Net folders and predictions go (default ./afids_benchmark_work)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --work_dir first")

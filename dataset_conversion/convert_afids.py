@@ -10,10 +10,9 @@ The .fcsv files are RAS (converted to LPS by the reader). Landmark names are the
 descriptions (`desc`: "AC", "R MB", ...; left/right pairs are then found from the R/L tokens), or
 with `--number_names` the AFID numbers "1".."32" (`label`).
 
-Crowding: the mammillary bodies and the intermammillary sulcus lie 2-5 mm apart, too close for
-non-overlapping label balls at 1-2 mm spacing; the converter refuses them with an error naming
-them. Leave them out with `--exclude_names "intermammillary sulcus" "R MB" "L MB"` (numbers 11 12 13)
-or pick `--ball_radius_mm`.
+All 32 landmarks convert: the mammillary bodies and the intermammillary sulcus lie 2-5 mm apart,
+which the trainers handle because their targets are the exact points of landmarks.json (the label
+balls only steer nnU-Net's patch sampling). `--exclude_names` still leaves landmarks out if wanted.
 
     python dataset_conversion/convert_afids.py -i ROOT -d 502 [-n AFIDs] [--exclude_names ...]
 """

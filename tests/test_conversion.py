@@ -196,24 +196,11 @@ def test_error_landmark_file_problems(tmp_path):
     assert_fails(tmp_path, {"a": (img, ls)}, r"exclude_names \['chin'\] do not occur", exclude_names=["chin"])
 
 
-def test_error_outside_overlap_border_crop_nan(tmp_path):
+def test_error_outside_and_nan(tmp_path):
     img = make_image()
     ls = centre_points(img, OFFS, NAMES)
     far = LandmarkSet(NAMES, ls.points_lps + [[0, 0, 0], [0, 0, 0], [500, 0, 0]], source="/x/far.fcsv")
     assert_fails(tmp_path, {"a": (img, ls), "b": (img, far)}, r"/x/far\.fcsv: landmark\(s\) outside the image.*nose")
-    close = LandmarkSet(NAMES, ls.points_lps * [1, 1, 1] + [[0, 0, 0], [0, 0, 0], [0, 0, 0]], source="close")
-    close.points_lps[1] = close.points_lps[0] + [2.0, 0, 0]
-    assert_fails(tmp_path, {"a": (img, ls), "c": (img, close)},
-                 r"case c .*'L_eye'-'R_eye' 2\.00 mm.*smaller --ball_radius_mm")
-    g = ImageGeometry.from_sitk(img)
-    edge = LandmarkSet(NAMES, np.vstack([ls.points_lps[:2], g.itk_index_to_world([0.2, 12, 10])]), source="edge")
-    assert_fails(tmp_path, {"a": (img, ls), "e": (img, edge)}, r"case e .*ball of 'nose' is cut by the border")
-    zeroed = sitk.GetArrayFromImage(img)
-    zeroed[:, :, :6] = 0  # nnU-Net would crop these columns away
-    zimg = sitk.GetImageFromArray(zeroed)
-    zimg.CopyInformation(img)
-    near = LandmarkSet(NAMES, np.vstack([ls.points_lps[:2], g.itk_index_to_world([6.5, 3, 10])]), source="near")
-    assert_fails(tmp_path, {"a": (img, ls), "z": (zimg, near)}, r"case z: the ball of 'nose' reaches outside the non-zero")
     nan = sitk.GetArrayFromImage(img)
     nan[0, 0, 0] = np.nan
     nimg = sitk.GetImageFromArray(nan)
@@ -221,6 +208,34 @@ def test_error_outside_overlap_border_crop_nan(tmp_path):
     assert_fails(tmp_path, {"a": (img, ls), "n": (nimg, ls)}, r"n \(in-memory image\): image contains NaN")
     with pytest.raises(ConversionError, match="test cases \\['zz'\\] are not among"):
         convert_dataset({"a": (img, ls)}, tmp_path / "D", test_cases=["zz"], progress=False)
+
+
+def test_close_border_and_cropped_landmarks_convert_exactly(tmp_path):
+    """Landmarks 1 mm apart, on the image border, or in the zero region nnU-Net crops away are
+    accepted: landmarks.json keeps them exactly; where balls meet, each voxel has the nearest label."""
+    img = make_image()
+    g = ImageGeometry.from_sitk(img)
+    ls = centre_points(img, OFFS, NAMES)
+    close = LandmarkSet(NAMES, ls.points_lps.copy(), source="close")
+    close.points_lps[1] = close.points_lps[0] + [1.0, 0, 0]
+    edge = LandmarkSet(NAMES, np.vstack([ls.points_lps[:2], g.itk_index_to_world([0.2, 12, 10])]), source="edge")
+    zeroed = sitk.GetArrayFromImage(img)
+    zeroed[:, :, :6] = 0  # nnU-Net crops these columns away
+    zimg = sitk.GetImageFromArray(zeroed)
+    zimg.CopyInformation(img)
+    near = LandmarkSet(NAMES, np.vstack([ls.points_lps[:2], g.itk_index_to_world([3.5, 3, 10])]), source="near")
+    out = convert_dataset({"c": (img, close), "e": (img, edge), "z": (zimg, near)}, tmp_path / "D",
+                          ball_radius_mm=2.0, progress=False)
+    lms = load_dataset_landmarks(out)
+    for case, ref in {"c": close, "e": edge, "z": near}.items():
+        np.testing.assert_allclose(lms[case].points_lps, ref.points_lps, atol=1e-9)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "c.nii.gz")))
+    idx = np.argwhere(labels > 0)
+    world = g.array_index_to_world(idx.astype(float))
+    d = np.linalg.norm(world[:, None] - close.points_lps[None], axis=2)
+    assert np.all(labels[tuple(idx.T)] == d.argmin(1) + 1)  # nearest landmark wins
+    assert np.all(d.min(1) <= 2.0 + 1e-9)
+    assert (labels == 1).sum() > 0 and (labels == 2).sum() > 0
 
 
 def test_all_errors_reported_together_and_drop_mode(tmp_path):
@@ -430,6 +445,8 @@ def test_convert_afids_script_flat_and_bids(tmp_path):
                              test_cases=["sub-02"], progress=False)
     lj = json.loads((out2 / "landmarks.json").read_text())
     assert lj["names"] == ["2", "3"] and sorted(lj["cases"]) == ["sub-01", "sub-02"] and lj["test_cases"] == ["sub-02"]
-    # crowded landmarks are refused by name
-    assert mod.main(["-i", str(flat), "-d", "23", "-o", str(tmp_path / "raw"), "--ball_radius_mm", "6"]) == 1
-    assert not (tmp_path / "raw" / "Dataset023_AFIDs").exists()
+    # crowded landmarks (balls of 6 mm around points 4-8 mm apart) convert: targets are the exact points
+    assert mod.main(["-i", str(flat), "-d", "23", "-o", str(tmp_path / "raw"), "--ball_radius_mm", "6"]) == 0
+    lms = load_dataset_landmarks(tmp_path / "raw" / "Dataset023_AFIDs")
+    for case, lps in truth.items():
+        np.testing.assert_allclose(lms[case].points_lps, lps, atol=1e-6)

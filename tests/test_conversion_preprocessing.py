@@ -1,6 +1,7 @@
-"""Converted datasets through the real `nnUNetv2_plan_and_preprocess`: the balls survive transpose,
-crop and resampling, and each ball's centre of mass in the preprocessed seg lies within half a
-target voxel of `world_to_network_index(exact point)`."""
+"""Converted datasets through the real `nnUNetv2_plan_and_preprocess`: the exact points mapped by
+`world_to_network_index` agree with where nnU-Net's own transpose, crop and resampling put each
+isolated landmark's ball (centre of mass within half a target voxel): the mapping the exact
+training targets rely on, checked against nnU-Net itself."""
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnlandmark_h3de.conversion import ConversionError, ConversionWarning, convert_dataset, load_dataset_landmarks
+from nnlandmark_h3de.conversion import convert_dataset, load_dataset_landmarks
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 from rotations import rotation
 
@@ -25,8 +26,14 @@ def plan_and_preprocess(dataset_id: int) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def ball_com_errors(pre_dataset: Path, landmarks: dict) -> dict:
-    """case -> (L,) max-abs per-axis error (target voxels) between ball COM and the mapped exact point."""
+def isolated(ls: LandmarkSet, min_distance_mm: float) -> np.ndarray:
+    d = np.linalg.norm(ls.points_lps[:, None] - ls.points_lps[None], axis=2) + np.eye(len(ls)) * 1e9
+    return d.min(1) >= min_distance_mm
+
+
+def ball_com_errors(pre_dataset: Path, landmarks: dict, min_distance_mm: float = 0.0) -> dict:
+    """case -> (L,) max-abs per-axis error (target voxels) between ball COM and the mapped exact point,
+    NaN for landmarks closer than `min_distance_mm` to another (their balls share voxels)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnlandmark_h3de.inference.index_mapping import world_to_network_index
@@ -42,7 +49,12 @@ def ball_com_errors(pre_dataset: Path, landmarks: dict) -> dict:
         ls = landmarks[case]
         expected = world_to_network_index(ls.points_lps, props, pm, cm)
         errs = []
-        for k in range(len(ls)):
+        inside = np.all((expected >= -0.5) & (expected <= np.asarray(seg.shape) - 0.5), 1)
+        assert inside.all(), f"{case}: exact points outside the preprocessed array"
+        for k, alone in enumerate(isolated(ls, min_distance_mm)):
+            if not alone:
+                errs.append(np.nan)
+                continue
             vox = np.argwhere(seg == k + 1)
             assert len(vox), f"{case}: ball of {ls.names[k]} vanished in preprocessing"
             errs.append(np.abs(vox.mean(0) - expected[k]).max())
@@ -50,25 +62,25 @@ def ball_com_errors(pre_dataset: Path, landmarks: dict) -> dict:
     return out
 
 
-def test_afids_templates_survive_nnunet_preprocessing(afids_dir, nnunet_env):
+def test_afids_templates_all_32_through_nnunet_preprocessing(afids_dir, nnunet_env):
     cases = {p.name[: -len(".nii.gz")]: (p, afids_dir / "landmarks" / p.name.replace(".nii.gz", ".fcsv"))
              for p in sorted((afids_dir / "images").glob("*.nii.gz"))}
     assert len(cases) == 3
     # At 2 mm the intermammillary sulcus (11) and the mammillary bodies (12, 13) lie 2.1-5 mm apart:
-    # one voxel. No label ball can keep them apart, and the converter says so by name.
-    with pytest.raises(ConversionError, match=r"'11'-'12' 2\.09 mm"):
-        convert_dataset(cases, dataset_id=301, dataset_name="AfidsAll", progress=False)
-    assert not any(nnunet_env["nnUNet_raw"].iterdir())
-    with pytest.warns(ConversionWarning, match="under 1.5 voxels"):
-        out = convert_dataset(cases, dataset_id=301, dataset_name="Afids", exclude_names=["11", "12", "13"],
-                              ball_radius_mm=2.4, progress=False)
+    # their balls share voxels (nearest landmark wins), their exact points stay apart in landmarks.json.
+    out = convert_dataset(cases, dataset_id=301, dataset_name="Afids", progress=False)
+    radius = json.loads((out / "dataset.json").read_text())["landmarks"]["ball_radius_mm"]
+    landmarks = load_dataset_landmarks(out)
+    assert all(len(ls) == 32 and ls.present.all() for ls in landmarks.values())
     plan_and_preprocess(301)
-    errs = ball_com_errors(nnunet_env["nnUNet_preprocessed"] / out.name, load_dataset_landmarks(out))
+    errs = ball_com_errors(nnunet_env["nnUNet_preprocessed"] / out.name, landmarks, 2 * radius + 1.0)
     assert sorted(errs) == sorted(cases)
-    worst = max(e.max() for e in errs.values())
-    print(f"AFIDs ball COM error (target voxels): max {worst:.3f}, mean {np.mean(np.concatenate(list(errs.values()))):.3f}")
-    assert all(len(e) == 29 for e in errs.values())
-    assert worst < 0.5, {c: float(e.max()) for c, e in errs.items()}
+    checked = np.concatenate(list(errs.values()))
+    checked = checked[np.isfinite(checked)]
+    print(f"AFIDs isolated-ball COM error (target voxels): max {checked.max():.3f}, mean {checked.mean():.3f} "
+          f"over {checked.size} landmarks")
+    assert checked.size >= 60
+    assert checked.max() < 0.5
 
 
 def test_anisotropic_rotated_dataset_resampled(nnunet_env):

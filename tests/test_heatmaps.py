@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnlandmark_h3de.heatmaps import (BallsToHeatmapsTransform, MirrorWithPairSwapTransform, ball_centres,
+from nnlandmark_h3de.heatmaps import (LandmarkHeatmapTransform, MirrorWithPairSwapTransform, ball_centres,
                                       expected_ball_voxels, left_right_axis, pair_permutation)
 
 
@@ -36,7 +36,7 @@ def make_seg(shape, balls):
 def test_subvoxel_centre_recovered():
     true_centre = np.array([14.3, 17.71, 12.45])
     seg = make_seg((32, 36, 28), {1: (true_centre, 4.0), 2: ((6.2, 8.9, 20.1), 2.5)})
-    out = BallsToHeatmapsTransform(num_landmarks=3, sigma=4.0)(segmentation=seg)["segmentation"]
+    out = LandmarkHeatmapTransform(num_landmarks=3, sigma=4.0)(segmentation=seg)["segmentation"]
     assert out.shape == (3, 32, 36, 28) and out.dtype == torch.float32
     h = out.numpy()
     voxels = np.argwhere(seg[0].numpy() == 1)
@@ -70,20 +70,20 @@ def test_presence_rule_for_balls_cut_by_the_border():
     seg = make_seg(shape, {1: ((12, 12, 12), 1.0)})
     _, present = ball_centres(seg[0], 1, expected_voxels=expected)
     assert present.tolist() == [True]
-    out = BallsToHeatmapsTransform(2, expected_voxels=expected)(segmentation=make_seg(shape, {2: ((-2.0, 5, 5), 3.0)}))
+    out = LandmarkHeatmapTransform(2, expected_voxels=expected)(segmentation=make_seg(shape, {2: ((-2.0, 5, 5), 3.0)}))
     assert not out["segmentation"].any()
 
 
 def test_label_beyond_landmark_count_is_an_error():
     seg = make_seg((16, 16, 16), {3: ((8, 8, 8), 2.0)})
     with pytest.raises(ValueError, match="label value 3"):
-        BallsToHeatmapsTransform(2)(segmentation=seg)
+        LandmarkHeatmapTransform(2)(segmentation=seg)
 
 
 def test_deep_supervision_scales_shapes_and_centres():
     seg = make_seg((40, 48, 32), {1: ((17.3, 22.6, 14.2), 3.0), 2: ((30.1, 9.4, 20.7), 3.0)})
     scales = [[1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], [0.25, 0.125, 0.125]]
-    outs = BallsToHeatmapsTransform(2, sigma=4.0, ds_scales=scales)(segmentation=seg)["segmentation"]
+    outs = LandmarkHeatmapTransform(2, sigma=4.0, ds_scales=scales)(segmentation=seg)["segmentation"]
     assert [tuple(o.shape) for o in outs] == [(2, 40, 48, 32), (2, 20, 24, 16), (2, 10, 12, 8), (2, 10, 6, 4)]
     full = outs[0].numpy()
     c = np.array([parabola_peak(full[k]) for k in range(2)])
@@ -114,7 +114,7 @@ def test_pair_swap_under_left_right_mirroring():
     other = mirror.apply({"segmentation": seg.clone()}, axes=[0])["segmentation"]
     assert torch.equal(other, torch.flip(seg, [1]))
     # heatmap channels follow: channel L0 peaks at the mirrored position of R0's ball
-    heat = BallsToHeatmapsTransform(3)(segmentation=flipped)["segmentation"].numpy()
+    heat = LandmarkHeatmapTransform(3)(segmentation=flipped)["segmentation"].numpy()
     assert np.allclose(parabola_peak(heat[0]), [10, 10, 29 - 24.5], atol=1e-3)
     assert np.allclose(parabola_peak(heat[2]), [10, 10, 29 - 5.5], atol=1e-3)
 
@@ -140,10 +140,10 @@ def test_left_right_axis_from_direction_and_transpose():
 
 
 def test_linear_ball_target_of_the_public_default():
-    from nnlandmark_h3de.heatmaps.linear_ball_heatmap import BallsToLinearBallHeatmapsTransform
+    from nnlandmark_h3de.heatmaps.linear_ball_heatmap import LinearBallHeatmapTransform
 
     seg = make_seg((40, 40, 40), {1: ((20, 20, 20), 3.0)})
-    outs = BallsToLinearBallHeatmapsTransform(2, radius=15.0, ds_scales=[[1, 1, 1], [0.5, 0.5, 0.5]])(
+    outs = LinearBallHeatmapTransform(2, radius=15.0, ds_scales=[[1, 1, 1], [0.5, 0.5, 0.5]])(
         segmentation=seg)["segmentation"]
     full = outs[0].numpy()
     assert full[0, 20, 20, 20] == pytest.approx(1.0)

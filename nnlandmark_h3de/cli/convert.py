@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", nargs="+", default=None, metavar="LEFT:RIGHT",
                    help="left/right landmark pairs (default: guessed from names such as L*/R*, left/right)")
     p.add_argument("--ball_radius_mm", type=float, default=None,
-                   help="label ball radius (default: 1.5 voxels of the coarsest original or target spacing)")
+                   help="label ball radius, for nnU-Net's planning and patch sampling only; training targets are "
+                        "the exact points (default: 1.5 voxels of the coarsest original or target spacing)")
     p.add_argument("--channel_name", default="image",
                    help="nnU-Net channel name; 'CT' selects CT intensity normalisation (default: image)")
     p.add_argument("--drop_bad_cases", action="store_true",

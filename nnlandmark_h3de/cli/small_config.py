@@ -16,6 +16,9 @@ def main(argv=None):
     p.add_argument("--base_features", type=int, default=16, help="features of the first stage (default 16)")
     p.add_argument("--max_features", type=int, default=None, help="feature cap (default: the base's)")
     p.add_argument("--batch_size", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--spacing", type=float, nargs="+", default=None,
+                   help="target spacing in mm per axis, in the plans' axis order (default: the base's); a new spacing needs "
+                        "`nnUNetv2_preprocess -d D -c NAME` afterwards")
     args = p.parse_args(argv)
 
     from nnunetv2.paths import nnUNet_preprocessed
@@ -32,12 +35,14 @@ def main(argv=None):
     try:
         entry = add_small_configuration(plans_file, name=args.name, base=args.base, patch_size=args.patch_size,
                                         base_features=args.base_features, max_features=args.max_features,
-                                        batch_size=args.batch_size)
+                                        batch_size=args.batch_size, spacing=args.spacing)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"nnLandmark_add_small_config: {e}")
     kw = entry["architecture"]["arch_kwargs"]
     print(f"{plans_file}: configuration {args.name!r} (inherits {args.base!r}): patch {entry['patch_size']}, "
           f"batch {entry['batch_size']}, {kw['n_stages']} stages, features {kw['features_per_stage']}")
+    if args.spacing is not None:
+        print(f"spacing {entry['spacing']} mm: now run nnUNetv2_preprocess -d {args.dataset} -c {args.name}")
 
 
 if __name__ == "__main__":

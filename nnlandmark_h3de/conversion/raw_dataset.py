@@ -1,15 +1,15 @@
-"""Images + landmarks -> an nnU-Net raw dataset whose label balls carry the landmarks.
+"""Images + landmarks -> an nnU-Net raw dataset: exact points in landmarks.json, label balls for nnU-Net.
 
 Layout and JSON contracts: docs/architecture.md ("Raw dataset written by the converter"). The
 dataset is built in a hidden temporary folder beside the target and renamed into place only when
 complete, so a failed conversion never leaves a half-written dataset.
 
 Per-case problems (unreadable image or landmark file, 4D or multi-component image, NaN/inf
-intensities, unknown landmark names, a landmark outside the image, a ball clipped by the image
-border or by nnU-Net's crop to the non-zero region, a ball without voxels, two balls closer than
-2 r + margin) are collected over all cases and raised together (`on_error="raise"`), or the
+intensities, unknown or duplicate landmark names, NaN coordinates, a landmark outside the image) are collected over all cases and raised together (`on_error="raise"`), or the
 offending cases are dropped with a `ConversionWarning` (`on_error="drop"`). Landmarks that are
-absent (NaN) are fine: they get no ball and `null` in landmarks.json.
+absent (NaN) are fine: they get no ball and `null` in landmarks.json. The training targets are the
+exact points; the balls (nearest landmark wins where they meet, see draw_balls.py) only feed nnU-Net's
+planning and foreground-oversampled patch positions, so landmarks may lie at any distance apart.
 """
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from nnlandmark_h3de.conversion.ball_radius import (MIN_RADIUS_VOXELS, ball_radius_mm as radius_rule,
-                                                    min_drawable_radius_mm, nnunet_target_spacing)
+                                                    nnunet_target_spacing)
 from nnlandmark_h3de.conversion.dataset_landmarks import LANDMARKS_FILE, landmark_info_dict, landmarks_json_dict
-from nnlandmark_h3de.conversion.draw_balls import (ball_voxels, draw_balls, find_overlaps, label_dtype,
-                                                   nonzero_bbox_zyx, voxels_outside_box)
+from nnlandmark_h3de.conversion.draw_balls import draw_balls, label_dtype
 from nnlandmark_h3de.conversion.errors import ConversionError, ConversionWarning
 from nnlandmark_h3de.conversion.lazy_image import LazyImage
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry, read_image_header
@@ -176,33 +175,6 @@ def _check_inside(c: _Case) -> None:
                         f"{'; '.join(bad)}. Wrong coordinate system (RAS vs LPS) or wrong image?")
 
 
-def _check_balls(c: _Case, radius: float, min_distance: float) -> None:
-    """Balls must not overlap (distance >= 2 r + margin), nor be empty, nor be cut by the image border."""
-    ls, geo = c.landmarks, c.geometry
-    overlaps = find_overlaps(ls.names, ls.points_lps, min_distance)
-    if overlaps:
-        margin = min_distance - 2 * radius
-        listing = ", ".join(f"{a!r}-{b!r} {d:.2f} mm" for a, b, d in overlaps[:5])
-        if len(overlaps) > 5:
-            listing += f" and {len(overlaps) - 5} more pair(s)"
-        closest = overlaps[0][2]
-        raise CaseError(f"case {c.case} ({ls.source}): balls of radius {radius} mm would overlap for {listing} "
-                        f"(need >= {min_distance:.2f} mm = 2 x radius + {margin:.2f} mm margin); use a smaller "
-                        f"--ball_radius_mm (<= {max(0.0, (closest - margin) / 2):.2f} mm separates them, but below "
-                        f"{min_drawable_radius_mm(geo.spacing):.2f} mm a ball may hold no voxel) or leave landmarks "
-                        f"out with --exclude_names")
-    for n, p in zip(ls.names, ls.points_lps):
-        if np.isnan(p).any():
-            continue
-        ball = ball_voxels(geo, p, radius)
-        if ball.n_outside:
-            raise CaseError(f"case {c.case} ({ls.source}): the {radius} mm ball of {n!r} is cut by the border of "
-                            f"{c.image_label} ({ball.n_outside} voxel(s) outside): its centre of mass would move")
-        if ball.n_inside == 0:
-            raise CaseError(f"case {c.case}: the {radius} mm ball of {n!r} contains no voxel of {c.image_label} "
-                            f"(spacing {geo.spacing}); use a larger --ball_radius_mm")
-
-
 def _validate_pairs(pairs, names: Sequence[str]) -> List[Tuple[str, str]]:
     out, seen = [], set()
     for pair in pairs:
@@ -244,16 +216,7 @@ def _write_case(c: _Case, out: Path, names: Sequence[str], radius: float) -> Non
     if c.is_test:
         sitk.WriteImage(image, str(out / "imagesTs" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
         return
-    labels, balls = draw_balls(c.geometry, c.landmarks.points_lps, radius, label_dtype(len(names)))
-    box = nonzero_bbox_zyx(arr)
-    for n, ball in zip(names, balls):
-        if ball is None:
-            continue
-        cut = ball.n_inside if box is None else voxels_outside_box(ball, box)
-        if cut:
-            raise CaseError(f"case {c.case}: the ball of {n!r} reaches outside the non-zero region of "
-                            f"{c.image_label} ({cut} voxel(s)); nnU-Net crops every case to that region, which would "
-                            f"cut the ball and move its centre of mass")
+    labels, _ = draw_balls(c.geometry, c.landmarks.points_lps, radius, label_dtype(len(names)))
     label_img = sitk.GetImageFromArray(labels)
     label_img.CopyInformation(image)
     sitk.WriteImage(image, str(out / "imagesTr" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
@@ -290,12 +253,12 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
         (the keyword arguments `dataset_id`/`dataset_name` do the same).
     names: landmark (channel) order; default: the first case's order. Every case is reordered to it;
         a case naming a landmark outside `names` is an error. `exclude_names` are removed from every
-        case first (e.g. landmarks too close together to keep apart as balls).
+        case first.
     pairs: left/right pairs; default `find_lr_pairs(names)`.
     test_cases: case ids written to imagesTs (no label; their points still go to landmarks.json).
     ball_radius_mm: default `ball_radius.ball_radius_mm` over the training cases' spacings and
-        `target_spacing` (default: what nnU-Net's planner will pick). Balls closer than
-        2 r + half a target voxel are refused.
+        `target_spacing` (default: what nnU-Net's planner will pick); where balls meet, the
+        nearest landmark takes the voxel.
     on_error: "raise" (all per-case problems reported together, nothing written) or "drop"
         (offending cases skipped with a ConversionWarning).
     splits: optional nnU-Net splits (list of {"train": [...], "val": [...]}) written to
@@ -400,19 +363,10 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
         advised = radius_rule(spacings, target_sp, min_voxels=min_radius_voxels) if spacings else radius
         if radius < advised:
             warnings.warn(f"ball radius {radius} mm is under {min_radius_voxels} voxels of the coarsest spacing "
-                          f"({advised} mm advised): balls may shrink or vanish in nnU-Net's resampling",
+                          f"({advised} mm advised): balls may vanish in nnU-Net's resampling, and patches are then "
+                          "sampled less often around those landmarks (targets use the exact points)",
                           ConversionWarning, stacklevel=2)
-    min_distance = 2 * radius + 0.5 * float(np.max(target_sp))
-
-    checked: List[_Case] = []
-    for c in train:
-        try:
-            _check_balls(c, radius, min_distance)
-        except CaseError as e:
-            fail(c.case, str(e))
-            continue
-        checked.append(c)
-    checked += [c for c in kept if c.is_test]
+    checked = train + [c for c in kept if c.is_test]
     if problems and on_error == "raise":
         raise ConversionError(f"{len(problems)} case(s) cannot be converted (fix them, or drop them with "
                               f"on_error='drop' / --drop_bad_cases):\n" + "\n".join(f"  {v}" for v in problems.values()))
@@ -442,7 +396,7 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
             (tmp / "imagesTs").rmdir()
         dataset_json = {
             "name": target.name.split("_", 1)[-1] if target.name.startswith("Dataset") else target.name,
-            "description": "3D anatomical landmarks as label balls (nnlandmark_h3de)",
+            "description": "3D anatomical landmarks: exact points in landmarks.json, label balls for sampling (nnlandmark_h3de)",
             "channel_names": {"0": channel_name},
             "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(names)}},
             "numTraining": n_train,

@@ -1,5 +1,9 @@
-"""Heatmap targets: label balls of the augmented patch -> Gaussian heatmaps (batchgeneratorsv2 transforms)."""
-from nnlandmark_h3de.heatmaps.gaussian_heatmap import (BallsToHeatmapsTransform, ball_centres, expected_ball_voxels,
-                                                       gaussian_heatmaps)
+"""Heatmap targets: exact points (or label balls) of the augmented patch -> Gaussian heatmaps
+(batchgeneratorsv2 transforms), and the keypoint-aware transforms that carry the points there."""
+from nnlandmark_h3de.heatmaps.gaussian_heatmap import (LandmarkHeatmapTransform, ball_centres, expected_ball_voxels,
+                                                       gaussian_heatmaps, keypoint_centres)
+from nnlandmark_h3de.heatmaps.keypoint_transforms import (Convert2DTo3DWithKeypoints, Convert3DTo2DWithKeypoints,
+                                                          LabelsToPaddingMaskTransform, SpatialTransformWithKeypoints,
+                                                          as_keypoints, make_landmark_aware)
 from nnlandmark_h3de.heatmaps.mirror_pairs import (MirrorWithPairSwapTransform, dataset_left_right_axes,
                                                    left_right_axis, pair_permutation)

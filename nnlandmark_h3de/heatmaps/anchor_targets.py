@@ -1,6 +1,6 @@
 """Targets and loss of the anchor head, built on the device inside the training step.
 
-Why from the heatmap target: `BallsToHeatmapsTransform` already found each landmark's sub-voxel
+Why from the heatmap target: `LandmarkHeatmapTransform` already found each landmark's sub-voxel
 centre in the augmented patch and drew an untruncated Gaussian there (all zeros when the landmark
 is absent from the patch). The log of a Gaussian is a parabola along every axis, so three samples
 around the peak give the centre back exactly (to float32 rounding): no change to the data pipeline,

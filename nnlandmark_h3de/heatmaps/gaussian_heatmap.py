@@ -1,12 +1,17 @@
-"""Label balls of an augmented patch -> one Gaussian heatmap per landmark (the training target).
+"""Landmark positions in an augmented patch -> one Gaussian heatmap per landmark (the training target).
 
-Why here and not in preprocessing: the balls ride through nnU-Net's spatial augmentation like any
-segmentation, so the heatmap is built LAST, from wherever the augmentation put each ball. Its centre
-is the ball's sub-voxel centre of mass (one pass over the foreground voxels: bincount / index_add
-by label value), and the Gaussian is a separable outer product of three 1D profiles per landmark,
-so the cost is one write of the (L, ...) target per scale.
+Why here and not in preprocessing: the heatmap is built LAST, after nnU-Net's crop and spatial
+augmentation, from wherever the augmentation put each landmark. Two sources of that position:
+- exact points (`keypoints`, see keypoint_transforms.py): the converter's world coordinates mapped
+  into the preprocessed grid and moved by the same crop/rotation/scaling/mirroring as the image. A
+  landmark is present in the patch when its point lies within the patch's voxels
+  (-0.5 <= x <= n - 0.5 on every axis); no limit on how close landmarks are or how coarse the grid is;
+- label balls (fallback for hand-made datasets without landmarks.json): the sub-voxel centre of
+  mass of each ball (one pass over the foreground voxels: bincount / index_add by label value).
+The Gaussian is a separable outer product of three 1D profiles per landmark, so the cost is one
+write of the (L, ...) target per scale.
 
-Presence rule (a landmark whose channel is all zeros is "absent from this patch"): the ball has at
+Ball presence rule (a landmark whose channel is all zeros is "absent from this patch"): the ball has at
 least one voxel in the patch AND either it does not touch the patch border (the whole ball is
 visible, whatever the scaling augmentation did to its size) or its visible voxel count is at least
 `min_visible_fraction` of the ball's expected volume. A ball cut by the border has a centre of mass
@@ -24,9 +29,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from batchgeneratorsv2.transforms.base.basic_transform import SegOnlyTransform
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
-__all__ = ["BallsToHeatmapsTransform", "ball_centres", "gaussian_heatmaps", "expected_ball_voxels"]
+__all__ = ["LandmarkHeatmapTransform", "ball_centres", "keypoint_centres", "gaussian_heatmaps", "expected_ball_voxels"]
 
 
 def expected_ball_voxels(radius_mm: Optional[float], spacing: Sequence[float]) -> Optional[float]:
@@ -72,6 +77,21 @@ def ball_centres(label_map: torch.Tensor, num_landmarks: int, expected_voxels: O
     return centres, present
 
 
+def keypoint_centres(keypoints: torch.Tensor, shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact points (L, ndim) in patch voxels -> centres (NaN where absent) and present (L,): a point
+    counts when it is finite and lies within the patch's voxels (-0.5 <= x <= n - 0.5 per axis)."""
+    kp = torch.as_tensor(keypoints, dtype=torch.float64)
+    if kp.ndim != 2 or kp.shape[1] != len(shape):
+        raise ValueError(f"keypoints of shape {tuple(kp.shape)} do not match a {len(shape)}D patch")
+    upper = torch.tensor([n - 0.5 for n in shape], dtype=torch.float64)
+    finite = torch.isfinite(kp).all(1)
+    inside = ((kp >= -0.5) & (kp <= upper)).all(1)
+    present = finite & inside
+    centres = kp.clone()
+    centres[~present] = float("nan")
+    return centres, present
+
+
 def gaussian_heatmaps(centres: torch.Tensor, present: torch.Tensor, shape: Sequence[int],
                       sigma: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(L, *shape) heatmaps exp(-|x - c|^2 / 2 sigma^2) (peak 1 at c), zeros where not present.
@@ -93,17 +113,20 @@ def gaussian_heatmaps(centres: torch.Tensor, present: torch.Tensor, shape: Seque
     return out.contiguous()
 
 
-class BallsToHeatmapsTransform(SegOnlyTransform):
+class LandmarkHeatmapTransform(BasicTransform):
     """Replaces the label patch (1, ...) by float heatmaps (L, ...), or a list of them, one per
     deep-supervision scale (nnU-Net's `_get_deep_supervision_scales()` order: full resolution first).
 
+    from_keypoints: take the landmarks from the `keypoints` entry (exact points); a pipeline that lost
+        them is an error. False: from the label balls (datasets without exact points).
     sigma: voxels of the target spacing at full resolution (scalar or one per axis).
-    expected_voxels / min_visible_fraction: the partial-ball rule of the module doc.
+    expected_voxels / min_visible_fraction: the partial-ball rule of the module doc (balls only).
     """
 
     def __init__(self, num_landmarks: int, sigma: Union[float, Sequence[float]] = 4.0,
                  ds_scales: Optional[Sequence[Sequence[float]]] = None,
-                 expected_voxels: Optional[float] = None, min_visible_fraction: float = 0.5):
+                 expected_voxels: Optional[float] = None, min_visible_fraction: float = 0.5,
+                 from_keypoints: bool = False):
         super().__init__()
         if num_landmarks < 1:
             raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
@@ -112,12 +135,31 @@ class BallsToHeatmapsTransform(SegOnlyTransform):
         self.ds_scales = None if ds_scales is None else [tuple(float(x) for x in s) for s in ds_scales]
         self.expected_voxels = expected_voxels
         self.min_visible_fraction = float(min_visible_fraction)
+        self.from_keypoints = bool(from_keypoints)
 
-    def _apply_to_segmentation(self, segmentation: torch.Tensor, **params) -> Union[torch.Tensor, List[torch.Tensor]]:
-        label_map = segmentation[0]
-        shape = tuple(label_map.shape)
+    def apply(self, data_dict, **params):
+        segmentation = data_dict.get("segmentation")
+        if segmentation is None:
+            raise ValueError("LandmarkHeatmapTransform needs the 'segmentation' entry (its patch shape, or its balls)")
+        shape = tuple(segmentation.shape[1:])
+        if self.from_keypoints:
+            keypoints = data_dict.get("keypoints")
+            if keypoints is None:
+                raise ValueError("LandmarkHeatmapTransform(from_keypoints=True): the data has no 'keypoints' "
+                                 "(a transform without keypoint support dropped them, or the loader did not add them)")
+            if keypoints.shape[0] != self.num_landmarks:
+                raise ValueError(f"{keypoints.shape[0]} keypoints for {self.num_landmarks} landmarks")
+            centres, present = keypoint_centres(keypoints, shape)
+        else:
+            centres, present = ball_centres(segmentation[0], self.num_landmarks, self.expected_voxels,
+                                            self.min_visible_fraction)
+        data_dict["segmentation"] = self.render_scales(centres, present, shape)
+        return data_dict
+
+    def render_scales(self, centres: torch.Tensor, present: torch.Tensor,
+                      shape: Sequence[int]) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """The target at full resolution, or one per deep-supervision scale."""
         ndim = len(shape)
-        centres, present = ball_centres(label_map, self.num_landmarks, self.expected_voxels, self.min_visible_fraction)
         if self.ds_scales is None:
             return self.render(centres, present, shape, [1.0] * ndim)
         results = []

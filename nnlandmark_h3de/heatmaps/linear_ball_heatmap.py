@@ -1,15 +1,15 @@
 """The public nnLandmark code's default target: a linear distance ball, 1 at the landmark falling
 to 0 at `radius` voxels (15 there), instead of the paper's Gaussian. Same centres, presence rule
-and deep-supervision scales as BallsToHeatmapsTransform; only the profile differs."""
+and deep-supervision scales as LandmarkHeatmapTransform; only the profile differs."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import torch
 
-from nnlandmark_h3de.heatmaps.gaussian_heatmap import BallsToHeatmapsTransform
+from nnlandmark_h3de.heatmaps.gaussian_heatmap import LandmarkHeatmapTransform
 
-__all__ = ["BallsToLinearBallHeatmapsTransform", "linear_ball_heatmaps"]
+__all__ = ["LinearBallHeatmapTransform", "linear_ball_heatmaps"]
 
 
 def linear_ball_heatmaps(centres: torch.Tensor, present: torch.Tensor, shape: Sequence[int],
@@ -29,12 +29,13 @@ def linear_ball_heatmaps(centres: torch.Tensor, present: torch.Tensor, shape: Se
     return out * present.to(dtype).view([L] + [1] * len(shape))
 
 
-class BallsToLinearBallHeatmapsTransform(BallsToHeatmapsTransform):
+class LinearBallHeatmapTransform(LandmarkHeatmapTransform):
     def __init__(self, num_landmarks: int, radius: Union[float, Sequence[float]] = 15.0,
                  ds_scales: Optional[Sequence[Sequence[float]]] = None,
-                 expected_voxels: Optional[float] = None, min_visible_fraction: float = 0.5):
+                 expected_voxels: Optional[float] = None, min_visible_fraction: float = 0.5,
+                 from_keypoints: bool = False):
         super().__init__(num_landmarks, sigma=radius, ds_scales=ds_scales, expected_voxels=expected_voxels,
-                         min_visible_fraction=min_visible_fraction)
+                         min_visible_fraction=min_visible_fraction, from_keypoints=from_keypoints)
         self.radius = radius
 
     def render(self, centres, present, shape, ratio):

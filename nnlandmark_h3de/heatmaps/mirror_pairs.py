@@ -61,7 +61,8 @@ def dataset_left_right_axes(properties_list: Iterable[dict], transpose_forward: 
 
 
 class MirrorWithPairSwapTransform(MirrorTransform):
-    """nnU-Net's MirrorTransform, plus: when `lr_axis` is flipped, label k becomes label p[k-1]+1."""
+    """nnU-Net's MirrorTransform, plus: when `lr_axis` is flipped, label k becomes label p[k-1]+1 and
+    keypoint row k becomes row p[k]. Keypoints (L, ndim) move to n - 1 - x along each flipped axis."""
 
     def __init__(self, allowed_axes: Tuple[int, ...], lr_axis: Optional[int], permutation: Sequence[int]):
         super().__init__(allowed_axes)
@@ -69,6 +70,21 @@ class MirrorWithPairSwapTransform(MirrorTransform):
         self.permutation = list(permutation)
         # lookup for label values -1 (nnU-Net's padding), 0 (background), 1..L
         self._lut = torch.tensor([-1, 0] + [p + 1 for p in self.permutation], dtype=torch.long)
+
+    def get_parameters(self, **data_dict) -> dict:
+        params = super().get_parameters(**data_dict)
+        params["spatial_shape"] = tuple(data_dict["image"].shape[1:])
+        return params
+
+    def _apply_to_keypoints(self, keypoints: torch.Tensor, **params) -> torch.Tensor:
+        kp = torch.as_tensor(keypoints, dtype=torch.float64).clone()
+        for axis in params["axes"]:
+            kp[:, axis] = params["spatial_shape"][axis] - 1 - kp[:, axis]
+        if self.lr_axis is not None and self.lr_axis in params["axes"]:
+            if kp.shape[0] != len(self.permutation):
+                raise ValueError(f"{kp.shape[0]} keypoints but a pair permutation of {len(self.permutation)} landmarks")
+            kp = kp[torch.as_tensor(self.permutation)]  # new row i = old row p[i] (p is an involution)
+        return kp
 
     def _apply_to_segmentation(self, segmentation: torch.Tensor, **params) -> torch.Tensor:
         segmentation = super()._apply_to_segmentation(segmentation, **params)

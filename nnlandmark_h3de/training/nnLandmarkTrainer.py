@@ -1,8 +1,12 @@
 """nnLandmarkTrainer: nnU-Net's trainer doing heatmap regression (the nnLandmark paper recipe).
 
 What changes against nnUNetTrainer, and only that:
-- targets: the label balls of each augmented patch become Gaussian heatmaps (BallsToHeatmapsTransform,
-  appended last; it also makes every deep-supervision scale, replacing DownsampleSegForDSTransform);
+- targets: each case's exact landmark points (landmarks.json, mapped into the preprocessed grid) ride
+  through the crop and augmentation as `keypoints` (nnLandmarkDataLoader, keypoint-aware spatial,
+  mirror and dummy-2D transforms) and become Gaussian heatmaps (LandmarkHeatmapTransform, appended
+  last; it also makes every deep-supervision scale, replacing DownsampleSegForDSTransform). The label
+  balls then only serve nnU-Net's planning and foreground sampling. Datasets without landmarks.json
+  fall back to the balls' centres of mass, with a warning;
 - network: the plans' network with L outputs, wrapped to emit 1 + L channels (channel 0 = 0), so the
   stock predictor still runs; built in `build_landmark_body` (subclasses swap the body there);
 - loss: MSE of sigmoid(channels 1..L) vs heatmaps, deep supervision weighted like nnU-Net;
@@ -16,6 +20,7 @@ What changes against nnUNetTrainer, and only that:
 from __future__ import annotations
 
 import os
+import warnings
 from os.path import isfile, join
 from typing import List, Optional, Sequence, Tuple
 
@@ -26,15 +31,15 @@ from torch._dynamo import OptimizedModule
 
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
-from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnlandmark_h3de.heatmaps import (BallsToHeatmapsTransform, MirrorWithPairSwapTransform, dataset_left_right_axes,
-                                      expected_ball_voxels, pair_permutation)
+from nnlandmark_h3de.heatmaps import (LandmarkHeatmapTransform, dataset_left_right_axes, expected_ball_voxels,
+                                      make_landmark_aware, pair_permutation)
+from nnlandmark_h3de.training.landmark_data_loader import exact_points_per_case, loaders_built_as
 from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss, deep_supervision_weights
 from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
 from nnlandmark_h3de.training.landmark_progress import LandmarkLocalLogger
@@ -87,6 +92,7 @@ class nnLandmarkTrainer(nnUNetTrainer):
         self.num_landmarks = len(self.landmark_names)
         self.pair_permutation = pair_permutation(self.landmark_names, self.landmark_pairs)
         self.left_right_axis: Optional[int] = None  # set in configure_rotation_dummyDA_mirroring_and_inital_patch_size
+        self.exact_points: Optional[dict] = None  # case -> (L, 3) preprocessed-grid indices; set in get_dataloaders
         self.initial_lr = 5e-4
         self.logger.local_logger = LandmarkLocalLogger()
         if self.device.type == "cpu" and hasattr(os, "sched_getaffinity"):
@@ -186,30 +192,56 @@ class nnLandmarkTrainer(nnUNetTrainer):
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def build_heatmap_transform(self, deep_supervision_scales) -> BasicTransform:
-        return BallsToHeatmapsTransform(
+        return LandmarkHeatmapTransform(
             self.num_landmarks, sigma=self.heatmap_sigma, ds_scales=deep_supervision_scales,
             expected_voxels=expected_ball_voxels(self.ball_radius_mm, self.configuration_manager.spacing),
-            min_visible_fraction=self.min_visible_fraction)
+            min_visible_fraction=self.min_visible_fraction, from_keypoints=self.exact_points is not None)
+
+    def _with_landmark_transforms(self, compose) -> BasicTransform:
+        return make_landmark_aware(compose, self.left_right_axis, self.pair_permutation,
+                                   exact_points=self.exact_points is not None)
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
                                 foreground_labels=None, regions=None, ignore_label=None) -> BasicTransform:
-        """nnU-Net's pipeline without its seg downsampling, mirroring with pair swap, heatmaps last."""
+        """nnU-Net's pipeline without its seg downsampling, landmark-aware moves, heatmaps last."""
         compose = super().get_training_transforms(patch_size, rotation_for_DA, None, mirror_axes, do_dummy_2d_data_aug,
                                                   use_mask_for_norm, is_cascaded, foreground_labels, regions,
                                                   ignore_label)
-        for i, t in enumerate(compose.transforms):
-            if type(t) is MirrorTransform:
-                compose.transforms[i] = MirrorWithPairSwapTransform(t.allowed_axes, self.left_right_axis,
-                                                                    self.pair_permutation)
+        compose = self._with_landmark_transforms(compose)
         compose.transforms.append(self.build_heatmap_transform(deep_supervision_scales))
         return compose
 
     def get_validation_transforms(self, deep_supervision_scales, is_cascaded=False, foreground_labels=None,
                                   regions=None, ignore_label=None) -> BasicTransform:
         compose = super().get_validation_transforms(None, is_cascaded, foreground_labels, regions, ignore_label)
+        compose = self._with_landmark_transforms(compose)
         compose.transforms.append(self.build_heatmap_transform(deep_supervision_scales))
         return compose
+
+    # ------------------------------------------------------------- data loading
+    def load_exact_points(self) -> Optional[dict]:
+        """Every training/validation case's exact points in its preprocessed grid, or None (with a
+        warning) when the dataset has no landmarks.json: then the label balls' centres are the targets."""
+        from nnlandmark_h3de.conversion.dataset_landmarks import load_dataset_landmarks
+        file = self.reference_landmarks_file()
+        if file is None:
+            msg = ("no landmarks.json for this dataset (nnUNet_raw/<dataset>/ or beside the plans): heatmap targets "
+                   "fall back to the centres of the label balls (up to ~0.4 voxel off, balls must not overlap)")
+            self.print_to_log_file("WARNING: " + msg)
+            warnings.warn(msg, stacklevel=2)
+            return None
+        tr_keys, val_keys = self.do_split()
+        points = exact_points_per_case(load_dataset_landmarks(file), list(tr_keys) + list(val_keys),
+                                       self.preprocessed_dataset_folder, self.plans_manager,
+                                       self.configuration_manager, source=file)
+        self.print_to_log_file(f"Heatmap targets at the exact landmark points of {file} ({len(points)} cases)")
+        return points
+
+    def get_dataloaders(self):
+        self.exact_points = self.load_exact_points()
+        with loaders_built_as(self.exact_points):
+            return super().get_dataloaders()
 
     # ------------------------------------------------------- epoch validation
     def validation_step(self, batch: dict) -> dict:

@@ -1,7 +1,9 @@
 """A small, CPU-friendly configuration added to an nnU-Net plans file.
 
 The new configuration `inherits_from` the base one (same preprocessed data, spacing and
-normalisation) and replaces only the patch size, batch size and the U-Net topology. The topology
+normalisation) and replaces only the patch size, batch size and the U-Net topology. Given a
+`spacing`, it is a coarser (or finer) configuration with its own `data_identifier`, preprocessed
+by `nnUNetv2_preprocess -c NAME`: exact landmark targets make any spacing usable. The topology
 (n_stages, strides, kernel sizes) is recomputed for the new patch with nnU-Net's own planner
 function, so the network fits the patch exactly as a planned one would.
 """
@@ -27,15 +29,19 @@ def _resize(values: Sequence, n: int) -> list:
 
 
 def small_configuration(plans: dict, base: str = "3d_fullres", patch_size: Optional[Sequence[int]] = None,
-                        base_features: int = 16, max_features: Optional[int] = None, batch_size: int = 2) -> dict:
-    """The configuration entry (not yet inserted) for `plans`."""
+                        base_features: int = 16, max_features: Optional[int] = None, batch_size: int = 2,
+                        spacing: Optional[Sequence[float]] = None, name: str = DEFAULT_NAME) -> dict:
+    """The configuration entry (not yet inserted) for `plans`; `spacing` (mm per axis) resamples."""
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if base not in plans.get("configurations", {}):
         raise ValueError(f"plans have no configuration {base!r} (have {list(plans.get('configurations', {}))})")
     cfg = PlansManager(plans).get_configuration(base)  # resolves the base's own inheritance
-    spacing = list(cfg.spacing)
+    own_spacing = spacing is not None
+    spacing = [float(s) for s in spacing] if own_spacing else list(cfg.spacing)
+    if len(spacing) != len(cfg.spacing) or min(spacing) <= 0:
+        raise ValueError(f"spacing {spacing} must be {len(cfg.spacing)} positive numbers")
     if patch_size is None:
         patch_size = [min(int(p), DEFAULT_MAX_PATCH) for p in cfg.patch_size]
     patch_size = [int(p) for p in patch_size]
@@ -67,8 +73,11 @@ def small_configuration(plans: dict, base: str = "3d_fullres", patch_size: Optio
             kwargs[key] = _resize(kwargs[key], n_stages)
     if "n_conv_per_stage_decoder" in kwargs:
         kwargs["n_conv_per_stage_decoder"] = _resize(kwargs["n_conv_per_stage_decoder"], n_stages - 1)
-    return {"inherits_from": base, "patch_size": [int(p) for p in patch_size], "batch_size": int(batch_size),
-            "architecture": architecture}
+    entry = {"inherits_from": base, "patch_size": [int(p) for p in patch_size], "batch_size": int(batch_size),
+             "architecture": architecture}
+    if own_spacing:
+        entry.update({"spacing": spacing, "data_identifier": f"{plans.get('plans_name', 'nnUNetPlans')}_{name}"})
+    return entry
 
 
 def add_small_configuration(plans_file, name: str = DEFAULT_NAME, base: str = "3d_fullres", **kwargs) -> dict:
@@ -82,7 +91,7 @@ def add_small_configuration(plans_file, name: str = DEFAULT_NAME, base: str = "3
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
     if name == base:
         raise ValueError(f"the small configuration cannot replace its base {base!r}")
-    entry = small_configuration(plans, base=base, **kwargs)
+    entry = small_configuration(plans, base=base, name=name, **kwargs)
     if plans["configurations"].get(name) != entry:
         plans["configurations"][name] = entry
         atomic_write_text(plans_file, json.dumps(plans, indent=4) + "\n")

@@ -1,0 +1,104 @@
+"""nnU-Net's data loader, plus each case's exact landmark points handed to the transforms as `keypoints`.
+
+The converter keeps every landmark's world coordinates (`landmarks.json`); `exact_points_per_case`
+maps them once into each case's preprocessed grid (nnU-Net's transpose, crop and resampling, inverted
+by `world_to_network_index`). For every patch the loader shifts them by the patch's crop origin
+(`get_bbox`), and the transforms move them with the image (keypoint_transforms.py) until the heatmap
+transform draws them.
+
+nnUNetDataLoader.generate_train_batch loads, crops and transforms one case at a time
+(get_indices -> per key: load_case, get_bbox, transforms), so the loader records the keys and the
+crop origin in its own `get_indices` / `get_bbox` and wraps the transforms: no nnU-Net code copied.
+`nnUNetTrainer.get_dataloaders` builds `nnUNetDataLoader` by its module-level name;
+`loaders_built_as` substitutes ours for the duration of that call.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from os.path import join
+from typing import Callable, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+from nnlandmark_h3de.inference.index_mapping import world_to_network_index
+from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
+
+__all__ = ["nnLandmarkDataLoader", "exact_points_per_case", "loaders_built_as"]
+
+
+def exact_points_per_case(landmarks: Dict[str, LandmarkSet], case_ids: Iterable[str], preprocessed_folder: str,
+                          plans_manager, configuration_manager, source: str = "landmarks.json") -> Dict[str, np.ndarray]:
+    """Case id -> (L, 3) continuous indices into its preprocessed array (NaN rows = absent)."""
+    out = {}
+    for case in case_ids:
+        if case not in landmarks:
+            raise KeyError(f"{source}: no landmarks for training case {case!r} (was the dataset converted again "
+                           "without re-running nnUNetv2_plan_and_preprocess?)")
+        properties = load_pickle(join(preprocessed_folder, case + ".pkl"))
+        out[case] = world_to_network_index(landmarks[case].points_lps, properties, plans_manager, configuration_manager)
+    return out
+
+
+class _TransformsWithKeypoints:
+    """Calls the wrapped transforms with the current patch's keypoints added."""
+
+    def __init__(self, transforms, current_keypoints: Callable[[], torch.Tensor]):
+        self.transforms = transforms
+        self.current_keypoints = current_keypoints
+
+    def __call__(self, **data_dict):
+        data_dict["keypoints"] = self.current_keypoints()
+        return self.transforms(**data_dict)
+
+
+class nnLandmarkDataLoader(nnUNetDataLoader):
+    """nnUNetDataLoader whose transforms also receive `keypoints`: (L, ndim) float64 patch indices."""
+
+    def __init__(self, *args, points_by_case: Dict[str, np.ndarray], **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.patch_size_was_2d:
+            raise ValueError("exact landmark points are implemented for 3D patches only")
+        missing = [k for k in self.indices if k not in points_by_case]
+        if missing:
+            raise KeyError(f"no exact landmark points for cases {missing[:5]}")
+        self.points_by_case = points_by_case
+        if self.transforms is None:
+            raise ValueError("nnLandmarkDataLoader needs transforms ending in a heatmap transform")
+        self.transforms = _TransformsWithKeypoints(self.transforms, self._current_keypoints)
+        self._keys, self._next, self._origin = [], 0, None
+
+    def get_indices(self):
+        self._keys, self._next = list(super().get_indices()), 0
+        return self._keys
+
+    def get_bbox(self, data_shape, force_fg, class_locations, overwrite_class=None, verbose=False):
+        lbs, ubs = super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
+        self._origin = (self._keys[self._next], np.asarray(lbs, dtype=np.float64))
+        self._next += 1
+        return lbs, ubs
+
+    def _current_keypoints(self) -> torch.Tensor:
+        case, origin = self._origin
+        return torch.from_numpy(self.points_by_case[case] - origin)
+
+
+@contextlib.contextmanager
+def loaders_built_as(points_by_case: Optional[Dict[str, np.ndarray]]):
+    """Within the block, nnUNetTrainer builds nnLandmarkDataLoader (no-op when points_by_case is None)."""
+    if points_by_case is None:
+        yield
+        return
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    trainer_module = sys.modules[nnUNetTrainer.__module__]
+    original = trainer_module.nnUNetDataLoader
+    trainer_module.nnUNetDataLoader = functools.partial(nnLandmarkDataLoader, points_by_case=points_by_case)
+    try:
+        yield
+    finally:
+        trainer_module.nnUNetDataLoader = original

@@ -1,0 +1,175 @@
+"""Exact landmark targets: keypoints through nnU-Net's crop, rotation, scaling, mirroring (pair swap)
+and dummy-2D augmentation land where the image moved, and the heatmap peaks there (< 0.05 voxel).
+
+The truth never uses our keypoint formulas: the image is made of coordinate maps (channel d holds
+each voxel's index along axis d), so after any affine augmentation the output image tells, voxel by
+voxel, where in the input it sampled; an affine fit of that inverted gives where a point went."""
+import numpy as np
+import pytest
+import torch
+
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnlandmark_h3de.heatmaps import (LandmarkHeatmapTransform, SpatialTransformWithKeypoints, keypoint_centres,
+                                      make_landmark_aware)
+from nnlandmark_h3de.inference.peaks import decode_peaks
+from nnlandmark_h3de.training.landmark_data_loader import nnLandmarkDataLoader
+
+
+def coordinate_image(shape, with_ones=False):
+    """Channel d = index along axis d; with_ones adds a channel of ones (1 after sampling = no padding)."""
+    grids = list(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
+    return torch.stack(grids + ([torch.ones(shape)] if with_ones else []))
+
+
+def where_points_went(out_coords: torch.Tensor, in_shape, points: np.ndarray) -> np.ndarray:
+    """From an augmented coordinate image (ndim + 1, *patch): output index of each input point (affine fit)."""
+    nd = out_coords.shape[0] - 1
+    c = out_coords[:nd].reshape(nd, -1).T.double().numpy()  # sampled input position per output voxel
+    o = np.stack(np.unravel_index(np.arange(c.shape[0]), out_coords.shape[1:]), 1).astype(np.float64)
+    inside = np.abs(out_coords[nd].reshape(-1).double().numpy() - 1) < 1e-5  # no padding in the interpolation
+    assert inside.sum() > 50, "augmented patch saw too little of the input"
+    design = np.hstack([o[inside], np.ones((inside.sum(), 1))])
+    coef, *_ = np.linalg.lstsq(design, c[inside], rcond=None)  # c = o @ M^T + t
+    m, t = coef[:nd].T, coef[nd]
+    assert np.abs(design @ coef - c[inside]).max() < 1e-2, "augmentation is not affine on this patch"
+    return (points - t) @ np.linalg.inv(m).T
+
+
+def heatmap_peaks(heatmaps: torch.Tensor) -> np.ndarray:
+    idx, _, _ = decode_peaks(heatmaps.float())
+    return np.asarray(idx)
+
+
+def nnunet_pipeline(patch, rotation, mirror_axes, dummy_2d, lr_axis, perm, n_landmarks, force=True):
+    """nnU-Net's own training pipeline (intensity transforms dropped: they would scramble the coordinate
+    image and never touch keypoints), made landmark-aware, heatmaps last."""
+    compose = nnUNetTrainer.get_training_transforms(patch, rotation, None, mirror_axes, dummy_2d)
+    compose.transforms = [t for t in compose.transforms if type(t).__name__ in
+                          ("SpatialTransform", "Convert3DTo2DTransform", "Convert2DTo3DTransform", "MirrorTransform",
+                           "RemoveLabelTansform")]
+    compose = make_landmark_aware(compose, lr_axis, perm, exact_points=True)
+    for t in compose.transforms:
+        if isinstance(t, SpatialTransform) and force:
+            t.p_rotation, t.p_scaling = 1.0, 1.0
+    compose.transforms.append(LandmarkHeatmapTransform(n_landmarks, sigma=2.0, from_keypoints=True))
+    return compose
+
+
+@pytest.mark.parametrize("dummy_2d", [False, True])
+def test_keypoints_follow_nnunet_augmentation_and_heatmap_peaks_there(dummy_2d):
+    rng = np.random.default_rng(1 if dummy_2d else 0)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    patch = (20, 24, 28)
+    in_shape = (20 if dummy_2d else 34, 40, 44)  # dummy 2D: nnU-Net's loader already cut axis 0 to the patch
+    rotation = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)  # nnU-Net's 3D range
+    names_perm = [1, 0, 2, 3]  # landmarks 0/1 are a left/right pair
+    lr_axis = 2
+    errs, swaps, n_present = [], 0, 0
+    for trial in range(40):
+        pipe = nnunet_pipeline(patch, rotation, (0, 1, 2), dummy_2d, lr_axis, names_perm, 4)
+        centre = (np.asarray(in_shape) - 1) / 2
+        pts = centre + rng.uniform(-6, 6, (4, 3)) * ([0.5, 1, 1] if dummy_2d else 1)
+        pts[3] = np.nan  # absent landmark
+        out = pipe(image=coordinate_image(in_shape, True), segmentation=torch.zeros((1, *in_shape), dtype=torch.int16),
+                   keypoints=torch.from_numpy(pts))
+        went = where_points_went(out["image"], in_shape, pts[:3])
+        heat = out["segmentation"]
+        assert heat.shape == (4, *patch)
+        assert torch.count_nonzero(heat[3]) == 0
+        # which channel carries which point: the pair swaps exactly when the left/right axis was mirrored
+        kp = out["keypoints"].numpy()
+        swapped = np.allclose(kp[1], went[0], atol=1e-3)
+        swaps += swapped
+        expected = went[[1, 0, 2]] if swapped else went
+        np.testing.assert_allclose(kp[:3], expected, atol=1e-3)
+        present = np.all((expected >= -0.5) & (expected <= np.asarray(patch) - 0.5), 1)
+        peaks = heatmap_peaks(heat[:3][torch.from_numpy(present)])
+        if present.any():
+            errs.append(np.abs(peaks - expected[present]).max())
+            n_present += int(present.sum())
+        assert all(torch.count_nonzero(heat[k]) == 0 for k in np.flatnonzero(~present))
+    assert 5 <= swaps <= 35, swaps  # mirroring happened both ways
+    assert n_present > 60
+    assert max(errs) < 0.05, max(errs)
+
+
+def test_crop_only_path_and_scaling_extremes():
+    """No rotation/scaling: an integer crop; scaling 0.7 and 1.4 explicitly: still exact."""
+    in_shape, patch = (30, 30, 30), (16, 18, 20)
+    pts = np.array([[14.3, 15.7, 13.1], [10.0, 20.2, 16.9]])
+    for scale in (None, 0.7, 1.4):
+        t = SpatialTransformWithKeypoints(patch, 0, False, p_rotation=0, p_scaling=0 if scale is None else 1,
+                                          scaling=(scale or 1, scale or 1), p_synchronize_scaling_across_axes=1)
+        out = ComposeTransforms([t])(image=coordinate_image(in_shape, True), keypoints=torch.from_numpy(pts))
+        went = where_points_went(out["image"], in_shape, pts)
+        np.testing.assert_allclose(out["keypoints"].numpy(), went, atol=1e-3)
+
+
+def test_point_outside_patch_gives_zeros_and_border_rule():
+    shape = (10, 12, 14)
+    kp = torch.tensor([[-0.6, 5, 5], [-0.4, 5, 5], [9.5, 11.5, 13.5], [9.6, 5, 5], [np.nan] * 3], dtype=torch.float64)
+    _, present = keypoint_centres(kp, shape)
+    assert present.tolist() == [False, True, True, False, False]
+    out = LandmarkHeatmapTransform(5, from_keypoints=True, ds_scales=[(1, 1, 1), (0.5, 0.5, 0.5)])(
+        segmentation=torch.zeros((1, *shape)), keypoints=kp)["segmentation"]
+    for scale in out:
+        assert [bool(torch.count_nonzero(c)) for c in scale] == [False, True, True, False, False]
+    with pytest.raises(ValueError, match="no 'keypoints'"):
+        LandmarkHeatmapTransform(5, from_keypoints=True)(segmentation=torch.zeros((1, *shape)))
+
+
+def test_deep_supervision_scales_put_the_peak_at_the_scaled_point():
+    shape = (16, 16, 16)
+    kp = torch.tensor([[7.3, 8.6, 5.2]], dtype=torch.float64)
+    outs = LandmarkHeatmapTransform(1, sigma=3.0, from_keypoints=True, ds_scales=[(1, 1, 1), (0.5, 0.5, 0.5)])(
+        segmentation=torch.zeros((1, *shape)), keypoints=kp)["segmentation"]
+    np.testing.assert_allclose(heatmap_peaks(outs[0])[0], kp[0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(heatmap_peaks(outs[1])[0], (kp[0].numpy() + 0.5) * 0.5 - 0.5, atol=1e-3)
+
+
+class _FakeDataset:
+    """What nnUNetDataLoader reads from a dataset: identifiers and load_case."""
+
+    def __init__(self, shape):
+        self.identifiers = ["a", "b"]
+        self.shape = shape
+
+    def load_case(self, identifier):
+        data = coordinate_image(self.shape).numpy() + (1000 if identifier == "b" else 0)
+        seg = np.zeros((1, *self.shape), dtype=np.int16)
+        seg[0, 1, 1, 1] = 1
+        return data, seg, None, {"class_locations": {1: np.array([[0, 1, 1, 1]])}}
+
+
+def test_loader_shifts_points_by_each_patch_origin_near_borders():
+    """Patches near the border (nnU-Net pads with need_to_pad): each case's own points, moved by the crop."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    shape = (12, 14, 16)
+    points = {"a": np.array([[1.2, 1.7, 2.1], [10.5, 12.0, 14.9]]), "b": np.array([[6.0, 7.0, 8.0], [np.nan] * 3])}
+    heat = ComposeTransforms([LandmarkHeatmapTransform(2, sigma=1.5, from_keypoints=True)])
+    lm = LabelManager({"background": 0, "p": 1, "q": 2}, regions_class_order=None)
+    dl = nnLandmarkDataLoader(_FakeDataset(shape), 4, (10, 10, 10), (10, 10, 10), lm, oversample_foreground_percent=0.5,
+                              transforms=heat, points_by_case=points, pad_sides=(4, 4, 4))
+    np.random.seed(3)
+    checked = 0
+    for _ in range(10):
+        batch = dl.generate_train_batch()
+        for j, key in enumerate(batch["keys"]):
+            coords = batch["data"][j]
+            offset = 1000 if key == "b" else 0
+            real = (coords[0] >= offset) if key == "b" else (coords.abs().sum(0) > 0)
+            vox = torch.nonzero(real)[0]
+            origin = coords[:, vox[0], vox[1], vox[2]].numpy() - offset - vox.numpy()  # input index of patch voxel 0
+            expected = points[key] - origin
+            for k in range(2):
+                inside = np.all((expected[k] >= -0.5) & (expected[k] <= 9.5))
+                channel = batch["target"][j, k]
+                assert bool(torch.count_nonzero(channel)) == bool(inside and np.isfinite(expected[k]).all())
+                if inside:
+                    np.testing.assert_allclose(heatmap_peaks(channel[None])[0], expected[k], atol=0.05)
+                    checked += 1
+    assert checked >= 10
