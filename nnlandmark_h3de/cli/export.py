@@ -51,6 +51,10 @@ def main(argv=None) -> int:
                                  or (p / "landmark_uncertainty.json").is_file())
         thresholds, kind = read_fold_thresholds(model_folder, folds, names)
         uncertainty_model = read_fold_uncertainty(model_folder, folds, names)
+        if len(folds) > 1 and (thresholds is not None or uncertainty_model is not None):
+            print(f"WARNING: the {len(folds)} folds' calibrations are averaged and applied to the already averaged "
+                  "prediction (flatter peaks than any fold's, on which they were fitted: more landmarks may be "
+                  "called absent); nnLandmark_predict applies each fold's calibration to its own prediction")
         if kind not in (None, "peak") and args.threshold is None:
             print(f"WARNING: thresholds were calibrated on '{kind}' scores, not peak heights; absent detection is off")
             thresholds = None

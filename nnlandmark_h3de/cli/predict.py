@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
     p.add_argument("-npp", type=int, default=_getDefaultValue("nnUNet_npp", int, 3),
                    help="preprocessing processes (0 = in this process)")
-    p.add_argument("-nps", type=int, default=_getDefaultValue("nnUNet_nps", int, 3),
-                   help="accepted for nnUNetv2_predict compatibility; landmark export needs no worker processes")
+    p.add_argument("-nps", type=int, default=None,
+                   help="accepted for nnUNetv2_predict compatibility and ignored (with a warning unless 0): "
+                        "landmark export maps L points, it runs in the main process")
     p.add_argument("-num_parts", type=int, default=1)
     p.add_argument("-part_id", type=int, default=0)
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
@@ -58,8 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def warn_ignored_flags(args) -> None:
+    """Flags kept for nnUNetv2_predict compatibility that do nothing here say so."""
+    if args.nps not in (None, 0):
+        print(f"WARNING: -nps {args.nps} is ignored: nnLandmark_predict exports landmarks in the main process "
+              "(no segmentation export workers)", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warn_ignored_flags(args)
     import torch
     from nnunetv2.utilities.file_path_utilities import get_output_folder
     from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
@@ -71,8 +80,8 @@ def main(argv=None) -> int:
     model_folder = args.m or get_output_folder(args.d, args.tr, args.p, args.c)
     folds = [f if f == "all" else int(f) for f in args.f]
     if args.device == "cpu":
-        import multiprocessing
-        torch.set_num_threads(multiprocessing.cpu_count())
+        from nnlandmark_h3de.utilities.cpu_threads import limit_torch_threads
+        limit_torch_threads()
     elif args.device == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)

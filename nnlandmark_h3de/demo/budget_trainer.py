@@ -6,6 +6,12 @@ in advance. `TrainingBudget` is a mixin placed in front of a trainer class: epoc
 is reached), then finishes exactly as a normal run does (`on_train_end`: final checkpoint), so
 nnU-Net's final validation and `nnUNetv2_predict -tr <name>` work unchanged.
 
+The learning-rate schedule runs on the budget, not on the nominal epoch count the run never
+reaches: at the start of every epoch the base trainer's own scheduler is stepped with the epoch it
+would be at if the elapsed fraction of the budget were the fraction of `num_epochs` done (or the
+real epoch, when the epoch cap comes first). The schedule keeps its shape, so nnLandmarkTrainer's
+step decay x0.1 falls at 80 % of the budget and nnU-Net's poly schedule becomes poly in elapsed time.
+
 nnU-Net finds trainers by class name in the `nnUNet_extTrainer` folders, so
 `write_budget_trainer` writes a three-line shim module defining the named subclass.
 """
@@ -23,12 +29,29 @@ class _BudgetReached(Exception):
     pass
 
 
+class _ScheduleOnBudget:
+    """The base trainer's scheduler, stepped with the budget's epoch instead of nnU-Net's epoch."""
+
+    def __init__(self, scheduler, budget_epoch):
+        self._scheduler = scheduler
+        self._budget_epoch = budget_epoch
+
+    def step(self, current_step=None):
+        return self._scheduler.step(self._budget_epoch(current_step))
+
+    def __getattr__(self, name):  # only called for names not set here
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._scheduler, name)
+
+
 class TrainingBudget:
     """Mixin: `class T(TrainingBudget, SomeTrainer)` with the class attributes below set."""
     budget_seconds: float = 60.0
     budget_max_epochs: int = 1000
     budget_iterations_per_epoch: int = 10
     budget_val_iterations_per_epoch: int = 2
+    clock = staticmethod(time.monotonic)  # seconds; a test substitutes a fake clock
 
     # Same signature as nnUNetTrainer.__init__: nnU-Net records the arguments by inspecting it.
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -39,13 +62,27 @@ class TrainingBudget:
         self.num_val_iterations_per_epoch = int(self.budget_val_iterations_per_epoch)
         self._budget_deadline = None
 
+    def configure_optimizers(self):
+        optimizer, scheduler = super().configure_optimizers()
+        return optimizer, _ScheduleOnBudget(scheduler, self.budget_epoch)
+
+    def budget_epoch(self, epoch=None) -> int:
+        """The epoch of a `num_epochs` run at the budget's elapsed fraction (the real epoch if larger):
+        what the learning-rate schedule is stepped with."""
+        epoch = self.current_epoch if epoch is None else int(epoch)
+        if self._budget_deadline is None:
+            return epoch
+        elapsed = float(self.budget_seconds) - (self._budget_deadline - self.clock())
+        fraction = min(1.0, max(0.0, elapsed / max(float(self.budget_seconds), 1e-9)))
+        return min(self.num_epochs - 1, max(epoch, int(fraction * self.num_epochs)))
+
     def on_train_start(self):
         super().on_train_start()
-        self._budget_deadline = time.monotonic() + float(self.budget_seconds)
+        self._budget_deadline = self.clock() + float(self.budget_seconds)
 
     def on_epoch_end(self):
         super().on_epoch_end()  # increments current_epoch
-        out_of_time = self._budget_deadline is not None and time.monotonic() >= self._budget_deadline
+        out_of_time = self._budget_deadline is not None and self.clock() >= self._budget_deadline
         if out_of_time and self.current_epoch < self.num_epochs:
             self.print_to_log_file(f"training budget of {self.budget_seconds:.0f} s reached after "
                                    f"{self.current_epoch} epochs; finishing")

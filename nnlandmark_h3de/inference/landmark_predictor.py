@@ -5,14 +5,28 @@ replace only the export: heatmap peaks are decoded in network space and just L p
 the world, so the heatmaps are never resampled to the original grid (unless `save_heatmaps`). The
 per-case loop also differs from nnU-Net's on purpose: a failing case is reported by name and the
 run goes on, and finished cases are recognised by their landmark file (`--continue_prediction`).
+
+Calibration and prediction see the same ensemble members. The existence thresholds and the
+uncertainty model of fold_X were fitted in the final validation on fold X's own predictions (its
+test-time mirrors averaged); the folds' average has flatter peaks and other spreads. So the point
+comes from the folds' averaged logits (the better localiser), while what was calibrated is applied
+per fold (`FoldOutput`): each fold's score against its own thresholds, the folds' score/threshold
+ratios averaged (a soft majority vote, `existence_ratio`); each fold's uncertainty model on its own
+peak and mirror spread, combined as the RMS over folds (`per_fold_uncertainty`). The written
+confidence is the folds' mean score.
+
+Test-time mirrors run one at a time over the whole volume, and a mirror that flips the case's own
+left/right axis swaps the pair channels (`case_mirroring`).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
 import traceback
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,12 +35,14 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from tqdm import tqdm
 
+from nnlandmark_h3de.heatmaps import pair_permutation
+from nnlandmark_h3de.inference.case_mirroring import CaseMirroring, case_mirroring, logit_channel_permutation
 from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.peaks import decode_peaks
-from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_fold_thresholds,
+from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_thresholds_per_fold,
                                                       resolve_pairs)
 from nnlandmark_h3de.inference.uncertainty import (axis_step_mm, heatmap_spread_mm, member_spread_mm,
-                                                   read_fold_uncertainty)
+                                                   per_fold_uncertainty, read_uncertainty_per_fold)
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
 
 OUTPUT_FORMATS = ("mrk.json", "fcsv", "csv", "json")
@@ -43,6 +59,22 @@ def landmark_names(dataset_json: dict) -> List[str]:
     return [k for _, k in labels]
 
 
+@dataclass
+class FoldOutput:
+    """One fold's own view of a case: what its calibration was fitted on (network-space indices)."""
+    idx: np.ndarray  # (L, 3) peaks of the fold's logits (its mirrors averaged)
+    peak: np.ndarray  # (L,) their heights
+    member_idx: List[np.ndarray]  # each test-time mirror's own peaks ([idx] without mirroring)
+    existence: Optional[np.ndarray] = None  # (L,) anchor existence (max over tiles and mirrors), if recorded
+
+
+@dataclass
+class _CaseInFlight:
+    mirroring: CaseMirroring
+    record_existence: bool
+    folds: List[FoldOutput] = field(default_factory=list)
+
+
 class nnLandmarkPredictor(nnUNetPredictor):
     def __init__(self, *args, output_format: str = "mrk.json", postprocessing: Optional[PostprocessingOptions] = None,
                  save_heatmaps: bool = False, uncertainty: str = "calibrated", **kwargs):
@@ -55,13 +87,12 @@ class nnLandmarkPredictor(nnUNetPredictor):
         if uncertainty not in UNCERTAINTY_SOURCES:
             raise ValueError(f"unknown uncertainty {uncertainty!r}; choose one of {UNCERTAINTY_SOURCES}")
         self.uncertainty = uncertainty
-        self.uncertainty_model = None  # fitted in the final validation (fold_X/landmark_uncertainty.json)
         self.names: List[str] = []
         self.pairs = []
-        self.thresholds = None
+        self.fold_thresholds: Optional[np.ndarray] = None  # (F, L), fold order = the loaded parameters' order
+        self.fold_uncertainty = None  # per fold: UncertaintyModel or None (fold_X/landmark_uncertainty.json)
         self.failed: List[str] = []
-        self._fold_peaks = None  # network-space peaks of each ensemble member (fold x mirror) of the current case
-        self._fold_existence = None  # per fold: anchor existence probabilities (L,) when the thresholds use them
+        self._case: Optional[_CaseInFlight] = None  # set while one case is predicted
         self.score_kind = "peak"
 
     # ------------------------------------------------------------------ setup
@@ -70,22 +101,31 @@ class nnLandmarkPredictor(nnUNetPredictor):
             use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
         use_folds = [use_folds] if isinstance(use_folds, (str, int)) else list(use_folds)
         super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
-        self._landmark_setup(model_training_output_dir, use_folds)
+        self._landmark_setup()
+        self.load_calibration(model_training_output_dir, use_folds)
 
     def manual_initialization(self, *args, **kwargs):
         super().manual_initialization(*args, **kwargs)
-        self._landmark_setup(None, [])
+        self._landmark_setup()
+        self.load_calibration(None, [])
 
-    def _landmark_setup(self, model_folder, folds):
+    def _landmark_setup(self):
         self.names = landmark_names(self.dataset_json)
         if self.label_manager.num_segmentation_heads != len(self.names) + 1:
             raise ValueError(f"the network has {self.label_manager.num_segmentation_heads} output channels but the "
                              f"dataset names {len(self.names)} landmarks (expected 1 + L: constant-zero channel first)")
         self.pairs = resolve_pairs(self.dataset_json, self.names)
-        self.uncertainty_model = None
+        self._flipped_channels = logit_channel_permutation(pair_permutation(self.names, self.pairs))
+
+    def load_calibration(self, model_folder, folds) -> None:
+        """Each fold's thresholds and uncertainty model, in the order of `folds` (= the order of the
+        loaded parameters, one FoldOutput each per case)."""
+        folds = list(folds)
+        self.fold_uncertainty = None
         if model_folder is not None and self.uncertainty == "calibrated":
-            self.uncertainty_model = read_fold_uncertainty(model_folder, folds, self.names)
-        self.thresholds, kind = (None, None) if model_folder is None else read_fold_thresholds(model_folder, folds, self.names)
+            self.fold_uncertainty = read_uncertainty_per_fold(model_folder, folds, self.names)
+        self.fold_thresholds, kind = (None, None) if model_folder is None else \
+            read_thresholds_per_fold(model_folder, folds, self.names)
         self.score_kind = "peak"
         if kind == "anchor" and self.postprocessing.threshold is None:
             if self._existence_network() is not None:
@@ -93,11 +133,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
             else:
                 print("WARNING: the thresholds were calibrated on anchor existence scores, but this network has no "
                       "anchor head; absent-landmark detection is off (use --threshold to set one for peak heights)")
-                self.thresholds = None
+                self.fold_thresholds = None
         elif kind not in (None, "peak") and self.postprocessing.threshold is None:
             print(f"WARNING: the thresholds were calibrated on '{kind}' scores, which this predictor does not "
                   f"compute; absent-landmark detection is off (use --threshold to set one for peak heights)")
-            self.thresholds = None
+            self.fold_thresholds = None
 
     def _existence_network(self):
         """The network itself (unwrapped from torch.compile) when it records anchor existence, else None."""
@@ -105,83 +145,102 @@ class nnLandmarkPredictor(nnUNetPredictor):
         return net if hasattr(net, "reset_existence") and hasattr(net, "anchor_existence") else None
 
     # ------------------------------------------------------------ per case
+    @contextlib.contextmanager
+    def case_in_flight(self, properties: Optional[dict], record_existence: bool = False):
+        """While one case is predicted: its mirroring plan, and one FoldOutput per fold collected."""
+        plan = case_mirroring(self.allowed_mirroring_axes if self.use_mirroring else None, properties,
+                              self.plans_manager.transpose_forward, has_pairs=bool(self.pairs))
+        self._case = _CaseInFlight(plan, record_existence)
+        try:
+            yield self._case
+        finally:
+            self._case = None
+
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        """nnU-Net's (called once per fold), plus: each member's peaks for the spread uncertainty and,
-        for networks with an anchor head, the fold's existence probabilities (max over tiles and mirrors)."""
-        anchor_net = self._existence_network() if self._fold_existence is not None else None
+        """nnU-Net's (called once per fold); inside `case_in_flight` it also records the fold's own
+        peaks, each mirror's peaks and, for networks with an anchor head, the existence probabilities."""
+        case = self._case
+        if case is None:
+            return super().predict_sliding_window_return_logits(input_image)
+        anchor_net = self._existence_network() if case.record_existence else None
         if anchor_net is not None:  # max existence over this fold's tiles and mirrors
             anchor_net.reset_existence()
             anchor_net.record_existence = True
         try:
-            return self._members_sliding_window(input_image)
+            logits, member_idx = self._mirrored_sliding_window(input_image, case.mirroring)
         finally:
             if anchor_net is not None:
                 anchor_net.record_existence = False
-                self._fold_existence.append(anchor_net.anchor_existence.detach().cpu().numpy().astype(np.float64))
+        idx, peak, _ = decode_peaks(logits[1:], logits=True)
+        existence = None if anchor_net is None else anchor_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
+        case.folds.append(FoldOutput(idx, peak, member_idx if len(member_idx) > 1 else [idx], existence))
+        return logits
 
-    def _members_sliding_window(self, input_image: torch.Tensor):
-        """With test-time mirroring, the mirrors run one at a time over the whole volume (each output
-        flipped back) instead of inside every tile: the same average nnU-Net computes up to its tile
-        weighting (its Gaussian map sits half a voxel off-centre in even tiles, so a flipped tile is
-        weighted slightly differently), at the same cost, but every mirror's own peaks are known."""
-        axes = tuple(self.allowed_mirroring_axes or ()) if self.use_mirroring else ()
-        if self._fold_peaks is None or not axes:
-            logits = super().predict_sliding_window_return_logits(input_image)
-            if self._fold_peaks is not None:
-                self._fold_peaks.append(decode_peaks(logits[1:], logits=True)[0])
-            return logits
-        combos = [c for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]
-        self.use_mirroring = False
+    def _mirrored_sliding_window(self, input_image: torch.Tensor, plan: CaseMirroring):
+        """The mirrors run one at a time over the whole volume (each output flipped back, the pair
+        channels swapped where the case's left/right axis was flipped) instead of inside every tile:
+        nnU-Net's average up to its tile weighting (its Gaussian map sits half a voxel off-centre in
+        even tiles), at the same cost, but every mirror's own peaks are known. Returns the averaged
+        logits and each mirror's peaks (none without mirrors)."""
+        combos = [c for k in range(len(plan.axes) + 1) for c in itertools.combinations(plan.axes, k)]
+        use_mirroring, self.use_mirroring = self.use_mirroring, False
+        total, member_idx = None, []
         try:
-            total = None
             for combo in combos:
                 dims = [a + 1 for a in combo]  # input_image is (C, z, y, x); mirroring axes are spatial
                 out = super().predict_sliding_window_return_logits(torch.flip(input_image, dims) if dims else input_image)
                 out = torch.flip(out, dims) if dims else out
-                self._fold_peaks.append(decode_peaks(out[1:], logits=True)[0])
+                if plan.swap_axis is not None and plan.swap_axis in combo:
+                    out = out[self._flipped_channels]
+                if len(combos) > 1:
+                    member_idx.append(decode_peaks(out[1:], logits=True)[0])
                 total = out.float() if total is None else total.add_(out)  # nnU-Net returns fp16
         finally:
-            self.use_mirroring = True
-        return total.div_(len(combos))
+            self.use_mirroring = use_mirroring
+        return total.div_(len(combos)), member_idx
 
-    def sliding_window_with_member_peaks(self, data: torch.Tensor):
+    def sliding_window_with_member_peaks(self, data: torch.Tensor, properties: Optional[dict] = None):
         """The loaded network's sliding-window logits of one case (mirrors averaged) and each mirror's
-        own network-space peaks: what the final validation needs to calibrate the spread cue."""
-        self._fold_peaks = []
-        try:
+        own network-space peaks: what the final validation calibrates on. `properties` (nnU-Net's
+        per-case dict) tells the case's left/right axis; without them a dataset with pairs is not mirrored."""
+        with self.case_in_flight(properties) as case:
             logits = self.predict_sliding_window_return_logits(data)
-        finally:
-            member_peaks, self._fold_peaks = self._fold_peaks, None
-        return logits, member_peaks
+        return logits, case.folds[0].member_idx
 
     def predict_case(self, data: torch.Tensor, properties: dict, source: str = "<memory>"):
         """Preprocessed case -> (LandmarkSet in world LPS mm, postprocessing report, ensemble logits)."""
-        self._fold_peaks = []
-        self._fold_existence = [] if self.score_kind == "anchor" else None
-        try:
+        with self.case_in_flight(properties, record_existence=self.score_kind == "anchor") as case:
+            if case.mirroring.note:
+                tqdm.write(f"WARNING {source}: {case.mirroring.note}")
             logits = self.predict_logits_from_preprocessed_data(data)
-        finally:
-            fold_peaks, self._fold_peaks = self._fold_peaks, None
-            fold_existence, self._fold_existence = self._fold_existence, None
-        idx, peak, width = decode_peaks(logits[1:], logits=True)
-        score = np.mean(fold_existence, axis=0) if fold_existence else peak
+        folds = case.folds
+        idx, _, width = decode_peaks(logits[1:], logits=True)
 
         def to_world(i):
             return network_index_to_world(i, properties, self.plans_manager, self.configuration_manager,
                                           network_shape=tuple(data.shape[1:]))
 
         points = to_world(idx)
-        spread = member_spread_mm(fold_peaks, points, to_world)  # folds x test-time mirrors
-        if self.uncertainty_model is not None:
-            uncertainty = self.uncertainty_model(peak, spread)
-        elif spread is not None:
-            uncertainty = spread
-        else:
-            uncertainty = heatmap_spread_mm(width, axis_step_mm(to_world, idx))
+        scores = np.stack([f.existence if self.score_kind == "anchor" else f.peak for f in folds])  # (F, L)
+        for what, per_fold in (("thresholds", self.fold_thresholds), ("uncertainty models", self.fold_uncertainty)):
+            if per_fold is not None and len(per_fold) != len(folds):
+                raise RuntimeError(f"{len(per_fold)} folds' {what} loaded for {len(folds)} folds predicted")
+        uncertainty = self._uncertainty(folds, points, idx, width, to_world)
         ls = LandmarkSet(self.names, points, uncertainty_mm=uncertainty, source=source)
-        ls, report = postprocess(ls, score, self.postprocessing, self.pairs, self.thresholds)
+        ls, report = postprocess(ls, scores, self.postprocessing, self.pairs, self.fold_thresholds)
         return ls, report, logits
+
+    def _uncertainty(self, folds: List[FoldOutput], points, idx, width, to_world) -> np.ndarray:
+        """Calibrated per fold when models exist; else the spread of all members (folds x mirrors)
+        around the ensemble's points; with a single member the heatmap width."""
+        if self.fold_uncertainty is not None:
+            spreads = [member_spread_mm(f.member_idx, to_world(f.idx), to_world) for f in folds]
+            u = per_fold_uncertainty(self.fold_uncertainty, [f.peak for f in folds], spreads)
+            if u is not None:
+                return u
+        spread = member_spread_mm([m for f in folds for m in f.member_idx], points, to_world)
+        return spread if spread is not None else heatmap_spread_mm(width, axis_step_mm(to_world, idx))
 
     def output_file(self, ofile_truncated: str) -> str:
         return f"{ofile_truncated}.{self.output_format}"

@@ -2,6 +2,11 @@
 
 Both steps work on world LPS points (never voxel indices), so they hold for any image orientation:
 in LPS, +x points to the patient's Left, hence a left landmark must have the larger x.
+
+Existence with several folds: each fold's threshold was calibrated on that fold's own scores, so
+each fold's score is compared with its own threshold (`existence_ratio`: score / threshold, 1 =
+on the threshold) and the folds' ratios are averaged, a soft majority vote: one fold gives exactly
+its calibrated decision, and folds that agree are never overruled.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
+from nnlandmark_h3de.landmarks.pairs import find_lr_pairs
 
 
 @dataclass
@@ -31,10 +37,6 @@ def resolve_pairs(dataset_json: Optional[dict], names: Sequence[str]) -> List[Tu
     if "pairs" in block:
         pairs = [tuple(p) for p in block["pairs"]]
     else:
-        try:
-            from nnlandmark_h3de.landmarks import find_lr_pairs
-        except ImportError:
-            return []
         pairs = [tuple(p) for p in find_lr_pairs(list(names))]
     unknown = sorted({n for p in pairs for n in p if n not in names})
     if unknown:
@@ -63,34 +65,58 @@ def check_lr_pairs(ls: LandmarkSet, pairs: Sequence[Tuple[str, str]]) -> Tuple[L
     return out, swapped
 
 
-def apply_absent_thresholds(ls: LandmarkSet, scores: np.ndarray, thresholds) -> Tuple[LandmarkSet, List[str]]:
-    """Landmarks whose score is below their threshold become absent (NaN); `confidence` = the score.
+def existence_ratio(scores: np.ndarray, thresholds) -> np.ndarray:
+    """Mean over folds of score / threshold, (L,); a landmark is present where it is >= 1.
 
-    `thresholds`: scalar or (L,) array; NaN entries mean "never absent". Returns the set and the
-    names made absent.
+    scores: (L,) or per fold (F, L); thresholds: scalar, (L,) or (F, L). A NaN threshold means the
+    fold has no calibration for that landmark and does not vote (no fold votes: +inf, never absent);
+    a NaN score votes absent; a threshold <= 0 votes present for any score at or above it.
     """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), scores.shape)
+    s = np.nan_to_num(scores, nan=-np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(thr > 0, s / thr, np.where(s >= thr, np.inf, 0.0))
+    ratio = np.where(np.isnan(thr), np.nan, np.maximum(ratio, 0.0))
+    voted = ~np.isnan(ratio)
+    n = voted.sum(axis=0)
+    return np.where(n > 0, np.where(voted, ratio, 0.0).sum(axis=0) / np.maximum(n, 1), np.inf)
+
+
+def apply_absent_thresholds(ls: LandmarkSet, scores: np.ndarray, thresholds) -> Tuple[LandmarkSet, List[str]]:
+    """Landmarks whose `existence_ratio` is below 1 become absent (NaN); `confidence` = the score
+    (the folds' mean with per-fold scores).
+
+    scores: (L,) or (F, L); `thresholds`: scalar, (L,) or (F, L); NaN entries mean "never absent".
+    Returns the set and the names made absent.
+    """
     out = _copy(ls)
-    out.confidence = scores.copy()
-    absent = np.nan_to_num(scores, nan=-np.inf) < np.where(np.isnan(thr), -np.inf, thr)
+    out.confidence = fold_mean(scores)
+    absent = existence_ratio(scores, thresholds) < 1.0
     out.points_lps[absent] = np.nan
     return out, [n for n, a in zip(ls.names, absent) if a]
 
 
-def read_fold_thresholds(model_folder, folds: Sequence, names: Sequence[str]) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    """Mean over the given folds of `fold_X/landmark_thresholds.json`, in `names` order.
+def fold_mean(scores: np.ndarray) -> np.ndarray:
+    """(L,) scores as they are, (F, L) per-fold scores averaged over the folds."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores.copy() if scores.ndim == 1 else scores.mean(axis=0)
 
-    Returns (thresholds (L,) or None when no fold has the file, score kind 'peak'|'anchor').
-    Folds without the file are skipped with a warning; a landmark missing from a file counts as NaN
-    there (the mean ignores it).
+
+def read_thresholds_per_fold(model_folder, folds: Sequence, names: Sequence[str]
+                             ) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """Each fold's `fold_X/landmark_thresholds.json` in `names` order: (F, L) or None when no fold has
+    the file, and the score kind 'peak'|'anchor'.
+
+    A fold without the file gets a NaN row (it does not vote), with a warning; a landmark missing
+    from a file is NaN there.
     """
     rows, kinds, missing = [], set(), []
     for f in folds:
-        fold_dir = Path(model_folder) / f"fold_{f}"  # "all" -> fold_all
-        path = fold_dir / "landmark_thresholds.json"
+        path = Path(model_folder) / f"fold_{f}" / "landmark_thresholds.json"  # "all" -> fold_all
         if not path.is_file():
             missing.append(str(f))
+            rows.append([np.nan] * len(names))
             continue
         d = json.loads(path.read_text())
         if len(d["names"]) != len(d["threshold"]):
@@ -98,24 +124,35 @@ def read_fold_thresholds(model_folder, folds: Sequence, names: Sequence[str]) ->
         by_name = {n: (np.nan if t is None else float(t)) for n, t in zip(d["names"], d["threshold"])}
         rows.append([by_name.get(n, np.nan) for n in names])
         kinds.add(d.get("score", "peak"))
-    if missing and rows:
-        warnings.warn(f"landmark_thresholds.json missing for fold(s) {', '.join(missing)}; averaging the others")
-    if not rows:
+    if not kinds:
         return None, None
+    if missing:
+        warnings.warn(f"landmark_thresholds.json missing for fold(s) {', '.join(missing)}; "
+                      f"absent landmarks are decided by the other folds")
     if len(kinds) > 1:
-        raise ValueError(f"{model_folder}: folds calibrated different scores {sorted(kinds)}; cannot average")
+        raise ValueError(f"{model_folder}: folds calibrated different scores {sorted(kinds)}; cannot combine")
+    return np.asarray(rows, dtype=np.float64), kinds.pop()
+
+
+def read_fold_thresholds(model_folder, folds: Sequence, names: Sequence[str]) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """Mean over the folds of their thresholds, (L,), for outputs where the folds were already averaged
+    (nnLandmark_export of nnUNetv2_predict's output); nnLandmarkPredictor uses `read_thresholds_per_fold`."""
+    rows, kind = read_thresholds_per_fold(model_folder, folds, names)
+    if rows is None:
+        return None, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> NaN = never absent
-        return np.nanmean(np.asarray(rows, dtype=np.float64), axis=0), kinds.pop()
+        return np.nanmean(rows, axis=0), kind
 
 
 def postprocess(ls: LandmarkSet, scores: np.ndarray, options: PostprocessingOptions,
                 pairs: Sequence[Tuple[str, str]] = (), thresholds: Optional[np.ndarray] = None
                 ) -> Tuple[LandmarkSet, dict]:
-    """Absent check (on the decoded scores), then the left/right check; returns the set and a report."""
+    """Absent check (on the decoded scores, (L,) or per fold (F, L) against (F, L) thresholds), then the
+    left/right check; returns the set and a report."""
     report = {"absent": [], "swapped": []}
     out = _copy(ls)
-    out.confidence = np.asarray(scores, dtype=np.float64).copy()
+    out.confidence = fold_mean(scores)
     if options.absent:
         thr = options.threshold if options.threshold is not None else thresholds
         if thr is not None:

@@ -2,7 +2,9 @@
 
 Calibrated, when the final validation wrote fold_X/landmark_uncertainty.json: the landmark's
 validation RMS error scaled by how much weaker than usual its peak is and how much more than usual
-the ensemble members disagree (`UncertaintyModel`, fitted in `training/calibration.py`). Otherwise two raw cues, both cheap: with several ensemble members
+the test-time mirrors disagree (`UncertaintyModel`, fitted in `training/calibration.py` on one fold's
+predictions; with several folds each fold's model sees that fold's own peak and mirrors, see
+`per_fold_uncertainty`). Otherwise two raw cues, both cheap: with several ensemble members
 (folds and/or test-time mirrors), how far the members' own peaks scatter around the ensemble's (a
 direct sample of model disagreement); with one member (one fold, --disable_tta), the width of the
 heatmap around the peak (the fitted Gaussian's standard deviations, voxels -> mm through the
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -124,8 +126,26 @@ class UncertaintyModel:
                                     {"folds_averaged": len(ms)})
 
 
-def read_fold_uncertainty(model_folder, folds: Sequence, names: Sequence[str]) -> Optional[UncertaintyModel]:
-    """The folds' `fold_X/landmark_uncertainty.json` averaged, in `names` order; None if no fold has one."""
+def read_uncertainty_per_fold(model_folder, folds: Sequence, names: Sequence[str]
+                              ) -> Optional[List[Optional[UncertaintyModel]]]:
+    """Each fold's `fold_X/landmark_uncertainty.json` in `names` order (None for a fold without one);
+    None if no fold has one."""
     paths = [Path(model_folder) / f"fold_{f}" / "landmark_uncertainty.json" for f in folds]  # "all" -> fold_all
-    models = [UncertaintyModel.read(p) for p in paths if p.is_file()]
+    models = [UncertaintyModel.read(p).reordered(names) if p.is_file() else None for p in paths]
+    return models if any(m is not None for m in models) else None
+
+
+def read_fold_uncertainty(model_folder, folds: Sequence, names: Sequence[str]) -> Optional[UncertaintyModel]:
+    """The folds' models averaged, for outputs where the folds were already averaged (nnLandmark_export);
+    nnLandmarkPredictor applies each fold's own model (`per_fold_uncertainty`). None if no fold has one."""
+    models = [m for m in read_uncertainty_per_fold(model_folder, folds, names) or [] if m is not None]
     return UncertaintyModel.mean(models, names) if models else None
+
+
+def per_fold_uncertainty(models: Sequence[Optional[UncertaintyModel]], peaks: Sequence[np.ndarray],
+                         spreads_mm: Sequence[Optional[np.ndarray]]) -> Optional[np.ndarray]:
+    """Each fold's model applied to that fold's own peak heights and mirror spread (what it was fitted
+    on), combined as the root mean square over the folds that have a model: u is an RMS-error scale.
+    None when no fold has a model."""
+    rows = [m(p, s) for m, p, s in zip(models, peaks, spreads_mm) if m is not None]
+    return np.sqrt(np.mean(np.square(rows), axis=0)) if rows else None

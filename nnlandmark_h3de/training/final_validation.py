@@ -39,10 +39,11 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
     """This rank's validation cases -> (points LPS (L, 3), existence scores {"peak": (L,)[, "anchor": (L,)]},
     spread of the test-time mirrors' peaks around the points (L,) in mm, NaN without mirroring).
 
-    The mirrors run the way nnLandmark_predict runs them (each over the whole volume), so the spread
-    calibrated here is the one the predictor will see. `existence_net`: the network's anchor-head
-    wrapper (record_existence / reset_existence / anchor_existence) to also score existence with the
-    anchors (max over tiles and mirrors).
+    The mirrors run the way nnLandmark_predict runs them (each over the whole volume, the pair
+    channels swapped where a mirror flips the case's own left/right axis), and nnLandmark_predict
+    applies what is calibrated here to each fold's own prediction, so both see the same members.
+    `existence_net`: the network's anchor-head wrapper (record_existence / reset_existence /
+    anchor_existence) to also score existence with the anchors (max over tiles and mirrors).
     """
     predictor = nnLandmarkPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,
@@ -67,7 +68,7 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
             trainer.print_to_log_file(f"predicting {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
             if existence_net is not None:
                 existence_net.reset_existence()
-            logits, member_peaks = predictor.sliding_window_with_member_peaks(data)
+            logits, member_peaks = predictor.sliding_window_with_member_peaks(data, properties)
             idx, peak, _ = decode_peaks(logits[1:], logits=True)
             del logits
 

@@ -98,7 +98,8 @@ class nnLandmarkTrainer(nnUNetTrainer):
         if self.device.type == "cpu" and hasattr(os, "sched_getaffinity"):
             # nnUNetv2_train sets one thread per core of the machine; in a container or under taskset only
             # the allowed cores exist, and oversubscribed OpenMP threads make CPU training many times slower
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)))))
+            from nnlandmark_h3de.utilities.cpu_threads import limit_torch_threads
+            limit_torch_threads()
 
     # ------------------------------------------------------------------ network
     @staticmethod
