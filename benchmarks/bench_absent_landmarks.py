@@ -63,7 +63,7 @@ def setup_environment(out: Path) -> None:
 def make_dataset(args, out: Path, dataset_id: int = 901):
     from nnlandmark_h3de.conversion import convert_dataset
     from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
-    from nnlandmark_h3de.training.small_configuration import add_small_configuration
+    from nnlandmark_h3de.planning.small_configuration import add_small_configuration
 
     n = args.n_train + args.n_test
     name = f"Dataset{dataset_id:03d}_AbsentPhantoms"

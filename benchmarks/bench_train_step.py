@@ -1,14 +1,29 @@
 """Time per training step: nnLandmarkTrainer (and nnH3DETrainer when importable) vs the stock
 nnUNetTrainer, in one process, on the same plans (a small configuration) and the same input
 batches, steps alternated after a warm-up so machine load hits all trainers alike. Also times the
-heatmap transform (per batch, all deep-supervision scales) against the stock step.
+heatmap transform (per batch, all deep-supervision scales) against the stock step, and reports every
+row's parameters and forward FLOPs.
+
+nnH3DETrainer is measured exactly as users get it: the trainer class itself, built from the same plans
+and configuration as the other rows (asserted: same conv stages), so its network is H3DEUNet with the
+trainer's `h3de_kwargs` (today one full-resolution refinement conv, `n_conv_refinement=1`; H3DEUNet's own
+default is 2). An informational row `nnH3DETrainer_refine2` (the same trainer with H3DEUNet's default 2
+refinement convs) shows what that choice saves; it is not the user configuration (`--no-refine2` skips it).
+
+FLOPs: torch.utils.flop_counter.FlopCounterMode over one forward pass of each trainer's network (deep
+supervision on, as trained) on a batch of the configuration's batch size and patch, run on a meta-device
+copy: there scaled_dot_product_attention takes the math path, whose matmuls the counter sees (the CPU
+fused kernel has no entry in torch's flop registry, so a CPU count would miss V-BRA's attention). Counted:
+convolutions and matmuls (2 FLOPs per multiply-add), as fvcore/ptflops do; norms, activations and
+interpolation are not.
 
     python benchmarks/bench_train_step.py [--steps 8] [--warmup 2] [--patch 48 64 64] [--json]
 
 Without -d it generates a blob dataset, plans and preprocesses it in a temporary nnU-Net tree.
 With --json the LAST line is one JSON object: ratio_nnLandmarkTrainer (median step time / stock's),
 ratio_nnH3DETrainer (if that trainer exists): the median over rounds of (step time / stock step
-time of the same round), heatmap_transform_ratio, and the raw times.
+time of the same round), heatmap_transform_ratio, params_M / gflops_fwd_batch per row, the
+nnH3DETrainer configuration (refinement convs, V-BRA stages), and the raw times.
 """
 from __future__ import annotations
 
@@ -31,7 +46,7 @@ def prepare_dataset(root: Path, dataset_id: int, shape, patch, base_features, ma
         (root / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(root / name)
     os.environ.setdefault("nnUNet_compile", "false")
-    from nnlandmark_h3de.training.blob_dataset import make_blob_dataset
+    from nnlandmark_h3de.demo.blob_dataset import make_blob_dataset
     make_blob_dataset(dataset_id, n_cases=5, shape_zyx=shape)
     env = {**os.environ, "nnUNet_n_proc_DA": "1"}
     subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
@@ -39,6 +54,34 @@ def prepare_dataset(root: Path, dataset_id: int, shape, patch, base_features, ma
     subprocess.run([str(BIN / "nnLandmark_add_small_config"), "-d", str(dataset_id), "--patch_size", *map(str, patch),
                     "--base_features", str(base_features), "--max_features", str(max_features)],
                    env=env, check=True, capture_output=True)
+
+
+def network_cost(network, batch_size, in_channels, patch):
+    """(parameters in M, forward GFLOPs for one batch) of a trainer's network, counted on a meta copy."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    params = sum(p.numel() for p in network.parameters()) / 1e6
+    net = deepcopy(network).to("meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(torch.empty(batch_size, in_channels, *patch, device="meta"))
+    return params, fc.get_total_flops() / 1e9
+
+
+def h3de_configuration(trainer, stock):
+    """What nnH3DETrainer built: refinement depth, V-BRA stages; asserts the conv stages are the stock plan's."""
+    import inspect
+    from nnlandmark_h3de.networks.h3de_unet import H3DEUNet
+    body = trainer.network.body
+    assert isinstance(body, H3DEUNet), type(body)
+    enc, ref = body.encoder, stock.network.encoder
+    for attr in ("output_channels", "strides", "kernel_sizes"):
+        assert str(getattr(enc, attr)) == str(getattr(ref, attr)), (attr, getattr(enc, attr), getattr(ref, attr))
+    return {"n_conv_refinement": len(body.decoder.refinement.convs.convs),
+            "h3de_kwargs": dict(type(trainer).h3de_kwargs),
+            "h3deunet_default_n_conv_refinement":
+                inspect.signature(H3DEUNet.__init__).parameters["n_conv_refinement"].default,
+            "vbra_stages": list(body.vbra_stages),
+            "features_per_stage": [int(c) for c in enc.output_channels]}
 
 
 def make_trainer(cls, plans, configuration, dataset_json):
@@ -69,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--base_features", type=int, default=16)
     ap.add_argument("--max_features", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-refine2", action="store_true",
+                    help="skip the informational nnH3DETrainer row with H3DEUNet's default 2 refinement convs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -99,15 +144,21 @@ def main(argv=None):
     try:
         from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer
         trainers["nnH3DETrainer"] = nnH3DETrainer
+        if not args.no_refine2:
+            trainers["nnH3DETrainer_refine2"] = type("nnH3DETrainer_refine2", (nnH3DETrainer,), {
+                "h3de_kwargs": {**nnH3DETrainer.h3de_kwargs, "n_conv_refinement": 2}})
     except ImportError as e:
         print(f"nnH3DETrainer not importable ({e}); skipped")
     built = {k: make_trainer(cls, plans, args.c, dataset_json) for k, cls in trainers.items()}
 
     stock = built["nnUNetTrainer"]
+    patch = list(stock.configuration_manager.patch_size)
     dl_train, _ = stock.get_dataloaders()
     torch.manual_seed(0)
     np.random.seed(0)
     batches = [next(dl_train) for _ in range(args.steps + args.warmup)]
+    n_in = batches[0]["data"].shape[1]
+    cost = {k: network_cost(t.network, stock.batch_size, n_in, patch) for k, t in built.items()}
     ds_scales = built["nnLandmarkTrainer"]._get_deep_supervision_scales()
     heat = built["nnLandmarkTrainer"].build_heatmap_transform(ds_scales)
     downsample = DownsampleSegForDSTransform(ds_scales)  # the stock transform the heatmaps replace
@@ -146,10 +197,31 @@ def main(argv=None):
     result["median_step_s"] = med
     result["heatmap_transform_s"] = statistics.median(transform_times)
     result["stock_downsample_seg_s"] = statistics.median(downsample_times)
-    result.update({"patch_size": list(stock.configuration_manager.patch_size), "batch_size": stock.batch_size,
+    result["params_M"] = {k: c[0] for k, c in cost.items()}
+    result["gflops_fwd_batch"] = {k: c[1] for k, c in cost.items()}
+    result["params_ratio"] = {k: cost[k][0] / cost["nnUNetTrainer"][0] for k in cost if k != "nnUNetTrainer"}
+    result["flops_ratio"] = {k: cost[k][1] / cost["nnUNetTrainer"][1] for k in cost if k != "nnUNetTrainer"}
+    for k in built:
+        if k.startswith("nnH3DETrainer"):
+            result[f"config_{k}"] = h3de_configuration(built[k], stock)
+    result.update({"configuration": args.c, "patch_size": patch, "batch_size": stock.batch_size,
                    "steps": args.steps, "warmup": args.warmup, "threads": args.threads})
+    print(f"configuration {args.c}: patch {patch}, batch {stock.batch_size}, features "
+          f"{[int(c) for c in stock.network.encoder.output_channels]} (the same plans for every row)")
+    for k in built:
+        if k.startswith("nnH3DETrainer"):
+            c = result[f"config_{k}"]
+            print(f"{k}: H3DEUNet with {c['n_conv_refinement']} full-resolution refinement conv(s) "
+                  f"(H3DEUNet default {c['h3deunet_default_n_conv_refinement']}; trainer h3de_kwargs {c['h3de_kwargs']}), "
+                  f"V-BRA stages {c['vbra_stages']}")
+    print(f"{'':>22s}  {'s/step':>7s}  {'x stock':>7s}  {'params M':>8s}  {'x stock':>7s}  {'GFLOPs fwd':>10s}  {'x stock':>7s}")
     for k, v in med.items():
-        print(f"{k:>20s}: median {v:.3f} s/step over {args.steps} steps (all: {np.round(times[k], 3).tolist()})")
+        r = 1.0 if k == "nnUNetTrainer" else result[f"ratio_{k}"]
+        pr = 1.0 if k == "nnUNetTrainer" else result["params_ratio"][k]
+        fr = 1.0 if k == "nnUNetTrainer" else result["flops_ratio"][k]
+        print(f"{k:>22s}  {v:7.3f}  {r:7.3f}  {cost[k][0]:8.3f}  {pr:7.3f}  {cost[k][1]:10.2f}  {fr:7.3f}")
+    for k, v in med.items():
+        print(f"{k:>22s}: median {v:.3f} s/step over {args.steps} steps (all: {np.round(times[k], 3).tolist()})")
     print(f"heatmap transform: {result['heatmap_transform_s'] * 1e3:.1f} ms per batch, one thread "
           f"({100 * result['heatmap_transform_ratio']:.1f} % of a stock step; it replaces nnU-Net's "
           f"DownsampleSegForDSTransform: {result['stock_downsample_seg_s'] * 1e3:.1f} ms)")

@@ -1,18 +1,39 @@
-"""V-BRA speed and memory against a public-code-style naive V-BRA and dense global SDPA, same run.
+"""V-BRA speed and memory against the public code's gather (with explicit attention, and with the same fused
+SDPA kernel as ours) and against dense global SDPA, all measured in the same run.
 
-For 4k..32k tokens (tokens per region held fixed) and two settings
-  A: C=64, 8 heads, top-k 1, regions of 8x8x8 tokens  (H3DE's first attention stage: 32x32x16, 4x4x2 regions)
-  B: C=128, 8 heads, top-k 4, regions of 4x4x4 tokens (H3DE's second stage geometry)
-each case runs forward+backward in its own subprocess (1 torch thread by default). Peak memory = peak RSS (VmHWM, reset through
-/proc/self/clear_refs) minus RSS just before the run, with glibc's mmap threshold fixed at 64 KiB so
-freed tensors really leave the process (torch's CPU allocator does not cache). Time = median over the
-repeats after that first run of the process CPU time (user + sys of all threads, which other jobs on a
-shared machine barely disturb); the wall time is reported too. Also: parameters and forward FLOPs (FlopCounterMode, meta tensors) of
-H3DEUNet vs nnU-Net's PlainConvUNet for the same plans.
+Region layout: the one H3DEUNet builds (fixed number of regions per axis, `vbra_n_regions=4`, so 64 regions
+whatever the feature-map size; heads = channels // 32; top-k 1, 4, 16 from the finest V-BRA stage on). The
+two settings are the first two V-BRA stages H3DEUNet picks for a 3d_fullres plan with patch 64x128x128
+(features 32..320, the first V-BRA stage is the first with <= 16384 tokens); `network_layout()` builds that
+network and the benchmark asserts the settings match it:
+  A: stage 2, 16x32x32 = 16384 tokens, C=128, 4 heads, top-k 1, 4x4x4 regions (256 tokens each)
+  B: stage 3, 8x16x16 = 2048 tokens, C=256, 8 heads, top-k 4, 4x4x4 regions (32 tokens each)
+Both are run at 4k..32k tokens with the region count held at 4 per axis (tokens per region grow with the
+patch, as in H3DEUNet), so the time exponent is the one a growing patch sees; B is also run at its real
+2048 tokens. In the network B never reaches 16k tokens (the first V-BRA stage has at most 16384), so B at
+16k is the chunked-K/V path under load, A at 16k is what the network really runs.
 
-    python benchmarks/bench_vbra.py [--quick] [--json] [--repeats 3] [--threads 1] [--dense-32k]
+Arms (all but dense compute the same function with the same weights; checked before timing):
+  vbra         ours: region-index gather (index_select on (B*R, T, C)), fused SDPA, K/V in top-k chunks
+               recomputed in backward when top-k > 1
+  naive        public BiFormer/H3DE code: KVGather (torch.gather on K/V expanded to (B, R, R, T, 2C)),
+               explicit attention matrix (T x kT per region and head)
+  naive_fused  the same public gather + F.scaled_dot_product_attention (the one-line kernel swap)
+  vbra_1chunk  ours with kv_chunks=1 (region-index gather, no chunking/recompute; = vbra when top-k 1)
+  dense        global multi-head SDPA over all tokens (another function; a scale reference)
 
-With --json the LAST line is one JSON object. Headline ratios are the worse of settings A and B.
+Every (setting, size) runs in one fresh subprocess (1 torch thread by default): first each arm's peak
+memory of one forward+backward (peak RSS, VmHWM reset through /proc/self/clear_refs, minus RSS just before;
+glibc's mmap threshold fixed at 64 KiB so freed tensors really leave the process), then the equality
+check, then `repeats` rounds in which every arm runs one forward+backward, the arm order rotating each
+round. Time = process CPU time (user + sys); ratios are the median over rounds of the per-round ratio
+(arms of one round share the machine's load). Also: parameters and forward FLOPs (FlopCounterMode, meta
+tensors) of H3DEUNet vs nnU-Net's PlainConvUNet for a 128^3 plan.
+
+    python benchmarks/bench_vbra.py [--quick] [--json] [--repeats 5] [--threads 1] [--dense-32k]
+
+With --json the LAST line is one JSON object. Headline ratios are the worse (larger) of settings A and B;
+per-setting values are under "A" and "B".
 """
 import argparse
 import json
@@ -29,22 +50,28 @@ from torch import nn
 
 from nnlandmark_h3de.networks.building_blocks.vbra import VBRA, _from_regions, _to_regions
 
-SETTINGS = {
-    "A": dict(dim=64, num_heads=8, topk=1, region_size=(8, 8, 8)),
-    "B": dict(dim=128, num_heads=8, topk=4, region_size=(4, 4, 4)),
+PLAN_PATCH = (64, 128, 128)
+PLAN_FEATURES = [32, 64, 128, 256, 320, 320]
+SETTINGS = {  # the V-BRA modules H3DEUNet builds for PLAN_PATCH (asserted in network_layout)
+    "A": dict(dim=128, num_heads=4, topk=1, n_regions=4),
+    "B": dict(dim=256, num_heads=8, topk=4, n_regions=4),
 }
-SHAPES = {4096: (16, 16, 16), 8192: (32, 16, 16), 16384: (32, 32, 16), 32768: (32, 32, 32)}
+REAL_TOKENS = {"A": 16384, "B": 2048}
+SHAPES = {2048: (8, 16, 16), 4096: (16, 16, 16), 8192: (16, 32, 16), 16384: (16, 32, 32), 32768: (32, 32, 32)}
+ARMS = ("vbra", "naive", "naive_fused", "vbra_1chunk", "dense")
+SAME_FUNCTION = ("naive", "naive_fused", "vbra_1chunk")
 
 
 class NaiveVBRA(VBRA):
-    """The public code's formulation: gather K/V for every query region (k copies, shape (B, R, k, T, 2C))
-    and materialise the (T x kT) attention matrix per region and head. Same parameters as VBRA; sizes
-    must divide the region grid (the public code's padding does not work otherwise)."""
+    """The public code's formulation: BiFormer's KVGather (K/V expanded to every query region, then
+    torch.gather of k copies: (B, R, k, T, 2C); its backward materialises the expanded (B, R, R, T, 2C)
+    gradient) and an explicit (T x kT) attention matrix per region and head. Same parameters as VBRA;
+    sizes must divide the region grid (the public code's padding does not work otherwise)."""
 
     def forward_tokens(self, x):
         b, *spatial, c = x.shape
-        rsize = tuple(self.region_size)
-        grid = tuple(s // r for s, r in zip(spatial, rsize))
+        grid = (self.n_regions,) * 3 if isinstance(self.n_regions, int) else tuple(self.n_regions)
+        rsize = tuple(s // g for s, g in zip(spatial, grid))
         assert all(g * r == s for g, r, s in zip(grid, rsize, spatial)), "naive V-BRA needs divisible sizes"
         n_reg, k_top, h, hd = int(np.prod(grid)), min(self.topk, int(np.prod(grid))), self.num_heads, self.head_dim
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -59,9 +86,19 @@ class NaiveVBRA(VBRA):
         q = q.reshape(b * n_reg, t, h, hd).transpose(1, 2)
         k_sel = k_sel.reshape(b * n_reg, k_top * t, h, hd).transpose(1, 2)
         v_sel = v_sel.reshape(b * n_reg, k_top * t, h, hd).transpose(1, 2)
-        attn = ((q * self.scale) @ k_sel.transpose(-1, -2)).softmax(-1)  # (B*R, h, T, kT) materialised
-        out = (attn @ v_sel).transpose(1, 2).reshape(b, n_reg, t, c)
+        out = self.attention(q, k_sel, v_sel).transpose(1, 2).reshape(b, n_reg, t, c)
         return self.proj(_from_regions(out, grid, rsize) + lepe)
+
+    def attention(self, q, k, v):
+        attn = ((q * self.scale) @ k.transpose(-1, -2)).softmax(-1)  # (B*R, h, T, kT) materialised
+        return attn @ v
+
+
+class NaiveFusedVBRA(NaiveVBRA):
+    """The public gather with the explicit attention swapped for the fused kernel ours uses."""
+
+    def attention(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class DenseAttention(nn.Module):
@@ -81,7 +118,13 @@ class DenseAttention(nn.Module):
         return self.proj(out).transpose(1, 2).reshape(b, c, *spatial)
 
 
-METHODS = {"vbra": VBRA, "naive": NaiveVBRA, "dense": DenseAttention}
+def build_arm(arm, setting):
+    kw = SETTINGS[setting]
+    if arm == "vbra":
+        return VBRA(**kw)
+    if arm == "vbra_1chunk":
+        return VBRA(**kw, kv_chunks=1)
+    return {"naive": NaiveVBRA, "naive_fused": NaiveFusedVBRA, "dense": DenseAttention}[arm](**kw)
 
 
 def _status(key):
@@ -92,53 +135,118 @@ def _status(key):
     raise RuntimeError(key)
 
 
-def run_case(method, setting, n_tokens, repeats, threads):
-    """In a fresh process: peak RSS delta of one forward+backward, then the median times of `repeats`."""
+def run_case(setting, n_tokens, arms, repeats, threads):
+    """In a fresh process: each arm's peak RSS delta of one forward+backward, the equality check against
+    ours, then `repeats` interleaved rounds of CPU times."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    m = METHODS[method](**SETTINGS[setting])
+    ours = build_arm("vbra", setting)
+    mods = {a: build_arm(a, setting) for a in arms}
+    for a in arms:
+        if a in SAME_FUNCTION or a == "vbra":
+            mods[a].load_state_dict(ours.state_dict())
+    dim = SETTINGS[setting]["dim"]
 
-    def step(shape):
-        x = torch.randn(1, SETTINGS[setting]["dim"], *shape, requires_grad=True)
-        m(x).sum().backward()
+    def step(m, x):
+        out = m(x)
+        out.backward(w)
         m.zero_grad(set_to_none=True)
+        return out.detach()
 
-    step((8, 8, 8))  # load kernels, thread pools
-    x = torch.randn(1, SETTINGS[setting]["dim"], *SHAPES[n_tokens], requires_grad=True)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    rss0 = _status("VmRSS")
-    m(x).sum().backward()
-    peak = _status("VmHWM") - rss0
-    cpu, wall = [], []
-    for _ in range(repeats):
-        m.zero_grad(set_to_none=True)
+    for a in arms:  # load kernels, thread pools
+        xs = torch.randn(1, dim, 8, 8, 8, requires_grad=True)
+        w = torch.ones(1, dim, 8, 8, 8)
+        step(mods[a], xs)
+    x = torch.randn(1, dim, *SHAPES[n_tokens], requires_grad=True)
+    w = torch.randn_like(x)  # a random output gradient, so the input-gradient check sees every path
+    res = {a: {} for a in arms}
+    outs, grads = {}, {}
+    for a in arms:
         x.grad = None
-        c0, t0 = time.process_time(), time.perf_counter()
-        m(x).sum().backward()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - t0)
-    return {"peak_mb": peak / 2 ** 20, "cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall)}
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        rss0 = _status("VmRSS")
+        out = step(mods[a], x)
+        res[a]["peak_mb"] = (_status("VmHWM") - rss0) / 2 ** 20
+        if a in SAME_FUNCTION or a == "vbra":
+            outs[a], grads[a] = out, x.grad.clone()
+        del out
+    x.grad = None
+    for a in SAME_FUNCTION:  # must equal ours before its time means anything
+        if a in outs:
+            scale_o, scale_g = outs["vbra"].abs().max().item(), grads["vbra"].abs().max().item()
+            res[a]["max_abs_diff_out"] = (outs[a] - outs["vbra"]).abs().max().item() / scale_o
+            res[a]["max_abs_diff_grad"] = (grads[a] - grads["vbra"]).abs().max().item() / scale_g
+            ok = (torch.allclose(outs[a], outs["vbra"], rtol=1e-4, atol=1e-4 * scale_o)
+                  and torch.allclose(grads[a], grads["vbra"], rtol=1e-4, atol=1e-4 * scale_g))
+            if not ok:
+                raise AssertionError(f"{a} differs from vbra ({setting}, {n_tokens} tokens): {res[a]}")
+    del outs, grads
+    cpu = {a: [] for a in arms}
+    for r in range(repeats):
+        order = list(arms[r % len(arms):]) + list(arms[:r % len(arms)])  # rotate who goes first
+        for a in order:
+            x.grad = None
+            c0 = time.process_time()
+            step(mods[a], x)
+            cpu[a].append(time.process_time() - c0)
+    for a in arms:
+        res[a]["cpu_s"] = statistics.median(cpu[a])
+        res[a]["cpu_all_s"] = cpu[a]
+        res[a]["time_ratio_vbra_vs_this"] = statistics.median(o / t for o, t in zip(cpu["vbra"], cpu[a]))
+    return res
 
 
-def measure(method, setting, n_tokens, repeats, threads):
+def measure(setting, n_tokens, arms, repeats, threads):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, os.path.abspath(__file__), "--_case",
-           json.dumps([method, setting, n_tokens, repeats, threads])]
+           json.dumps([setting, n_tokens, list(arms), repeats, threads])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(res.stderr[-2000:])
+        raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def check_naive_equals_vbra():
-    """The naive baseline computes the same function (otherwise the comparison means nothing)."""
+    """The public-gather arms compute the same function as ours (float64, padding-free sizes)."""
     torch.manual_seed(0)
-    ours = VBRA(32, 4, region_size=(4, 4, 4), topk=2).double()
-    naive = NaiveVBRA(32, 4, region_size=(4, 4, 4), topk=2).double()
-    naive.load_state_dict(ours.state_dict())
-    x = torch.randn(1, 32, 8, 8, 12, dtype=torch.float64)
-    return (ours(x) - naive(x)).abs().max().item()
+    ours = VBRA(32, 4, n_regions=2, topk=3).double()
+    diffs = {}
+    for name, cls in (("naive", NaiveVBRA), ("naive_fused", NaiveFusedVBRA)):
+        other = cls(32, 4, n_regions=2, topk=3).double()
+        other.load_state_dict(ours.state_dict())
+        x = torch.randn(2, 32, 8, 8, 12, dtype=torch.float64)
+        diffs[name] = (ours(x) - other(x)).abs().max().item()
+    return diffs
+
+
+def _plan_kwargs(n_stages=6, features=PLAN_FEATURES, num_classes=11):
+    return dict(input_channels=1, n_stages=n_stages, features_per_stage=features, conv_op=nn.Conv3d,
+                kernel_sizes=[[3, 3, 3]] * n_stages, strides=[[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
+                n_conv_per_stage=[2] * n_stages, num_classes=num_classes,
+                n_conv_per_stage_decoder=[2] * (n_stages - 1), conv_bias=True, norm_op=nn.InstanceNorm3d,
+                norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+                deep_supervision=True)
+
+
+def network_layout():
+    """The V-BRA modules H3DEUNet (defaults) builds for PLAN_PATCH: stage -> (tokens, settings); settings
+    A and B must be its first two V-BRA stages."""
+    from nnlandmark_h3de.networks.h3de_unet import H3DEUNet
+    with torch.device("meta"):
+        net = H3DEUNet(**_plan_kwargs(), patch_size=PLAN_PATCH)
+    layout = {}
+    for s in net.vbra_stages:
+        m = next(mod for mod in net.encoder.stages[s].modules() if isinstance(mod, VBRA))
+        tokens = int(np.prod(PLAN_PATCH)) // 8 ** s
+        layout[s] = {"tokens": tokens, "dim": m.dim, "num_heads": m.num_heads, "topk": m.topk,
+                     "n_regions": m.n_regions, "region_size": m.region_size}
+    first, second = (layout[s] for s in net.vbra_stages[:2])
+    for name, stage in (("A", first), ("B", second)):
+        want = SETTINGS[name]
+        got = {k: stage[k] for k in want}
+        assert got == want and stage["tokens"] == REAL_TOKENS[name], f"setting {name} {want} != H3DEUNet's {stage}"
+    return layout
 
 
 def network_cost():
@@ -147,11 +255,7 @@ def network_cost():
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from nnlandmark_h3de.networks.h3de_unet import H3DEUNet
     patch = (128, 128, 128)
-    kw = dict(input_channels=1, n_stages=6, features_per_stage=[32, 64, 128, 256, 320, 320], conv_op=nn.Conv3d,
-              kernel_sizes=[[3, 3, 3]] * 6, strides=[[1, 1, 1]] + [[2, 2, 2]] * 5, n_conv_per_stage=[2] * 6,
-              num_classes=11, n_conv_per_stage_decoder=[2] * 5, conv_bias=True, norm_op=nn.InstanceNorm3d,
-              norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
-              deep_supervision=True)
+    kw = _plan_kwargs()
     out = {"plan": f"patch {patch}, 6 stages 32..320, 10 landmarks + zero channel"}
     for name, cls, extra in (("plain", PlainConvUNet, {}), ("h3de", H3DEUNet, {"patch_size": patch})):
         with torch.device("meta"):
@@ -168,61 +272,108 @@ def network_cost():
     return out
 
 
+def _exponent(sizes, times):
+    return float(np.polyfit(np.log(np.array(sizes, float)), np.log(np.array(times, float)), 1)[0])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="4k/8k/16k only, baselines at 16k only, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="4k/8k/16k only, baselines at 16k only, 2 rounds")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds per case (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per case (CPU time counts all)")
-    p.add_argument("--dense-32k", action="store_true", help="also run the baselines at 32k tokens (slow)")
+    p.add_argument("--dense-32k", action="store_true", help="also run the baselines at 32k tokens (slow, ~10 GB)")
     p.add_argument("--_case", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._case:
         print(json.dumps(run_case(*json.loads(a._case))))
         return
 
-    repeats = a.repeats or (1 if a.quick else 3)
+    repeats = a.repeats or (2 if a.quick else 5)
     vbra_sizes = [4096, 8192, 16384] if a.quick else [4096, 8192, 16384, 32768]
     base_sizes = [16384] if a.quick else ([4096, 8192, 16384, 32768] if a.dense_32k else [4096, 8192, 16384])
-    diff = check_naive_equals_vbra()
-    print(f"naive vs ours, same weights, float64: max |diff| = {diff:.2e}")
+    layout = network_layout()
+    print("H3DEUNet's V-BRA stages for patch %s (4 regions per axis): %s" % (
+        "x".join(map(str, PLAN_PATCH)),
+        "; ".join(f"stage {s}: {v['tokens']} tokens, C={v['dim']}, {v['num_heads']} heads, top-k {v['topk']}"
+                  for s, v in layout.items())))
+    diffs = check_naive_equals_vbra()
+    print("public-gather arms vs ours, same weights, float64: max |diff| = "
+          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
 
     res = {}
-    for setting in SETTINGS:
-        for n in vbra_sizes:
-            for method in ("vbra", "naive", "dense"):
-                if method != "vbra" and n not in base_sizes:
-                    continue
-                r = measure(method, setting, n, repeats, a.threads)
-                res[(setting, method, n)] = r
-                print(f"{setting}  {method:6s} {n:6d} tokens  cpu {r['cpu_s'] * 1e3:9.1f} ms  "
-                      f"(wall {r['wall_s'] * 1e3:9.1f} ms)  peak {r['peak_mb']:8.1f} MB", flush=True)
+    cases = [(s, n) for s in SETTINGS for n in vbra_sizes]
+    if not a.quick:
+        cases.append(("B", REAL_TOKENS["B"]))  # B at the size it has in the network
+    for setting, n in cases:
+        arms = [m for m in ARMS if m == "vbra" or n in base_sizes or n == REAL_TOKENS[setting]]
+        if SETTINGS[setting]["topk"] == 1 and "vbra_1chunk" in arms:
+            arms.remove("vbra_1chunk")  # one chunk already: identical to vbra
+        r = measure(setting, n, arms, repeats, a.threads)
+        for m, v in r.items():
+            res[(setting, m, n)] = v
+            extra = "" if m == "vbra" else f"  vbra/this time {v['time_ratio_vbra_vs_this']:.3f}, " \
+                                           f"mem {r['vbra']['peak_mb'] / v['peak_mb']:.3f}"
+            extra += f"  (rel. diff out {v['max_abs_diff_out']:.1e}, grad {v['max_abs_diff_grad']:.1e})" \
+                if "max_abs_diff_out" in v else ""
+            print(f"{setting}  {m:11s} {n:6d} tokens  cpu {v['cpu_s'] * 1e3:9.1f} ms  peak {v['peak_mb']:8.1f} MB"
+                  + extra, flush=True)
 
-    summary = {"naive_equals_vbra_maxdiff": diff, "repeats": repeats, "threads": a.threads, "settings": {k: {**v, "region_size": list(
-        v["region_size"])} for k, v in SETTINGS.items()}}
-    print("\nsetting | time vbra/dense | mem vbra/naive | mem vbra/dense | time vbra/naive | exponent (vbra time ~ N^p)")
+    summary = {"naive_equals_vbra_maxdiff": diffs["naive"], "naive_fused_equals_vbra_maxdiff": diffs["naive_fused"],
+               "repeats": repeats, "threads": a.threads, "settings": SETTINGS, "real_tokens": REAL_TOKENS,
+               "plan_patch": list(PLAN_PATCH), "h3de_layout": {str(k): v for k, v in layout.items()}}
+    print("\nsetting | time vbra/dense | time vbra/naive | time vbra/naive_fused | mem vbra/naive | "
+          "mem vbra/naive_fused | mem vbra/dense | exponent vbra (4k..32k) | exponents 4k..16k")
     for s in SETTINGS:
-        v, nv, d = (res[(s, m, 16384)] for m in ("vbra", "naive", "dense"))
-        ns = np.array(vbra_sizes, float)
-        ts = np.array([res[(s, "vbra", n)]["cpu_s"] for n in vbra_sizes])
-        expo = float(np.polyfit(np.log(ns), np.log(ts), 1)[0])
-        summary[s] = {"time_ratio_vbra_vs_dense_16k": v["cpu_s"] / d["cpu_s"],
-                      "time_ratio_vbra_vs_naive_16k": v["cpu_s"] / nv["cpu_s"],
-                      "mem_ratio_vbra_vs_naive_16k": v["peak_mb"] / nv["peak_mb"],
-                      "mem_ratio_vbra_vs_dense_16k": v["peak_mb"] / d["peak_mb"],
-                      "time_exponent_vbra": expo,
-                      "cases": {f"{m}_{n}": res[(s, m, n)] for (ss, m, n) in res if ss == s}}
-        r = summary[s]
-        print(f"   {s}    | {r['time_ratio_vbra_vs_dense_16k']:15.3f} | {r['mem_ratio_vbra_vs_naive_16k']:14.3f} | "
-              f"{r['mem_ratio_vbra_vs_dense_16k']:14.3f} | {r['time_ratio_vbra_vs_naive_16k']:15.3f} | {expo:.2f}")
+        v = res[(s, "vbra", 16384)]
+        d = {m: res[(s, m, 16384)] for m in ARMS if (s, m, 16384) in res}
+        out = {"time_ratio_vbra_vs_dense_16k": d["dense"]["time_ratio_vbra_vs_this"],
+               "time_ratio_vbra_vs_naive_16k": d["naive"]["time_ratio_vbra_vs_this"],
+               "time_ratio_vbra_vs_naive_fused_16k": d["naive_fused"]["time_ratio_vbra_vs_this"],
+               "mem_ratio_vbra_vs_naive_16k": v["peak_mb"] / d["naive"]["peak_mb"],
+               "mem_ratio_vbra_vs_naive_fused_16k": v["peak_mb"] / d["naive_fused"]["peak_mb"],
+               "mem_ratio_vbra_vs_dense_16k": v["peak_mb"] / d["dense"]["peak_mb"],
+               "time_exponent_vbra": _exponent(vbra_sizes, [res[(s, "vbra", n)]["cpu_s"] for n in vbra_sizes])}
+        if "vbra_1chunk" in d:
+            out["time_ratio_vbra_vs_1chunk_16k"] = d["vbra_1chunk"]["time_ratio_vbra_vs_this"]
+            out["mem_ratio_vbra_vs_1chunk_16k"] = v["peak_mb"] / d["vbra_1chunk"]["peak_mb"]
+        fit = [n for n in base_sizes if n in vbra_sizes]
+        if len(fit) > 1:
+            out["time_exponents_4k_16k"] = {m: _exponent(fit, [res[(s, m, n)]["cpu_s"] for n in fit])
+                                            for m in ARMS if all((s, m, n) in res for n in fit)}
+        n_real = REAL_TOKENS[s]
+        if n_real != 16384 and (s, "naive_fused", n_real) in res:
+            vr = res[(s, "vbra", n_real)]
+            out["at_real_size"] = {"tokens": n_real, **{
+                f"{kind}_ratio_vbra_vs_{m}": (res[(s, m, n_real)]["time_ratio_vbra_vs_this"] if kind == "time"
+                                              else vr["peak_mb"] / res[(s, m, n_real)]["peak_mb"])
+                for m in ARMS if m != "vbra" and (s, m, n_real) in res for kind in ("time", "mem")}}
+        out["cases"] = {f"{m}_{n}": res[(ss, m, n)] for (ss, m, n) in res if ss == s}
+        summary[s] = out
+        ex = out.get("time_exponents_4k_16k", {})
+        print(f"   {s}    | {out['time_ratio_vbra_vs_dense_16k']:15.3f} | {out['time_ratio_vbra_vs_naive_16k']:15.3f} | "
+              f"{out['time_ratio_vbra_vs_naive_fused_16k']:21.3f} | {out['mem_ratio_vbra_vs_naive_16k']:14.3f} | "
+              f"{out['mem_ratio_vbra_vs_naive_fused_16k']:20.3f} | {out['mem_ratio_vbra_vs_dense_16k']:14.3f} | "
+              f"{out['time_exponent_vbra']:23.2f} | " + ", ".join(f"{m} {e:.2f}" for m, e in ex.items()))
+        if "time_ratio_vbra_vs_1chunk_16k" in out:
+            print(f"         chunked K/V vs one chunk (same region-index gather) at 16k: time "
+                  f"{out['time_ratio_vbra_vs_1chunk_16k']:.3f}, memory {out['mem_ratio_vbra_vs_1chunk_16k']:.3f}")
+        if "at_real_size" in out:
+            rs = out["at_real_size"]
+            print(f"         at its real size in the network ({rs['tokens']} tokens), vbra/arm time | memory: " + ", ".join(
+                f"{m} {rs[f'time_ratio_vbra_vs_{m}']:.3f} | {rs[f'mem_ratio_vbra_vs_{m}']:.3f}"
+                for m in ARMS if f"time_ratio_vbra_vs_{m}" in rs))
     for key in ("time_ratio_vbra_vs_dense_16k", "mem_ratio_vbra_vs_naive_16k", "mem_ratio_vbra_vs_dense_16k",
-                "time_exponent_vbra", "time_ratio_vbra_vs_naive_16k"):
+                "time_exponent_vbra", "time_ratio_vbra_vs_naive_16k", "time_ratio_vbra_vs_naive_fused_16k",
+                "mem_ratio_vbra_vs_naive_fused_16k"):
         summary[key] = max(summary[s][key] for s in SETTINGS)  # the worse setting
     targets = {"mem_ratio_vbra_vs_naive_16k": 0.25, "mem_ratio_vbra_vs_dense_16k": 2.0,
                "time_ratio_vbra_vs_dense_16k": 0.1, "time_exponent_vbra": 1.5}
     summary["targets_met"] = {k: summary[k] <= t for k, t in targets.items()}
     print("\nworst of A/B vs target: " + ", ".join(f"{k} = {summary[k]:.3f} (<= {t}: {summary[k] <= t})"
                                                   for k, t in targets.items()))
+    print("worst of A/B vs the public gather + fused SDPA: time "
+          f"{summary['time_ratio_vbra_vs_naive_fused_16k']:.3f}, memory {summary['mem_ratio_vbra_vs_naive_fused_16k']:.3f}")
 
     net = network_cost()
     summary["network"] = net

@@ -14,7 +14,7 @@ AFIDS_DIR = Path(os.environ.get("NNLANDMARK_AFIDS_DIR", REPO.parent / "shared" /
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
     """nnUNet_raw/preprocessed/results in tmp, single-process augmentation, our trainer folder."""
-    from nnlandmark_h3de.cli.trainer_path import trainer_folder
+    from nnlandmark_h3de.training.trainer_folder import trainer_folder
 
     paths = {}
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

@@ -62,6 +62,14 @@ def test_afids_all_32_landmarks_at_4mm(nnunet_env, afids_dir, monkeypatch):
     plans = {**json.loads((pre / "nnUNetPlans.json").read_text()), "continue_training": False}  # as run_training passes
     trainer = nnLandmarkTrainer(plans, CONFIG, 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
     trainer.initialize()
+    # nnU-Net's own loss construction, the heatmap loss inside: its deep-supervision weights
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
+    n_scales = len(trainer._get_deep_supervision_scales())
+    expected = np.array([1 / 2 ** i for i in range(n_scales)])
+    expected[-1] = 0
+    assert isinstance(trainer.loss, DeepSupervisionWrapper) and isinstance(trainer.loss.loss, HeatmapMSELoss)
+    np.testing.assert_allclose(trainer.loss.weight_factors, expected / expected.sum())
     dl_tr, dl_val = trainer.get_dataloaders()
     assert trainer.configuration_manager.spacing == [4.0, 4.0, 4.0]
     data = trainer.dataset_class(trainer.preprocessed_dataset_folder, CASES[2:]).load_case(CASES[2])[0]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnlandmark_h3de.heatmaps.anchor_targets import (AnchorLoss, anchor_positives, build_anchor_targets,
+from nnlandmark_h3de.training.anchor_targets import (AnchorLoss, anchor_positives, build_anchor_targets,
                                                      centres_from_heatmaps)
 from nnlandmark_h3de.heatmaps.gaussian_heatmap import gaussian_heatmaps
 from nnlandmark_h3de.networks.building_blocks.anchor_head import (AnchorHead, cell_coordinates, decode_anchors,

@@ -107,6 +107,75 @@ def test_budget_never_cuts_a_run_that_fits():
     assert t.ended and t.current_epoch == 3 and not t.log
 
 
+class _FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _scheduled_trainer(make_scheduler, seconds_per_epoch, budget_seconds=100.0, max_epochs=1000):
+    """A trainer in nnU-Net's loop shape whose scheduler is stepped at every epoch start, on a fake
+    clock advancing `seconds_per_epoch` per epoch; returns the budgeted class and the clock."""
+    import torch
+    clock = _FakeClock()
+
+    class Scheduled(_FakeTrainer):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            return optimizer, make_scheduler(optimizer, self.num_epochs)
+
+        def on_train_start(self):
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+            self.lrs = []
+
+        def run_training(self):
+            self.on_train_start()
+            for _ in range(self.current_epoch, self.num_epochs):
+                self.lr_scheduler.step(self.current_epoch)  # nnUNetTrainer.on_train_epoch_start
+                self.lrs.append(self.optimizer.param_groups[0]["lr"])
+                clock.now += seconds_per_epoch
+                self.on_epoch_end()
+            self.on_train_end()
+
+    class Budgeted(TrainingBudget, Scheduled):
+        budget_max_epochs = max_epochs
+    Budgeted.budget_seconds = budget_seconds
+    Budgeted.clock = staticmethod(clock)
+    return Budgeted({}, "3d", 0, {}), clock
+
+
+def test_budget_decays_the_step_schedule_at_80_percent_of_the_time():
+    """nnLandmarkTrainer's StepLR (x0.1 at 80 % of num_epochs = 800 of 1000) would never decay in a
+    100-epoch budgeted run; on the budget it decays when 80 % of the time is spent."""
+    from nnlandmark_h3de.training.step_lr import StepLRScheduler
+    t, clock = _scheduled_trainer(lambda opt, n: StepLRScheduler(opt, 1.0, round(0.8 * n), 0.1), seconds_per_epoch=1.0)
+    t.run_training()
+    assert t.ended and t.current_epoch == 100 and clock.now == 100.0
+    # epoch k starts at k s = k % of the budget: epochs 0..79 at full rate, from 80 (80 % spent) x0.1
+    np.testing.assert_allclose(t.lrs, [1.0] * 80 + [0.1] * 20)
+
+
+def test_budget_makes_nnunets_poly_schedule_poly_in_elapsed_time():
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    t, _ = _scheduled_trainer(lambda opt, n: PolyLRScheduler(opt, 1.0, n), seconds_per_epoch=2.0, budget_seconds=50.0)
+    t.run_training()
+    assert t.current_epoch == 25
+    elapsed = 2.0 * np.arange(25) / 50.0  # fraction of the budget at each epoch start
+    np.testing.assert_allclose(t.lrs, (1 - np.floor(elapsed * 1000) / 1000) ** 0.9, rtol=1e-9)
+    assert t.lrs[-1] < 0.1
+
+
+def test_budget_schedule_follows_the_epoch_cap_when_it_comes_first():
+    from nnlandmark_h3de.training.step_lr import StepLRScheduler
+    t, clock = _scheduled_trainer(lambda opt, n: StepLRScheduler(opt, 1.0, round(0.8 * n), 0.1),
+                                  seconds_per_epoch=0.01, max_epochs=10)
+    t.run_training()
+    assert t.current_epoch == 10 and clock.now < 1.0
+    np.testing.assert_allclose(t.lrs, [1.0] * 8 + [0.1] * 2)
+
+
 def test_budget_trainer_shim_is_an_importable_subclass(tmp_path):
     name = write_budget_trainer(tmp_path, "nnUNetTrainer", 42.4, iterations_per_epoch=7)
     assert name == "nnUNetTrainer_budget42s" and "__" not in name

@@ -29,10 +29,10 @@ def _predictors(mirror_axes):
 def test_whole_volume_mirroring_averages_the_mirrors_like_nnunet():
     stock, ours = _predictors((0, 1, 2))
     x = torch.randn(1, 24, 32, 16)  # tile 16^3, step 8: symmetric tile positions on every axis
-    ours._fold_peaks = []
-    got = ours.predict_sliding_window_return_logits(x).float().numpy()
+    got, members = ours.sliding_window_with_member_peaks(x)  # no pairs: all axes mirrored without properties
+    got = got.float().numpy()
     assert ours.use_mirroring, "mirroring must be restored"
-    assert len(ours._fold_peaks) == 8  # identity + 7 mirror combinations, one peak set each
+    assert len(members) == 8  # identity + 7 mirror combinations, one peak set each
 
     # exactly the mean of the 8 whole-volume predictions of the flipped image, flipped back
     stock.use_mirroring = False
@@ -46,7 +46,7 @@ def test_whole_volume_mirroring_averages_the_mirrors_like_nnunet():
     assert np.abs(got - expected).mean() < 0.02 * expected.std()
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99
     # the mirrors really disagree (the net is not symmetric), so the spread carries information
-    peaks = np.stack(ours._fold_peaks)
+    peaks = np.stack(members)
     assert np.ptp(peaks, axis=0).max() > 0
 
 
@@ -83,13 +83,12 @@ def test_anchor_existence_is_collected_per_fold_over_all_tiles_and_mirrors():
     net = _FakeAnchorNet().eval()
     ours.network = net
     assert ours._existence_network() is net
-    ours._fold_peaks, ours._fold_existence = [], []
-    ours.predict_sliding_window_return_logits(torch.randn(1, 16, 16, 16))
+    with ours.case_in_flight(None, record_existence=True) as case:
+        ours.predict_sliding_window_return_logits(torch.randn(1, 16, 16, 16))
     # one tile x 2 mirrors = 2 calls while recording: the max is the second call's value
     assert net.calls == 2 and not net.record_existence
-    np.testing.assert_allclose(ours._fold_existence[0], [0.2, 0.1])
-    # outside a case (no existence list) nothing is recorded: calls 3 and 4 would have given 0.4, 0.2
-    ours._fold_existence = None
+    np.testing.assert_allclose(case.folds[0].existence, [0.2, 0.1])
+    # outside a case nothing is recorded: calls 3 and 4 would have given 0.4, 0.2
     ours.predict_sliding_window_return_logits(torch.randn(1, 16, 16, 16))
     assert net.calls == 4 and not net.record_existence
     np.testing.assert_allclose(net.anchor_existence.numpy(), [0.2, 0.1])

@@ -6,7 +6,7 @@ import pytest
 
 from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, apply_absent_thresholds,
                                                       check_lr_pairs, postprocess, read_fold_thresholds,
-                                                      resolve_pairs)
+                                                      read_thresholds_per_fold, resolve_pairs)
 from nnlandmark_h3de.inference.uncertainty import axis_step_mm, fold_spread_mm, heatmap_spread_mm
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 
@@ -90,6 +90,31 @@ def test_read_fold_thresholds_average_and_order(tmp_path):
         thr, _ = read_fold_thresholds(tmp_path, [0, 3], ["L0"])
     np.testing.assert_allclose(thr, [0.2])
     assert read_fold_thresholds(tmp_path, [5], ["L0"]) == (None, None)
+
+
+def test_thresholds_per_fold_keep_the_folds_apart(tmp_path):
+    (tmp_path / "fold_1").mkdir()
+    (tmp_path / "fold_1" / "landmark_thresholds.json").write_text(
+        json.dumps({"names": ["R0", "L0"], "threshold": [0.6, None], "score": "anchor"}))
+    with pytest.warns(UserWarning, match="fold"):
+        rows, kind = read_thresholds_per_fold(tmp_path, [0, 1], ["L0", "R0"])
+    assert kind == "anchor" and rows.shape == (2, 2)
+    assert np.isnan(rows[0]).all()  # fold 0 has no file: it does not vote
+    np.testing.assert_array_equal(rows[1], [np.nan, 0.6])
+
+
+def test_postprocess_with_per_fold_scores():
+    ls = LandmarkSet(NAMES, np.zeros((5, 3)))
+    scores = np.array([[0.6, 0.6, 0.6, 0.2, 0.9], [0.2, 0.9, 0.5, 0.2, 0.9]])
+    thr = np.array([[0.5] * 5, [0.9] * 5])
+    out, rep = postprocess(ls, scores, PostprocessingOptions(lr_check=False), PAIRS, thr)
+    # ratios (1.2 + 0.22) / 2, (1.2 + 1) / 2, (1.2 + 0.56) / 2, ... ; confidence = the folds' mean score
+    assert rep["absent"] == ["L0", "Nose", "La"]
+    np.testing.assert_allclose(out.confidence, scores.mean(0))
+
+
+def test_resolve_pairs_guessed_from_names():
+    assert resolve_pairs({}, ["Left_eye", "Right_eye", "Nose"]) == [("Left_eye", "Right_eye")]
 
 
 def test_resolve_pairs_from_dataset_json():

@@ -213,8 +213,10 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
 
     # --continue_prediction: finished cases are not redone (files untouched), the broken one is retried
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mrk.json")}
-    code, text = in_process(predict_cli.main, cmd[1:] + ["--continue_prediction", "--disable_progress_bar"], capsys)
+    code, text = in_process(predict_cli.main, cmd[1:] + ["--continue_prediction", "--disable_progress_bar", "-nps", "2"],
+                            capsys)
     assert code == 1 and "2 case(s) already done, 1 to predict" in text and "FAILED broken" in text
+    assert "WARNING: -nps 2 is ignored" in text  # accepted for nnUNetv2_predict's command lines, but said
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mrk.json")} == mtimes
 
     # heatmaps saved in the original geometry -> nnLandmark_export gives the same landmarks
@@ -242,7 +244,8 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
         print(f"nnLandmark_export {case} errors (mm):", np.round(err, 3))
 
     # two folds (identical weights, different calibrated thresholds) through the worker-process preprocessing:
-    # the fold-spread uncertainty is ~0 and the thresholds are averaged (0.5 and 0.9 -> 0.7 > 0.2 floor)
+    # the fold-spread uncertainty is ~0 and each fold judges its own peak: present where the mean of
+    # peak / 0.5 and peak / 0.9 reaches 1
     import shutil
     shutil.copytree(model / "fold_0", model / "fold_1")
     (model / "fold_1" / "landmark_thresholds.json").write_text(
@@ -255,11 +258,11 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
     for case in truth:
         ls = read_points(two / f"{case}.mrk.json")
         assert np.nanmax(ls.uncertainty_mm) < 1e-6
-        # averaged threshold 0.7: every landmark whose peak lies under it is absent, the others present
-        np.testing.assert_array_equal(ls.present, ls.confidence >= 0.7)
+        np.testing.assert_array_equal(ls.present, (ls.confidence / 0.5 + ls.confidence / 0.9) / 2 >= 1)
 
-    # calibrated uncertainty (fold_X/landmark_uncertainty.json, folds averaged) replaces the spread:
-    # u = mean rms * (mean reference peak / peak) ** mean alpha, with peak = the written confidence
+    # calibrated uncertainty (fold_X/landmark_uncertainty.json) replaces the spread: each fold's
+    # u_f = rms_f * (reference peak / peak) ** alpha_f, RMS over the folds (identical weights: every
+    # fold's peak = the written confidence)
     # (no absent check: c1's absent landmark keeps a point; no left/right check: it would move values)
     for f, (rms, alpha) in enumerate((([1.0, 2.0, 3.0], 1.0), ([3.0, 4.0, 5.0], 0.0))):
         (model / f"fold_{f}" / "landmark_uncertainty.json").write_text(json.dumps(
@@ -271,17 +274,19 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
     assert code == 0, text
     for case in truth:
         ls = read_points(cal / f"{case}.mrk.json")
-        expected = np.array([2.0, 3.0, 4.0]) * (0.8 / ls.confidence) ** 0.5
-        np.testing.assert_allclose(ls.uncertainty_mm, expected, rtol=1e-4)
+        u0 = np.array([1.0, 2.0, 3.0]) * (0.8 / ls.confidence)
+        u1 = np.array([3.0, 4.0, 5.0])
+        np.testing.assert_allclose(ls.uncertainty_mm, np.sqrt((u0 ** 2 + u1 ** 2) / 2), rtol=1e-4)
     spread = tmp_path / "spread"
     assert in_process(predict_cli.main, ["-i", raw / "imagesTs_clean", "-o", spread, "-d", "951", "-tr", TRAINER,
                                          "-f", "0", "1", "-device", "cpu", "-npp", "0", "--disable_tta",
                                          "--disable_progress_bar", "--no_absent", "--uncertainty", "spread"], capsys)[0] == 0
     assert np.nanmax(read_points(spread / "c0.mrk.json").uncertainty_mm) < 1e-6
-    # nnLandmark_export -m applies the same calibrated uncertainty to the stock predictor's output
+    # nnLandmark_export -m sees only the folds' average: it applies the folds' mean model, and says so
     exported = tmp_path / "exported_calibrated"
-    assert in_process(export_cli.main, ["-i", probs, "-o", exported, "-m", model, "--no_absent", "--no_lr_check"],
-                      capsys)[0] == 0
+    code, text = in_process(export_cli.main, ["-i", probs, "-o", exported, "-m", model, "--no_absent", "--no_lr_check"],
+                            capsys)
+    assert code == 0 and "folds' calibrations are averaged" in text
     for case in truth:
         ls = read_points(exported / f"{case}.mrk.json")
         np.testing.assert_allclose(ls.uncertainty_mm, np.array([2.0, 3.0, 4.0]) * (0.8 / ls.confidence) ** 0.5, rtol=1e-4)

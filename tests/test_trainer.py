@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from nnlandmark_h3de.heatmaps import gaussian_heatmaps
-from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss, TopKHeatmapBCELoss, deep_supervision_weights
+from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss, TopKHeatmapBCELoss
 from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
 from nnlandmark_h3de.training.landmark_validation import (DEFAULT_PEAK_THRESHOLD, calibrate_peak_threshold,
                                                           patch_radial_errors, write_thresholds)
-from nnlandmark_h3de.training.small_configuration import add_small_configuration, small_configuration
+from nnlandmark_h3de.planning.small_configuration import add_small_configuration, small_configuration
 from nnlandmark_h3de.training.step_lr import StepLRScheduler
 
 
@@ -67,12 +67,6 @@ def test_topk_bce_takes_the_worst_voxels():
     assert torch.allclose(TopKHeatmapBCELoss(20)(logits, target), bce)
     with pytest.raises(ValueError):
         TopKHeatmapBCELoss(0)
-
-
-def test_deep_supervision_weights_like_nnunet():
-    w = deep_supervision_weights(4)
-    assert np.allclose(w, np.array([1, 0.5, 0.25, 0]) / 1.75)
-    assert deep_supervision_weights(4, ddp_without_compile=True)[-1] > 0
 
 
 def test_step_lr_schedule():

@@ -26,7 +26,7 @@ def run(args, env, cwd):
 
 def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path):
     import torch
-    from nnlandmark_h3de.training.blob_dataset import make_blob_dataset
+    from nnlandmark_h3de.demo.blob_dataset import make_blob_dataset
 
     raw = make_blob_dataset(DATASET_ID, n_cases=5, shape_zyx=(32, 32, 32), absent_every=5)
     env = dict(os.environ)
@@ -52,6 +52,7 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
 
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     micro = summary["foreground_mean"]["micro"]
+    assert "fitted on these same validation cases" in summary["in_sample"]  # in-sample figures say so
     val_cases = [c["case"] for c in summary["metric_per_case"]]
     assert val_cases and all((fold / "validation" / f"{c}.mrk.json").is_file() for c in val_cases)
     errors = [m["radial_error_mm"] for c in summary["metric_per_case"] for m in c["metrics"].values()

@@ -23,7 +23,7 @@ def main(argv=None):
 
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnlandmark_h3de.training.small_configuration import add_small_configuration
+    from nnlandmark_h3de.planning.small_configuration import add_small_configuration
 
     if not nnUNet_preprocessed.is_set():
         sys.exit("nnUNet_preprocessed is not set")

@@ -236,6 +236,176 @@ def _dump_json(obj, path: Path) -> None:
         f.write("\n")
 
 
+# ------------------------------------------------------------------------------------- steps
+class _Problems:
+    """Per-case problems: collected and raised together ("raise"), or each case dropped with a warning."""
+
+    def __init__(self, on_error: str):
+        if on_error not in ("raise", "drop"):
+            raise ConversionError(f"on_error must be 'raise' or 'drop', got {on_error!r}")
+        self.on_error = on_error
+        self.by_case: Dict[str, str] = {}
+
+    def fail(self, case: str, msg: str) -> None:
+        self.by_case[case] = msg
+        if self.on_error == "drop":
+            warnings.warn(f"dropping case {case}: {msg}", ConversionWarning, stacklevel=4)
+
+    def listing(self) -> str:
+        return "\n".join(f"  {v}" for v in self.by_case.values())
+
+    def raise_if_any(self) -> None:
+        if self.by_case and self.on_error == "raise":
+            raise ConversionError(f"{len(self.by_case)} case(s) cannot be converted (fix them, or drop them with "
+                                  f"on_error='drop' / --drop_bad_cases):\n" + self.listing())
+
+
+def _output_folder(output_folder, dataset_id: Optional[int], dataset_name: Optional[str], overwrite: bool) -> Path:
+    if isinstance(output_folder, tuple):
+        (dataset_id, dataset_name), output_folder = output_folder, None
+    if output_folder is None:
+        if dataset_id is None or dataset_name is None:
+            raise ConversionError("give an output folder or both dataset_id and dataset_name")
+        target = raw_dataset_folder(dataset_id, dataset_name)
+    else:
+        target = Path(output_folder)
+    if target.exists() and not overwrite:
+        raise ConversionError(f"{target}: already exists (use overwrite=True / --overwrite to replace it)")
+    return target
+
+
+def _check_case_ids(cases: Mapping, test_cases: Sequence[str]) -> set:
+    """The test case ids, after checking every id can be a file name."""
+    if not cases:
+        raise ConversionError("no cases to convert")
+    test_set = {str(t) for t in test_cases}
+    unknown_test = sorted(test_set - {str(k) for k in cases})
+    if unknown_test:
+        raise ConversionError(f"test cases {unknown_test} are not among the given cases")
+    bad_ids = [k for k in cases if not str(k) or str(k).startswith(".") or re.search(r"[/\\\s]", str(k))]
+    if bad_ids:
+        raise ConversionError(f"case ids {bad_ids} cannot be file names (no spaces, slashes or leading dot)")
+    return test_set
+
+
+def _read_cases(cases: Mapping, test_set: set, exclude: Sequence[str], problems: _Problems,
+                progress: bool) -> List[_Case]:
+    """Pass 1: image headers and landmark files (no voxel data read)."""
+    import SimpleITK as sitk
+    items: List[_Case] = []
+    for case, (image, lm) in tqdm(list(cases.items()), desc="Reading cases", unit="case", disable=not progress):
+        case = str(case)
+        label = f"{case} (in-memory image)" if isinstance(image, sitk.Image) else str(image)
+        c = _Case(case, image, label, is_test=case in test_set)
+        try:
+            c.geometry = _image_header(c)
+            c.landmarks, c.file_names = _read_case_landmarks(lm, exclude)
+        except CaseError as e:
+            problems.fail(case, str(e))
+            continue
+        items.append(c)
+    return items
+
+
+def _channel_names(items: List[_Case], names: Optional[Sequence[str]], exclude: Sequence[str],
+                   problems: _Problems) -> List[str]:
+    """Landmark channel order: the given names, else the first readable case's; checked."""
+    if exclude:
+        seen = {n for c in items for n in c.file_names} | set(names or ())
+        never = [n for n in exclude if n not in seen]
+        if items and never:
+            raise ConversionError(f"exclude_names {never} do not occur in any case")
+    if names is None:
+        if not items:
+            raise ConversionError("no readable case:\n" + problems.listing())
+        return _validate_names(list(items[0].landmarks.names), f"names from {items[0].landmarks.source}")
+    return _validate_names([n for n in names if n not in exclude], "given names")
+
+
+def _reorder_and_check(items: List[_Case], names: Sequence[str], problems: _Problems) -> List[_Case]:
+    """Every case in channel order, every present landmark inside its image."""
+    kept: List[_Case] = []
+    for c in items:
+        try:
+            try:
+                c.landmarks = c.landmarks.reordered(names)
+            except LandmarkError as e:
+                raise CaseError(str(e)) from None
+            _check_inside(c)
+        except CaseError as e:
+            problems.fail(c.case, str(e))
+            continue
+        kept.append(c)
+    return kept
+
+
+def _ball_radius(train: List[_Case], kept: List[_Case], target_spacing, ball_radius_mm: Optional[float],
+                 min_radius_voxels: float) -> float:
+    """The given radius (a warning under the rule), else the rule over the training cases' spacings."""
+    spacings = [c.geometry.spacing for c in train] or [c.geometry.spacing for c in kept]
+    shapes = [c.geometry.shape_ijk for c in train] or [c.geometry.shape_ijk for c in kept]
+    target_sp = (np.asarray(target_spacing, dtype=np.float64) if target_spacing is not None
+                 else nnunet_target_spacing(spacings, shapes) if spacings else np.ones(3))
+    if target_sp.shape != (3,) or not np.all(target_sp > 0):
+        raise ConversionError(f"target spacing must be 3 positive numbers, got {target_spacing!r}")
+    advised = radius_rule(spacings, target_sp, min_voxels=min_radius_voxels) if spacings else 1.0
+    if ball_radius_mm is None:
+        return advised
+    if ball_radius_mm < advised:
+        warnings.warn(f"ball radius {ball_radius_mm} mm is under {min_radius_voxels} voxels of the coarsest spacing "
+                      f"({advised} mm advised): balls may vanish in nnU-Net's resampling, and patches are then "
+                      "sampled less often around those landmarks (targets use the exact points)",
+                      ConversionWarning, stacklevel=3)
+    return float(ball_radius_mm)
+
+
+def _write_cases(cases: List[_Case], tmp: Path, names: Sequence[str], radius: float, problems: _Problems,
+                 progress: bool) -> List[_Case]:
+    """Pass 2: images and label balls into the temporary folder; returns the cases written."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (tmp / sub).mkdir(parents=True)
+    written: List[_Case] = []
+    for c in tqdm(cases, desc="Writing cases", unit="case", disable=not progress):
+        try:
+            _write_case(c, tmp, names, radius)
+        except CaseError as e:
+            _remove_case_files(tmp, c.case)
+            if problems.on_error == "raise":
+                raise ConversionError(str(e)) from None
+            problems.fail(c.case, str(e))
+            continue
+        written.append(c)
+    if not any(not c.is_test for c in written):
+        raise ConversionError("no training case could be converted:\n" + problems.listing())
+    if not any(c.is_test for c in written):
+        (tmp / "imagesTs").rmdir()
+    return written
+
+
+def _dataset_json(target: Path, names: Sequence[str], pairs, radius: float, channel_name: str, n_train: int) -> dict:
+    return {
+        "name": target.name.split("_", 1)[-1] if target.name.startswith("Dataset") else target.name,
+        "description": "3D anatomical landmarks: exact points in landmarks.json, label balls for sampling (nnlandmark_h3de)",
+        "channel_names": {"0": channel_name},
+        "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(names)}},
+        "numTraining": n_train,
+        "file_ending": FILE_ENDING,
+        "overwrite_image_reader_writer": "SimpleITKIO",
+        "landmarks": landmark_info_dict(names, pairs, radius),
+    }
+
+
+def _replace_folder(tmp: Path, target: Path) -> None:
+    """Rename the finished temporary folder onto `target` (an existing one is moved aside first)."""
+    if target.exists():
+        trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, trash)
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
 # ------------------------------------------------------------------------------------- main
 def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
                     output_folder: Union[str, os.PathLike, Tuple[int, str], None] = None, *,
@@ -265,158 +435,38 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
         splits_final.json beside dataset.json (dropped cases removed) and copied to
         $nnUNet_preprocessed/<dataset>/ when that is set.
     """
-    import SimpleITK as sitk
-
-    if on_error not in ("raise", "drop"):
-        raise ConversionError(f"on_error must be 'raise' or 'drop', got {on_error!r}")
-    if isinstance(output_folder, tuple):
-        dataset_id, dataset_name = output_folder
-        output_folder = None
-    if output_folder is None:
-        if dataset_id is None or dataset_name is None:
-            raise ConversionError("give an output folder or both dataset_id and dataset_name")
-        target = raw_dataset_folder(dataset_id, dataset_name)
-    else:
-        target = Path(output_folder)
-    if target.exists() and not overwrite:
-        raise ConversionError(f"{target}: already exists (use overwrite=True / --overwrite to replace it)")
-    if not cases:
-        raise ConversionError("no cases to convert")
-    test_set = {str(t) for t in test_cases}
-    unknown_test = sorted(test_set - {str(k) for k in cases})
-    if unknown_test:
-        raise ConversionError(f"test cases {unknown_test} are not among the given cases")
-    bad_ids = [k for k in cases if not str(k) or str(k).startswith(".") or re.search(r"[/\\\s]", str(k))]
-    if bad_ids:
-        raise ConversionError(f"case ids {bad_ids} cannot be file names (no spaces, slashes or leading dot)")
-    exclude = [str(n) for n in exclude_names]
+    problems = _Problems(on_error)
+    target = _output_folder(output_folder, dataset_id, dataset_name, overwrite)
+    test_set = _check_case_ids(cases, test_cases)
     if ball_radius_mm is not None and not (np.isfinite(ball_radius_mm) and ball_radius_mm > 0):
         raise ConversionError(f"ball radius must be a positive number of mm, got {ball_radius_mm!r}")
+    exclude = [str(n) for n in exclude_names]
 
-    problems: Dict[str, str] = {}
-
-    def fail(case: str, msg: str) -> None:
-        problems[case] = msg
-        if on_error == "drop":
-            warnings.warn(f"dropping case {case}: {msg}", ConversionWarning, stacklevel=3)
-
-    # -- pass 1: headers and landmark files
-    items: List[_Case] = []
-    for case, (image, lm) in tqdm(list(cases.items()), desc="Reading cases", unit="case", disable=not progress):
-        case = str(case)
-        label = f"{case} (in-memory image)" if isinstance(image, sitk.Image) else str(image)
-        c = _Case(case, image, label, is_test=case in test_set)
-        try:
-            c.geometry = _image_header(c)
-            c.landmarks, c.file_names = _read_case_landmarks(lm, exclude)
-        except CaseError as e:
-            fail(case, str(e))
-            continue
-        items.append(c)
-    if exclude:
-        seen = {n for c in items for n in c.file_names} | set(names or ())
-        never = [n for n in exclude if n not in seen]
-        if items and never:
-            raise ConversionError(f"exclude_names {never} do not occur in any case")
-    if names is None:
-        if not items:
-            raise ConversionError("no readable case:\n" + "\n".join(f"  {v}" for v in problems.values()))
-        names = list(items[0].landmarks.names)
-        where = f"names from {items[0].landmarks.source}"
-    else:
-        names = [n for n in names if n not in exclude]
-        where = "given names"
-    names = _validate_names(names, where)
+    items = _read_cases(cases, test_set, exclude, problems, progress)
+    names = _channel_names(items, names, exclude, problems)
     if pairs is None:
         from nnlandmark_h3de.landmarks.pairs import find_lr_pairs
         pairs = find_lr_pairs(names)
     pairs = _validate_pairs(pairs, names)
-
-    kept: List[_Case] = []
-    for c in items:
-        try:
-            try:
-                c.landmarks = c.landmarks.reordered(names)
-            except LandmarkError as e:
-                raise CaseError(str(e)) from None
-            _check_inside(c)
-        except CaseError as e:
-            fail(c.case, str(e))
-            continue
-        kept.append(c)
-
-    # -- ball radius from the training cases' spacings
+    kept = _reorder_and_check(items, names, problems)
     train = [c for c in kept if not c.is_test]
     if not train and on_error == "drop":
-        raise ConversionError("no training case left after dropping bad cases:\n" +
-                              "\n".join(f"  {v}" for v in problems.values()))
-    spacings = [c.geometry.spacing for c in train] or [c.geometry.spacing for c in kept]
-    shapes = [c.geometry.shape_ijk for c in train] or [c.geometry.shape_ijk for c in kept]
-    target_sp = (np.asarray(target_spacing, dtype=np.float64) if target_spacing is not None
-                 else nnunet_target_spacing(spacings, shapes) if spacings else np.ones(3))
-    if target_sp.shape != (3,) or not np.all(target_sp > 0):
-        raise ConversionError(f"target spacing must be 3 positive numbers, got {target_spacing!r}")
-    if ball_radius_mm is None:
-        radius = radius_rule(spacings, target_sp, min_voxels=min_radius_voxels) if spacings else 1.0
-    else:
-        radius = float(ball_radius_mm)
-        advised = radius_rule(spacings, target_sp, min_voxels=min_radius_voxels) if spacings else radius
-        if radius < advised:
-            warnings.warn(f"ball radius {radius} mm is under {min_radius_voxels} voxels of the coarsest spacing "
-                          f"({advised} mm advised): balls may vanish in nnU-Net's resampling, and patches are then "
-                          "sampled less often around those landmarks (targets use the exact points)",
-                          ConversionWarning, stacklevel=2)
-    checked = train + [c for c in kept if c.is_test]
-    if problems and on_error == "raise":
-        raise ConversionError(f"{len(problems)} case(s) cannot be converted (fix them, or drop them with "
-                              f"on_error='drop' / --drop_bad_cases):\n" + "\n".join(f"  {v}" for v in problems.values()))
+        raise ConversionError("no training case left after dropping bad cases:\n" + problems.listing())
+    radius = _ball_radius(train, kept, target_spacing, ball_radius_mm, min_radius_voxels)
+    problems.raise_if_any()
 
-    # -- pass 2: write into a temporary sibling folder, rename when complete
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
-            (tmp / sub).mkdir(parents=True)
-        written: List[_Case] = []
-        for c in tqdm(checked, desc="Writing cases", unit="case", disable=not progress):
-            try:
-                _write_case(c, tmp, names, radius)
-            except CaseError as e:
-                _remove_case_files(tmp, c.case)
-                if on_error == "raise":
-                    raise ConversionError(str(e)) from None
-                fail(c.case, str(e))
-                continue
-            written.append(c)
+        written = _write_cases(train + [c for c in kept if c.is_test], tmp, names, radius, problems, progress)
         n_train = sum(not c.is_test for c in written)
-        if n_train == 0:
-            raise ConversionError("no training case could be converted:\n" +
-                                  "\n".join(f"  {v}" for v in problems.values()))
-        if not any(c.is_test for c in written):
-            (tmp / "imagesTs").rmdir()
-        dataset_json = {
-            "name": target.name.split("_", 1)[-1] if target.name.startswith("Dataset") else target.name,
-            "description": "3D anatomical landmarks: exact points in landmarks.json, label balls for sampling (nnlandmark_h3de)",
-            "channel_names": {"0": channel_name},
-            "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(names)}},
-            "numTraining": n_train,
-            "file_ending": FILE_ENDING,
-            "overwrite_image_reader_writer": "SimpleITKIO",
-            "landmarks": landmark_info_dict(names, pairs, radius),
-        }
-        _dump_json(dataset_json, tmp / "dataset.json")
+        _dump_json(_dataset_json(target, names, pairs, radius, channel_name, n_train), tmp / "dataset.json")
         _dump_json(landmarks_json_dict({c.case: c.landmarks for c in written}, names,
                                        [c.case for c in written if c.is_test]), tmp / LANDMARKS_FILE)
         if splits is not None:
             _dump_json(_filter_splits(splits, {c.case for c in written if not c.is_test}, {str(k) for k in cases}),
                        tmp / "splits_final.json")
-        if target.exists():
-            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, trash)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        _replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -155,7 +155,7 @@ def demo_environment(s: DemoSettings) -> Dict[str, str]:
 def nnunet_environment(root: Path) -> Dict[str, str]:
     """os.environ with nnUNet_raw/preprocessed/results inside `root` and the trainer folders
     (`root/trainers` for generated budget trainers, then the package's)."""
-    from nnlandmark_h3de.cli.trainer_path import trainer_folder
+    from nnlandmark_h3de.training.trainer_folder import trainer_folder
     env = dict(os.environ)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[name] = str(Path(root) / name)
@@ -256,67 +256,54 @@ def _count_epochs(lines: List[str]) -> Optional[int]:
     return (max(epochs) + 1) if epochs else None
 
 
-def run_demo(s: DemoSettings, show_progress: bool = True, log=print) -> DemoResult:
-    """Run every stage; returns the result (also written to demo.json) or raises DemoError."""
-    result = DemoResult(settings=s, stages=[StageRecord(n) for n in STAGES])
-    records = {r.name: r for r in result.stages}
-    missing = missing_commands()
-    if missing:
-        raise DemoError(", ".join(missing), "cannot run, nothing was done:\n" +
-                        "\n".join(f"  - {k}: {v}" for k, v in missing.items()))
-    _prepare_output(s)
-    env = demo_environment(s)
-    logs = s.output_dir / "logs"
-    t_start = time.monotonic()
+class _Stages:
+    """Bookkeeping of one demo run: each stage's record (status, time, command, log) and progress lines."""
 
-    def begin(name: str, what: str):
-        i = STAGES.index(name) + 1
-        log(f"[{i}/{len(STAGES)}] {name}: {what}")
-        return time.monotonic()
+    def __init__(self, s: DemoSettings, result: DemoResult, env: Dict[str, str], show_progress: bool, log):
+        self.s, self.result, self.env, self.show_progress, self.log = s, result, env, show_progress, log
+        self.records = {r.name: r for r in result.stages}
+        self.logs = s.output_dir / "logs"
 
-    def done(name: str, t0: float, **kw):
-        rec = records[name]
-        rec.seconds, rec.status = time.monotonic() - t0, "ok"
-        for k, v in kw.items():
-            setattr(rec, k, v)
-        log(f"      {name} done in {rec.seconds:.1f} s")
-
-    def cmd_stage(name: str, cmd: List[str], pattern: Optional[str] = None, **extra_env) -> List[str]:
-        rec = records[name]
-        rec.command, rec.log = shlex.join(cmd), str(logs / f"{name}.log")
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str):
+        """Announce the stage; it is 'failed' unless the block finishes, then 'ok' with its time."""
+        self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}")
+        rec = self.records[name]
         rec.status = "failed"
-        return run_command(name, cmd, {**env, **extra_env}, logs / f"{name}.log", pattern, show_progress)
+        t0 = time.monotonic()
+        yield rec
+        rec.seconds, rec.status = time.monotonic() - t0, "ok"
+        self.log(f"      {name} done in {rec.seconds:.1f} s")
 
-    try:
-        t0 = begin("generate", f"{s.n_train + s.n_test} phantom heads {s.shape_zyx} voxels (z, y, x) at "
-                               f"{s.spacing_xyz} mm, seed {s.seed}")
-        records["generate"].status = "failed"
-        cases = stage_generate(s, result, show_progress)
-        done("generate", t0)
+    def command(self, name: str, cmd: List[str], pattern: Optional[str] = None, **extra_env) -> List[str]:
+        rec = self.records[name]
+        rec.command, rec.log = shlex.join(cmd), str(self.logs / f"{name}.log")
+        return run_command(name, cmd, {**self.env, **extra_env}, self.logs / f"{name}.log", pattern,
+                           self.show_progress)
 
-        t0 = begin("convert", f"nnU-Net raw dataset {s.dataset_folder_name} ({len(result.cases['train'])} train, "
-                              f"{len(result.cases['val'])} val, {len(result.cases['test'])} test)")
-        records["convert"].status = "failed"
-        folder = stage_convert(s, result, cases, env, show_progress)
-        done("convert", t0)
 
-        t0 = begin("plan_and_preprocess", "nnUNetv2_plan_and_preprocess (3d_fullres)")
-        cmd_stage("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(s.dataset_id),
-                                          "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
-                  nnUNet_n_proc_DA=str(max(1, int(env["nnUNet_n_proc_DA"]))))
-        done("plan_and_preprocess", t0)
+def stage_plan_and_preprocess(st: _Stages) -> None:
+    with st.stage("plan_and_preprocess", "nnUNetv2_plan_and_preprocess (3d_fullres)"):
+        st.command("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(st.s.dataset_id),
+                                           "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
+                   nnUNet_n_proc_DA=str(max(1, int(st.env["nnUNet_n_proc_DA"]))))
 
-        t0 = begin("small_configuration", f"nnLandmark_add_small_config -> {s.configuration}")
-        cmd_stage("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(s.dataset_id),
-                                          "--name", s.configuration, "--base_features", str(s.base_features),
-                                          "--max_features", str(s.max_features)])
-        done("small_configuration", t0)
 
-        from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer
-        budget = _training_budget(s, time.monotonic() - t_start)
-        t0 = begin("train", f"nnUNetv2_train {s.configuration} fold 0 with {s.trainer} for {budget:.0f} s on CPU")
-        records["train"].status = "failed"
-        with environment(env), contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's trainer search chatter
+def stage_small_configuration(st: _Stages) -> None:
+    s = st.s
+    with st.stage("small_configuration", f"nnLandmark_add_small_config -> {s.configuration}"):
+        st.command("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(s.dataset_id),
+                                           "--name", s.configuration, "--base_features", str(s.base_features),
+                                           "--max_features", str(s.max_features)])
+
+
+def stage_train(st: _Stages, elapsed: float) -> str:
+    """A budget trainer for what is left of the time, trained with nnUNetv2_train; returns its name."""
+    from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer
+    s, result = st.s, st.result
+    budget = _training_budget(s, elapsed)
+    with st.stage("train", f"nnUNetv2_train {s.configuration} fold 0 with {s.trainer} for {budget:.0f} s on CPU") as rec:
+        with environment(st.env), contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's trainer search chatter
             try:
                 name = write_budget_trainer(s.output_dir / "trainers", s.trainer, budget,
                                             iterations_per_epoch=s.iterations_per_epoch,
@@ -324,46 +311,79 @@ def run_demo(s: DemoSettings, show_progress: bool = True, log=print) -> DemoResu
             except RuntimeError as e:
                 raise DemoError("train", str(e)) from None
         result.trainer_name, result.train_budget_seconds = name, budget
-        lines = cmd_stage("train", [find_command("nnUNetv2_train"), str(s.dataset_id), s.configuration, "0",
-                                    "-tr", name, "-device", "cpu"], pattern=r"Epoch \d+\s*$")
+        lines = st.command("train", [find_command("nnUNetv2_train"), str(s.dataset_id), s.configuration, "0",
+                                     "-tr", name, "-device", "cpu"], pattern=r"Epoch \d+\s*$")
         result.epochs_done = _count_epochs(lines)
-        done("train", t0, note=f"{result.epochs_done} epochs of {s.iterations_per_epoch} iterations")
+        rec.note = f"{result.epochs_done} epochs of {s.iterations_per_epoch} iterations"
+    return name
 
-        t0 = begin("predict", f"nnLandmark_predict on {len(result.cases['test'])} held-out test cases")
+
+def stage_predict(st: _Stages, folder: Path, trainer_name: str) -> Path:
+    s, result = st.s, st.result
+    with st.stage("predict", f"nnLandmark_predict on {len(result.cases['test'])} held-out test cases"):
         pred = s.output_dir / "predictions"
-        cmd_stage("predict", [find_command("nnLandmark_predict"), "-i", str(folder / "imagesTs"), "-o", str(pred),
-                              "-d", str(s.dataset_id), "-c", s.configuration, "-tr", name, "-f", "0",
-                              "-device", "cpu", "-npp", "1", "-nps", "1"])
+        st.command("predict", [find_command("nnLandmark_predict"), "-i", str(folder / "imagesTs"), "-o", str(pred),
+                               "-d", str(s.dataset_id), "-c", s.configuration, "-tr", trainer_name, "-f", "0",
+                               "-device", "cpu", "-npp", "1"])
         missing_pred = [c for c in result.cases["test"] if not any(pred.glob(f"{c}.*"))]
         if missing_pred:
             raise DemoError("predict", f"no landmark file in {pred} for test cases {missing_pred}")
         result.predictions_folder = str(pred)
-        done("predict", t0)
+    return pred
 
-        t0 = begin("evaluate", "nnLandmark_evaluate against the exact phantom landmarks, with plots")
+
+def stage_evaluate(st: _Stages, folder: Path, pred: Path) -> None:
+    s, result = st.s, st.result
+    with st.stage("evaluate", "nnLandmark_evaluate against the exact phantom landmarks, with plots"):
         summary_file = s.output_dir / "evaluation" / "summary.json"
         first = result.cases["test"][0]
-        cmd_stage("evaluate", [find_command("nnLandmark_evaluate"), "-ref", str(folder / "landmarks.json"),
-                               "-pred", str(pred), "-o", str(summary_file), "--plots", "--case", first,
-                               "--image", str(folder / "imagesTs" / f"{first}_0000.nii.gz")])
+        st.command("evaluate", [find_command("nnLandmark_evaluate"), "-ref", str(folder / "landmarks.json"),
+                                "-pred", str(pred), "-o", str(summary_file), "--plots", "--case", first,
+                                "--image", str(folder / "imagesTs" / f"{first}_0000.nii.gz")])
         summary = json.loads(summary_file.read_text())
         evaluated = sorted(e["case"] for e in summary["metric_per_case"])
         if evaluated != sorted(result.cases["test"]):
             raise DemoError("evaluate", f"{summary_file}: evaluated cases {evaluated} are not the test cases "
                                         f"{sorted(result.cases['test'])}")
         result.summary_file, result.summary = str(summary_file), summary
-        done("evaluate", t0)
 
-        t0 = begin("report", "report.md")
-        from nnlandmark_h3de.demo.report import write_report
-        records["report"].status, records["report"].note = "ok", "this file"
-        result.report_file = str(s.output_dir / "report.md")
+
+def stage_report(st: _Stages, total_seconds: float) -> None:
+    from nnlandmark_h3de.demo.report import write_report
+    with st.stage("report", "report.md") as rec:
+        rec.status, rec.note = "ok", "this file"  # the report shows itself as done
+        st.result.report_file = str(st.s.output_dir / "report.md")
         try:
-            write_report(result, Path(result.report_file), total_seconds=time.monotonic() - t_start)
+            write_report(st.result, Path(st.result.report_file), total_seconds=total_seconds)
         except BaseException:
-            records["report"].status = "failed"
+            rec.status = "failed"
             raise
-        done("report", t0)
+
+
+def run_demo(s: DemoSettings, show_progress: bool = True, log=print) -> DemoResult:
+    """Run every stage; returns the result (also written to demo.json) or raises DemoError."""
+    result = DemoResult(settings=s, stages=[StageRecord(n) for n in STAGES])
+    missing = missing_commands()
+    if missing:
+        raise DemoError(", ".join(missing), "cannot run, nothing was done:\n" +
+                        "\n".join(f"  - {k}: {v}" for k, v in missing.items()))
+    _prepare_output(s)
+    env = demo_environment(s)
+    st = _Stages(s, result, env, show_progress, log)
+    t_start = time.monotonic()
+    try:
+        with st.stage("generate", f"{s.n_train + s.n_test} phantom heads {s.shape_zyx} voxels (z, y, x) at "
+                                  f"{s.spacing_xyz} mm, seed {s.seed}"):
+            cases = stage_generate(s, result, show_progress)
+        with st.stage("convert", f"nnU-Net raw dataset {s.dataset_folder_name} ({len(result.cases['train'])} train, "
+                                 f"{len(result.cases['val'])} val, {len(result.cases['test'])} test)"):
+            folder = stage_convert(s, result, cases, env, show_progress)
+        stage_plan_and_preprocess(st)
+        stage_small_configuration(st)
+        trainer_name = stage_train(st, time.monotonic() - t_start)
+        pred = stage_predict(st, folder, trainer_name)
+        stage_evaluate(st, folder, pred)
+        stage_report(st, time.monotonic() - t_start)
     except DemoError as e:
         result.error = str(e)
         raise

@@ -8,12 +8,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
 from nnlandmark_h3de.evaluation.radial_errors import sdr_key
+from nnlandmark_h3de.landmarks.atomic import atomic_path
 
 CSV_COLUMNS = ["case", "landmark", "status", "radial_error_mm",
                "reference_x", "reference_y", "reference_z",
@@ -21,22 +20,11 @@ CSV_COLUMNS = ["case", "landmark", "status", "radial_error_mm",
 
 
 def write_atomically(path, write: Callable[[io.IOBase], None], binary: bool = False) -> Path:
-    """Call `write(handle)` on a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
+    """Call `write(handle)` on a temp file beside `path`, then rename it over `path` (landmarks.atomic)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
             write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def write_summary_json(summary: dict, path) -> Path:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HeatmapMSELoss", "TopKHeatmapBCELoss", "deep_supervision_weights"]
+__all__ = ["HeatmapMSELoss", "TopKHeatmapBCELoss"]
 
 
 def _no_autocast(device: torch.device):
@@ -43,12 +42,3 @@ class TopKHeatmapBCELoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits[:, 1:].float(), target.float(), reduction="none")
             n = max(1, int(round(bce.numel() * self.k / 100)))
             return bce.flatten().topk(n, sorted=False).values.mean()
-
-
-def deep_supervision_weights(n_outputs: int, ddp_without_compile: bool = False) -> np.ndarray:
-    """nnU-Net's weighting: 1/2^i, the lowest resolution 0 (1e-6 under DDP without compile, where an
-    unused output makes DDP fail), normalised to sum 1."""
-    weights = np.array([1 / (2 ** i) for i in range(n_outputs)])
-    if n_outputs > 1:
-        weights[-1] = 1e-6 if ddp_without_compile else 0
-    return weights / weights.sum()

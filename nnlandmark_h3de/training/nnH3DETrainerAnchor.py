@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnlandmark_h3de.heatmaps.anchor_targets import AnchorLoss, centres_from_heatmaps
+from nnlandmark_h3de.training.anchor_targets import AnchorLoss, centres_from_heatmaps
 from nnlandmark_h3de.networks.building_blocks.anchor_head import AnchorHead, AnchorOutput
 from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
 from nnlandmark_h3de.training.final_validation import run_final_validation

@@ -40,7 +40,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnlandmark_h3de.heatmaps import (LandmarkHeatmapTransform, dataset_left_right_axes, expected_ball_voxels,
                                       make_landmark_aware, pair_permutation)
 from nnlandmark_h3de.training.landmark_data_loader import exact_points_per_case, loaders_built_as
-from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss, deep_supervision_weights
+from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
 from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
 from nnlandmark_h3de.training.landmark_progress import LandmarkLocalLogger
 from nnlandmark_h3de.training.landmark_validation import patch_radial_errors
@@ -129,12 +129,13 @@ class nnLandmarkTrainer(nnUNetTrainer):
         return HeatmapMSELoss()
 
     def _build_loss(self):
-        loss = self.build_heatmap_loss()
-        if self.enable_deep_supervision:
-            weights = deep_supervision_weights(len(self._get_deep_supervision_scales()),
-                                               self.is_ddp and not self._do_i_compile())
-            loss = DeepSupervisionWrapper(loss, weights)
-        return loss
+        """nnU-Net's own loss construction (its deep-supervision weights, DDP rule included) with the
+        heatmap loss put in place of Dice + CE."""
+        loss = super()._build_loss()
+        if isinstance(loss, DeepSupervisionWrapper):
+            loss.loss = self.build_heatmap_loss()
+            return loss
+        return self.build_heatmap_loss()
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)

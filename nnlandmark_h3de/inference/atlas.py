@@ -1,0 +1,127 @@
+"""Atlas global stage: register a few labelled training images to a case, carry their landmarks.
+
+Why: a heatmap network that sees one tile cannot tell look-alike landmarks apart; registration of
+whole images can, needs no training and runs in seconds on a CPU (where anatomy is consistent, such
+as brains, it is hard to beat). Each atlas is registered to the case with SimpleITK (moments
+initialisation, then a similarity and an affine stage, Mattes mutual information, on images
+resampled to a coarse isotropic grid); its exact landmarks move through the inverse transform; the
+estimates of all atlases are combined per landmark by the coordinate-wise median, and their spread
+(RMS distance from that median) is the estimate's uncertainty. A landmark absent in more than
+half of the atlases is absent.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
+
+__all__ = ["Atlas", "AtlasEstimate", "register_affine", "atlas_estimate", "choose_atlases"]
+
+
+@dataclass
+class Atlas:
+    """One labelled image: a SimpleITK image and its exact landmarks (world LPS, NaN = absent)."""
+    name: str
+    image: "SimpleITK.Image"  # noqa: F821
+    landmarks: LandmarkSet
+
+
+@dataclass
+class AtlasEstimate:
+    points_lps: np.ndarray  # (L, 3) combined estimate, NaN where absent
+    spread_mm: np.ndarray  # (L,) RMS distance of the atlases' points from it
+    per_atlas: np.ndarray  # (A, L, 3) each atlas's carried points
+
+
+def _coarse(image, spacing_mm: float):
+    """The image resampled to an isotropic grid (same origin and direction), float32, smoothed first."""
+    import SimpleITK as sitk
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    old = np.asarray(img.GetSpacing())
+    if spacing_mm <= old.min():
+        return img
+    sigma = [max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355 for s in old]
+    img = sitk.SmoothingRecursiveGaussian(img, sigma)
+    size = [max(8, int(round(n * s / spacing_mm))) for n, s in zip(img.GetSize(), old)]
+    return sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), [spacing_mm] * 3,
+                         img.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
+def register_affine(fixed, moving, spacing_mm: float = 4.0, iterations: int = 200, seed: int = 0):
+    """Affine transform mapping points of `fixed` (the case) to points of `moving` (the atlas)."""
+    import SimpleITK as sitk
+    f, m = _coarse(fixed, spacing_mm), _coarse(moving, spacing_mm)
+    transform = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
+                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+    for stage in (sitk.Similarity3DTransform, sitk.AffineTransform):
+        if stage is sitk.AffineTransform:
+            affine = sitk.AffineTransform(3)
+            affine.SetMatrix(transform.GetMatrix())
+            affine.SetTranslation(transform.GetTranslation())
+            affine.SetCenter(transform.GetCenter())
+            transform = affine
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.25, seed)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
+                                                     gradientMagnitudeTolerance=1e-8)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        reg.SetInitialTransform(transform, inPlace=True)
+        reg.Execute(f, m)
+    return transform
+
+
+def carry_points(transform, points_lps: np.ndarray) -> np.ndarray:
+    """Atlas points into the case: the inverse of the case -> atlas transform (NaN rows stay NaN)."""
+    inverse = transform.GetInverse()
+    out = np.full_like(np.asarray(points_lps, dtype=np.float64), np.nan)
+    for k, p in enumerate(points_lps):
+        if np.all(np.isfinite(p)):
+            out[k] = inverse.TransformPoint(tuple(float(v) for v in p))
+    return out
+
+
+def combine(per_atlas: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Coordinate-wise median over atlases and the RMS distance from it; absent where most atlases lack it."""
+    present = np.isfinite(per_atlas).all(2)  # (A, L)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: absent everywhere
+        median = np.nanmedian(per_atlas, axis=0)
+        spread = np.sqrt(np.nanmean(np.sum((per_atlas - median) ** 2, axis=2), axis=0))
+    majority = present.sum(0) * 2 > per_atlas.shape[0]
+    median[~majority] = np.nan
+    spread[~majority] = np.nan
+    return median, spread
+
+
+def atlas_estimate(image, atlases: Sequence[Atlas], spacing_mm: float = 4.0) -> AtlasEstimate:
+    """Register every atlas to `image` and combine their carried landmarks."""
+    per = np.stack([carry_points(register_affine(image, a.image, spacing_mm), a.landmarks.points_lps)
+                    for a in atlases])
+    median, spread = combine(per)
+    return AtlasEstimate(median, spread, per)
+
+
+def choose_atlases(landmark_sets: Sequence[LandmarkSet], n: int, names: Optional[Sequence[str]] = None) -> List[int]:
+    """Indices of up to `n` cases chosen for coverage: most landmarks present first, then spread out
+    (farthest-point order on the cases' centred landmark configurations)."""
+    if not landmark_sets:
+        raise ValueError("no labelled cases to choose atlases from")
+    n = min(n, len(landmark_sets))
+    pts = np.stack([ls.points_lps for ls in landmark_sets])  # (C, L, 3)
+    counts = np.isfinite(pts).all(2).sum(1)
+    shapes = np.nan_to_num(pts - np.nanmean(pts, axis=1, keepdims=True)).reshape(len(pts), -1)
+    chosen = [int(np.argmax(counts))]
+    while len(chosen) < n:
+        d = np.min([np.linalg.norm(shapes - shapes[c], axis=1) for c in chosen], axis=0)
+        d[chosen] = -1
+        chosen.append(int(np.argmax(d)))
+    return chosen

@@ -1,0 +1,44 @@
+"""Which axes test-time mirroring may flip for one case, and which flip swaps the pair channels.
+
+Flipping a case along its patient left/right axis turns every left landmark into a right one, so
+in such a mirror the network's "L0" channel shows R0: the pair channels must be swapped before the
+mirrors are averaged. Which array axis is left/right is a property of each case (its direction and
+the plans' transpose_forward), not of the training cases the trainer looked at, so it is read per
+case (`nnlandmark_h3de.heatmaps.left_right_axis`). When it cannot be told (no SimpleITK geometry,
+an oblique direction) and the dataset has pairs, the case is not mirrored at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+from nnlandmark_h3de.heatmaps import left_right_axis
+
+__all__ = ["CaseMirroring", "case_mirroring", "logit_channel_permutation"]
+
+
+@dataclass(frozen=True)
+class CaseMirroring:
+    axes: Tuple[int, ...]  # spatial axes to mirror for this case
+    swap_axis: Optional[int]  # a mirror that flips this axis swaps the pair channels
+    note: Optional[str] = None  # why mirroring was reduced, for the log
+
+
+def case_mirroring(allowed_axes: Optional[Sequence[int]], properties: Optional[dict], transpose_forward: Sequence[int],
+                   has_pairs: bool) -> CaseMirroring:
+    """The mirroring plan of one case from the model's allowed axes and the case's own properties."""
+    axes = tuple(allowed_axes or ())
+    if not axes or not has_pairs:
+        return CaseMirroring(axes, None)  # nothing to swap: midline landmarks stay what they are
+    lr = left_right_axis(properties, transpose_forward) if properties else None
+    if lr is None:
+        return CaseMirroring((), None, "test-time mirroring off for this case: its left/right array axis is unknown "
+                                       "(no SimpleITK geometry or an oblique direction), so the pair channels "
+                                       "could not be swapped")
+    return CaseMirroring(axes, lr if lr in axes else None)
+
+
+def logit_channel_permutation(pair_permutation: Sequence[int]) -> list:
+    """Channel order of a left/right-flipped output: channel 0 (constant zero) stays, landmark channel
+    1 + i takes 1 + p[i]."""
+    return [0] + [1 + p for p in pair_permutation]
