@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""AFIDs benchmark on real anatomy: nnLandmarkTrainer vs nnH3DETrainer vs a trivial baseline,
-with the inter-rater distance for scale.
+"""AFIDs benchmark on real anatomy: nnLandmarkTrainer vs nnH3DETrainer, each predicted over the whole
+image and in two stages (global stage + local refinement), vs atlas registration alone (what a user
+would pick instead) and a trivial baseline, with the inter-rater distance for scale.
 
 The AFIDs templates all live in one MNI-like space, so in their native pose a model could score
 well by memorising world coordinates. Here every template is randomly re-posed (rotation,
@@ -10,6 +11,13 @@ both sides is refused). Each trainer gets the same CPU wall-clock budget on the 
 configuration; the test cases are predicted with `nnLandmark_predict` and scored by the package's
 one evaluator. The baseline predicts "image centre + mean landmark offset from the image centre
 over the training cases"; a model that does not beat it has learned nothing about anatomy.
+Atlas registration alone is the global stage by itself: the same atlases (chosen among the fold's
+training cases) registered to each test case, their landmarks carried over and combined. Two-stage
+rows calibrate the global stage on the validation cases (`nnLandmark_calibrate_global`) and predict
+with `nnLandmark_predict --global atlas|learned`; the whole-image row of the same model is predicted
+before that calibration (its thresholds come from the whole-image validation). With
+`--learned_global_minutes M` a whole-image configuration (`--whole_image`) is trained for M minutes
+more as the learned global stage. Times per case include each command's start-up.
 The rater floor is computed from `<template>.second-raters.fcsv` when present (not hard-coded).
 
     python benchmarks/afids_benchmark.py --templates ../shared/data/afids-templates \\
@@ -30,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 DATASET_ID, DATASET_NAME, CONFIGURATION = 988, "AFIDsReposedBenchmark", "3d_fullres_small"
+GLOBAL_CONFIGURATION = "3d_global"
 
 
 class BenchmarkError(RuntimeError):
@@ -137,6 +146,25 @@ def centre_offset_baseline(train_cases: Dict[str, tuple], test_cases: Dict[str, 
     return out
 
 
+def atlas_alone(raw: Path, train_cases: Sequence[str], test_cases: Dict[str, tuple], out: Path, n_atlases: int,
+                spacing_mm: float) -> float:
+    """The atlas global stage by itself on the test cases (atlases chosen as the calibration chooses
+    them); returns seconds per case."""
+    from tqdm import tqdm
+    from nnlandmark_h3de.conversion import load_dataset_landmarks
+    from nnlandmark_h3de.inference.atlas import choose_atlases
+    from nnlandmark_h3de.inference.global_stage import AtlasGlobalStage
+    from nnlandmark_h3de.landmarks import write_landmarks
+    landmarks = load_dataset_landmarks(raw)
+    train_cases = [c for c in train_cases if c in landmarks]
+    chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases)]
+    stage = AtlasGlobalStage.from_raw(raw, chosen, spacing_mm)
+    t0 = time.monotonic()
+    for case, (img, _) in tqdm(sorted(test_cases.items()), desc="atlas registration alone", unit="case"):
+        write_landmarks(stage.estimate([img]), out / f"{case}.mrk.json")
+    return (time.monotonic() - t0) / max(1, len(test_cases))
+
+
 # -------------------------------------------------------------------------------- metrics
 def evaluate(reference: Path, predictions: Path, out: Path) -> dict:
     from nnlandmark_h3de.evaluation.evaluate import evaluate_folders
@@ -187,6 +215,12 @@ def parse_args(argv=None):
     p.add_argument("--max_features", type=int, default=64, help="small configuration: feature cap")
     p.add_argument("--iterations_per_epoch", type=int, default=50)
     p.add_argument("--json", type=Path, default=None, help="also write the table (and settings) as JSON")
+    p.add_argument("--n_atlases", type=int, default=4, help="atlases of the atlas global stage (default 4)")
+    p.add_argument("--registration_spacing", type=float, default=4.0, help="atlas registration grid, mm (default 4)")
+    p.add_argument("--learned_global_minutes", type=float, default=0.0,
+                   help="also train a whole-image configuration for this many CPU minutes as the learned global "
+                        "stage (default 0: atlas global stage only)")
+    p.add_argument("--global_patch", type=int, default=64, help="patch edge of the whole-image configuration")
     return p.parse_args(argv)
 
 
@@ -247,6 +281,59 @@ def main(argv=None) -> int:
     timings["plan_preprocess_s"] = time.monotonic() - t1
 
     rows, failures = [], []
+    n_test = len(test)
+
+    def predict(label: str, model_args: List[str], out: Path, extra: Sequence[str] = ()) -> float:
+        """nnLandmark_predict on the test images; seconds per case (start-up included)."""
+        t = time.monotonic()
+        run_command(f"predict {label}", [find_command("nnLandmark_predict"), "-i", str(raw / "imagesTs"), "-o",
+                                         str(out), "-d", str(DATASET_ID), *model_args, "-f", "0", "-device", "cpu",
+                                         "-npp", "1", *extra], env, logs / f"predict_{label}.log")
+        return (time.monotonic() - t) / n_test
+
+    learned_model = None
+    if args.learned_global_minutes > 0:
+        t3 = time.monotonic()
+        try:
+            import contextlib
+            import io
+            run_command("whole-image configuration", [
+                find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID), "--name", GLOBAL_CONFIGURATION,
+                "--whole_image", "--patch_size", *[str(args.global_patch)] * 3, "--base_features",
+                str(args.base_features), "--max_features", str(args.max_features)], env, logs / "global_config.log")
+            run_command("preprocess whole-image", [find_command("nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-c",
+                                                   GLOBAL_CONFIGURATION, "-np", "1"], env, logs / "global_preprocess.log")
+            with environment(env), contextlib.redirect_stdout(io.StringIO()):
+                gname = write_budget_trainer(work / "trainers", "nnLandmarkTrainer", 60.0 * args.learned_global_minutes,
+                                             iterations_per_epoch=args.iterations_per_epoch,
+                                             val_iterations_per_epoch=max(1, args.iterations_per_epoch // 10))
+            lines = run_command("train learned global stage", [find_command("nnUNetv2_train"), str(DATASET_ID),
+                                                               GLOBAL_CONFIGURATION, "0", "-tr", gname, "-device", "cpu"],
+                                env, logs / "train_global.log", progress_pattern=r"Epoch \d+\s*$")
+            train_s = time.monotonic() - t3
+            learned_model = work / "nnUNet_results" / raw.name / f"{gname}__nnUNetPlans__{GLOBAL_CONFIGURATION}"
+            pred = work / "predictions_learned_global"
+            per_case = predict("learned_global", ["-c", GLOBAL_CONFIGURATION, "-tr", gname], pred, ["--global", "none"])
+            summary = evaluate(work / "cases_test" / "landmarks", pred, work / "evaluation_learned_global")
+            rows.append(row_from_summary(f"learned global stage alone ({GLOBAL_CONFIGURATION})", summary,
+                                         s_per_case=round(per_case, 1), train_wall_s=round(train_s, 1),
+                                         epochs=_count_epochs(lines),
+                                         note=f"{_count_epochs(lines)} epochs, {train_s:.0f} s train+final val; "
+                                              f"{per_case:.1f} s/case"))
+        except (DemoError, RuntimeError) as e:
+            failures.append(f"learned global stage: {e}")
+            rows.append({"method": "learned global stage", "note": f"FAILED: {str(e).splitlines()[0]}"})
+            learned_model = None
+        timings["learned_global_s"] = time.monotonic() - t3
+
+    per_case = atlas_alone(raw, splits[0]["train"], test, work / "predictions_atlas", args.n_atlases,
+                           args.registration_spacing)
+    rows.append(row_from_summary("atlas registration alone", evaluate(work / "cases_test" / "landmarks",
+                                                                      work / "predictions_atlas",
+                                                                      work / "evaluation_atlas"),
+                                 s_per_case=round(per_case, 1),
+                                 note=f"{args.n_atlases} atlases, affine, {args.registration_spacing:g} mm grid; "
+                                      f"no training; {per_case:.1f} s/case"))
     for trainer in args.trainers:
         t2 = time.monotonic()
         try:
@@ -261,14 +348,34 @@ def main(argv=None) -> int:
                                 logs / f"train_{trainer}.log", progress_pattern=r"Epoch \d+\s*$")
             train_s = time.monotonic() - t2
             epochs = _count_epochs(lines)
+            model_args = ["-c", CONFIGURATION, "-tr", name]
             pred = work / f"predictions_{trainer}"
-            run_command(f"predict {trainer}", [find_command("nnLandmark_predict"), "-i", str(raw / "imagesTs"),
-                                               "-o", str(pred), "-d", str(DATASET_ID), "-c", CONFIGURATION, "-tr", name,
-                                               "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env,
-                        logs / f"predict_{trainer}.log")
+            per_case = predict(trainer, model_args, pred, ["--global", "none"])
             summary = evaluate(work / "cases_test" / "landmarks", pred, work / f"evaluation_{trainer}")
-            rows.append(row_from_summary(trainer, summary, train_wall_s=round(train_s, 1), epochs=epochs,
-                                         note=f"{epochs} epochs, {train_s:.0f} s train+final val"))
+            rows.append(row_from_summary(f"{trainer} (whole image)", summary, train_wall_s=round(train_s, 1),
+                                         epochs=epochs, s_per_case=round(per_case, 1),
+                                         note=f"{epochs} epochs, {train_s:.0f} s train+final val; {per_case:.1f} s/case"))
+            kinds = ["atlas"] + (["learned"] if learned_model is not None else [])
+            t4 = time.monotonic()
+            run_command(f"calibrate global {trainer}", [
+                find_command("nnLandmark_calibrate_global"), "-d", str(DATASET_ID), "-c", CONFIGURATION, "-tr", name,
+                "-f", "0", "--kinds", *kinds, "--n_atlases", str(args.n_atlases), "--registration_spacing",
+                str(args.registration_spacing), "-device", "cpu"]
+                + (["--learned_model", str(learned_model)] if learned_model is not None else []),
+                env, logs / f"calibrate_{trainer}.log")
+            calibrate_s = time.monotonic() - t4
+            choice = json.loads((work / "nnUNet_results" / raw.name / f"{name}__nnUNetPlans__{CONFIGURATION}" /
+                                 "fold_0" / "global_stage.json").read_text())
+            for kind in kinds:
+                pred = work / f"predictions_{trainer}_two_stage_{kind}"
+                per_case = predict(f"{trainer}_{kind}", model_args, pred, ["--global", kind])
+                summary = evaluate(work / "cases_test" / "landmarks", pred, work / f"evaluation_{trainer}_{kind}")
+                v = choice["validation"][kind]
+                rows.append(row_from_summary(
+                    f"{trainer} two-stage ({kind} global)", summary, s_per_case=round(per_case, 1),
+                    radius_mm=round(v["radius_mm"], 2), calibrate_s=round(calibrate_s, 1),
+                    note=f"same model; search radius {v['radius_mm']:.1f} mm (validation p90 {v['p90_mm']:.1f} mm)"
+                         f"{', kept by calibration' if choice['kind'] == kind else ''}; {per_case:.1f} s/case"))
         except (DemoError, RuntimeError) as e:
             failures.append(f"{trainer}: {e}")
             rows.append({"method": trainer, "note": f"FAILED: {str(e).splitlines()[0]}"})

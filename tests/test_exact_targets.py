@@ -173,3 +173,28 @@ def test_loader_shifts_points_by_each_patch_origin_near_borders():
                     np.testing.assert_allclose(heatmap_peaks(channel[None])[0], expected[k], atol=0.05)
                     checked += 1
     assert checked >= 10
+
+
+def test_local_stage_patches_are_centred_on_a_landmark_within_the_jitter():
+    """centre_jitter: every foreground patch is centred (up to nnU-Net's border clipping) on one landmark
+    moved by at most the jitter; without it, nnU-Net centres on the label voxel (1, 1, 1)."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    shape = (40, 44, 48)
+    points = {"a": np.array([[20.2, 21.7, 24.1], [12.5, 30.0, 33.9]]), "b": np.array([[26.0, 17.0, 20.0], [np.nan] * 3])}
+    heat = ComposeTransforms([LandmarkHeatmapTransform(2, sigma=1.5, from_keypoints=True)])
+    lm = LabelManager({"background": 0, "p": 1, "q": 2}, regions_class_order=None)
+    jitter = np.array([3.0, 2.0, 4.0])
+    dl = nnLandmarkDataLoader(_FakeDataset(shape), 4, (16, 16, 16), (16, 16, 16), lm, oversample_foreground_percent=1.0,
+                              transforms=heat, points_by_case=points, centre_jitter=jitter)
+    np.random.seed(0)
+    offsets = []
+    for _ in range(20):
+        batch = dl.generate_train_batch()
+        for j, key in enumerate(batch["keys"]):
+            coords = batch["data"][j] - (1000 if key == "b" else 0)
+            centre = coords[:, 8, 8, 8].numpy()  # input index at the patch centre voxel
+            d = np.abs(points[key] - centre)
+            nearest = np.nanmin(np.max(d / (jitter + 0.5 + 1e-6), axis=1))
+            assert nearest <= 1.0, (key, centre)
+            offsets.append(np.nanmin(np.linalg.norm(points[key] - centre, axis=1)))
+    assert np.std(offsets) > 0.3  # jittered, not always on the point

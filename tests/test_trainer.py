@@ -183,3 +183,17 @@ def test_landmark_info_from_dataset_json():
     assert landmark_info_from_dataset_json({"labels": dj["labels"]}, [1, 2])["pairs"] == []
     with pytest.raises(ValueError, match="labels 1..L"):
         landmark_info_from_dataset_json(dj, [1, 3])
+
+
+def test_whole_image_spacing_fits_the_median_image_in_one_patch():
+    from nnlandmark_h3de.planning.small_configuration import whole_image_spacing
+    plans = plans_with_fullres()
+    plans["configurations"]["3d_fullres"]["median_image_size_in_voxels"] = [200, 300, 250]  # 200, 240, 200 mm
+    spacing = whole_image_spacing(plans, (48, 48, 48))
+    assert spacing == pytest.approx([5.0, 5.0, 5.0])  # 240 mm / 48 voxels, isotropic
+    entry = small_configuration(plans, patch_size=(48, 48, 48), spacing=spacing, name="3d_global")
+    extent = np.array([200, 240, 200])
+    assert np.all(np.array(entry["patch_size"]) * np.array(entry["spacing"]) >= extent - 1e-6)
+    # never finer than the base: a small image keeps its own spacing
+    plans["configurations"]["3d_fullres"]["median_image_size_in_voxels"] = [20, 20, 20]
+    assert whole_image_spacing(plans, (48, 48, 48)) == pytest.approx([1.0, 0.8, 0.8])

@@ -94,3 +94,74 @@ def test_choose_atlases_prefers_complete_and_diverse_cases():
     sets[1].points_lps[1] = [30, 0, 0]
     assert choose_atlases(sets, 2) == [1, 2] or choose_atlases(sets, 2)[0] in (1, 2)
     assert len(choose_atlases(sets, 5)) == 3
+
+
+# ----------------------------------------------------------------- the predictor in two stages
+class _HeatmapNet(torch.nn.Module):
+    """Returns its input as heatmap logits (background channel first) and counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.calls += 1
+        h = x.clamp(1e-4, 1 - 1e-4)
+        out = torch.log(h / (1 - h))
+        return torch.cat([torch.zeros_like(out[:, :1]), out], 1)
+
+
+class _FixedGlobalStage:
+    def __init__(self, names, points, spread):
+        self.names, self.points, self.spread = names, np.asarray(points, float), np.asarray(spread, float)
+
+    def estimate(self, files):
+        assert files == ["case_0000.nii.gz"]
+        return LandmarkSet(self.names, self.points.copy(), uncertainty_mm=self.spread.copy())
+
+
+def test_predictor_refines_global_estimates_on_a_few_tiles_and_keeps_them_without_a_local_peak():
+    """48^3 volume, 16^3 tiles (343 in the sliding window). A: its true peak (0.7) near the estimate and a
+    brighter look-alike (0.95) far away: the whole-image argmax takes the look-alike, two stages the
+    true peak. B: no peak within the 6 mm search radius (its blob lies 9 voxels away): the global
+    estimate stands, with at least the global stage's validated error as uncertainty."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
+    from test_index_mapping import _plans
+    shape = (48, 48, 48)
+    names = ["A", "B"]
+    vol_a = torch.sigmoid(blob_logits(shape, [((10.0, 12.0, 11.0), 0.7, 2.0), ((40.0, 38.0, 36.0), 0.95, 2.0)]))
+    vol_b = torch.sigmoid(blob_logits(shape, [((30.0, 30.0, 39.0), 0.9, 2.0)]))
+    data = torch.stack([vol_a, vol_b]).float()
+    plans = _plans((0, 1, 2), (1.0, 1.0, 1.0))
+    pm = PlansManager(plans)
+    props = {"sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0), "direction": tuple(np.eye(3).ravel())},
+             "spacing": [1.0, 1.0, 1.0], "shape_before_cropping": shape,
+             "bbox_used_for_cropping": [[0, n] for n in shape], "shape_after_cropping_and_before_resampling": shape}
+    dataset_json = {"labels": {"background": 0, "A": 1, "B": 2}, "file_ending": ".nii.gz",
+                    "landmarks": {"names": names, "pairs": []}}
+    net = _HeatmapNet()
+
+    def predictor():
+        p = nnLandmarkPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False, uncertainty="spread")
+        p.manual_initialization(net, pm, pm.get_configuration("3d_fullres"), None, dataset_json, "x", None)
+        p.postprocessing.absent = False
+        return p
+
+    # world (x, y, z) = array (z, y, x) reversed: identity geometry
+    estimate_zyx = np.array([[12.0, 10.0, 13.0], [30.0, 30.0, 30.0]])
+    whole, _, _ = predictor().predict_case(data, props)
+    calls_whole, net.calls = net.calls, 0
+    two = predictor()
+    two.use_global_stage(_FixedGlobalStage(names, estimate_zyx[:, ::-1], [1.5, 2.5]), radius_mm=6.0,
+                         fallback_uncertainty_mm=4.0)
+    ls, report, logits = two.predict_case(data, props, files=["case_0000.nii.gz"])
+    assert logits is None and report["n_tiles"] == net.calls <= 2 < calls_whole
+    np.testing.assert_allclose(whole.points_lps[0][::-1], [40.0, 38.0, 36.0], atol=0.3)  # the look-alike
+    np.testing.assert_allclose(ls.points_lps[0][::-1], [10.0, 12.0, 11.0], atol=0.3)  # the true peak
+    np.testing.assert_allclose(ls.points_lps[1][::-1], estimate_zyx[1])  # no local peak: the estimate
+    assert report["global_estimate_kept"] == ["B"]
+    assert ls.uncertainty_mm[1] >= 4.0 and ls.uncertainty_mm[0] < 4.0

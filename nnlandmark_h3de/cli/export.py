@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from nnlandmark_h3de.inference.export import export_folder
-    from nnlandmark_h3de.inference.landmark_predictor import landmark_names
+    from nnlandmark_h3de.landmarks import landmark_names
     from nnlandmark_h3de.inference.postprocessing import read_fold_thresholds, resolve_pairs
     from nnlandmark_h3de.inference.uncertainty import read_fold_uncertainty
 

@@ -5,11 +5,12 @@ import argparse
 import sys
 
 from nnlandmark_h3de.inference.postprocessing import PostprocessingOptions
+from nnlandmark_h3de.landmarks.io import OUTPUT_FORMATS
 
 
 def add_postprocessing_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared with nnLandmark_export."""
-    parser.add_argument("--format", default="mrk.json", choices=["mrk.json", "fcsv", "csv", "json"],
+    parser.add_argument("--format", default="mrk.json", choices=OUTPUT_FORMATS,
                         help="landmark file format (default: Slicer .mrk.json, LPS mm)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="peak-height threshold below which a landmark is written as absent; overrides "
@@ -55,8 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-landmark uncertainty (mm): 'calibrated' = the landmark's validation RMS error scaled by "
                         "its peak height and the members' spread (fold_X/landmark_uncertainty.json; falls back to 'spread' without it), "
                         "'spread' = scatter of the folds' and mirrors' peaks (heatmap width with one member)")
+    p.add_argument("--global", dest="global_stage", default="auto", choices=["auto", "atlas", "learned", "none"],
+                   help="two-stage prediction: a global stage finds every landmark in the whole image, the network "
+                        "refines it on the tiles around it. 'auto' (default) = the stage nnLandmark_calibrate_global "
+                        "kept for the first fold (fold_X/global_stage.json), or the whole-image sliding window when "
+                        "the fold has none; 'none' = always the whole-image sliding window")
     add_postprocessing_args(p)
     return p
+
+
+def attach_global_stage(predictor, model_folder: str, folds, kind: str, device) -> None:
+    """The first fold's calibrated global stage, if asked for and present (see --global)."""
+    from pathlib import Path
+    from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, load_global_stage
+    if kind == "none":
+        return
+    fold_folder = Path(model_folder) / f"fold_{folds[0]}"
+    if kind == "auto" and not (fold_folder / GLOBAL_STAGE_FILE).is_file():
+        print(f"no global stage calibrated for {fold_folder.name} (nnLandmark_calibrate_global): predicting with the "
+              f"whole-image sliding window")
+        return
+    try:
+        stage, choice, used = load_global_stage(fold_folder, kind, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"nnLandmark_predict: --global {kind}: {e}")
+    radius = choice.radius_mm(used)
+    try:
+        predictor.use_global_stage(stage, radius, choice.fallback_uncertainty_mm(used))
+    except ValueError as e:
+        raise SystemExit(f"nnLandmark_predict: --global {kind}: {e}")
+    print(f"two-stage prediction: {used} global stage (validation MRE {choice.validation[used]['mre_mm']:.2f} mm), "
+          f"local search radius {radius:.1f} mm")
 
 
 def warn_ignored_flags(args) -> None:
@@ -92,6 +122,11 @@ def main(argv=None) -> int:
                                     output_format=args.format, postprocessing=postprocessing_options(args),
                                     save_heatmaps=args.save_heatmaps, uncertainty=args.uncertainty)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
+    kind = args.global_stage
+    if args.save_heatmaps and kind == "auto":
+        print("--save_heatmaps: whole-image sliding window (two-stage prediction predicts tiles only)")
+        kind = "none"
+    attach_global_stage(predictor, model_folder, folds, kind, torch.device(args.device))
     predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=not args.continue_prediction,
                                  num_processes_preprocessing=args.npp, num_processes_segmentation_export=0,
                                  num_parts=args.num_parts, part_id=args.part_id)

@@ -19,7 +19,7 @@ import numpy as np
 
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
-__all__ = ["Atlas", "AtlasEstimate", "register_affine", "atlas_estimate", "choose_atlases"]
+__all__ = ["Atlas", "AtlasEstimate", "coarse_image", "register_affine", "atlas_estimate", "choose_atlases"]
 
 
 @dataclass
@@ -37,7 +37,7 @@ class AtlasEstimate:
     per_atlas: np.ndarray  # (A, L, 3) each atlas's carried points
 
 
-def _coarse(image, spacing_mm: float):
+def coarse_image(image, spacing_mm: float):
     """The image resampled to an isotropic grid (same origin and direction), float32, smoothed first."""
     import SimpleITK as sitk
     img = sitk.Cast(image, sitk.sitkFloat32)
@@ -54,7 +54,7 @@ def _coarse(image, spacing_mm: float):
 def register_affine(fixed, moving, spacing_mm: float = 4.0, iterations: int = 200, seed: int = 0):
     """Affine transform mapping points of `fixed` (the case) to points of `moving` (the atlas)."""
     import SimpleITK as sitk
-    f, m = _coarse(fixed, spacing_mm), _coarse(moving, spacing_mm)
+    f, m = coarse_image(fixed, spacing_mm), coarse_image(moving, spacing_mm)
     transform = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
                                                   sitk.CenteredTransformInitializerFilter.MOMENTS)
     for stage in (sitk.Similarity3DTransform, sitk.AffineTransform):

@@ -23,10 +23,10 @@ from tqdm import tqdm
 from nnlandmark_h3de.inference.index_mapping import original_geometry
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.postprocessing import PostprocessingOptions, postprocess
+from nnlandmark_h3de.inference.save_heatmaps import HEATMAP_SUFFIX
 from nnlandmark_h3de.inference.uncertainty import axis_step_mm, heatmap_spread_mm
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet, write_landmarks
 
-HEATMAP_SUFFIX = "_heatmaps.nii.gz"
 
 
 def softmax_to_sigmoid_scores(probabilities: np.ndarray) -> np.ndarray:

@@ -1,59 +1,73 @@
-"""The global stage of two-stage prediction: which kind, how far to search locally, chosen on validation.
+"""The global stage of two-stage prediction: where each landmark roughly is in the whole image.
 
-Two kinds behind one interface (`estimate(case image file) -> LandmarkSet` with an uncertainty):
-- atlas: a few training images (chosen for coverage) registered to the case (atlas.py);
-- learned: a model of a coarse whole-image configuration (e.g. `nnLandmark_add_small_config
-  --spacing 4 4 4`) predicted with nnLandmarkPredictor.
+Two kinds behind one interface, `estimate(image files) -> LandmarkSet` (world LPS mm, NaN = absent,
+`uncertainty_mm`):
+- atlas (`AtlasGlobalStage`): a few training images, chosen for coverage, registered to the case
+  (atlas.py). They are stored with the model (`fold_X/global_atlases/`, resampled to the
+  registration grid, a few hundred kB), so prediction needs no raw dataset;
+- learned (`LearnedGlobalStage`): a model of a coarse whole-image configuration (e.g.
+  `nnLandmark_add_small_config --spacing 4 4 4`, or nnU-Net's 3d_lowres) predicted with
+  nnLandmarkPredictor; its existence thresholds decide which landmarks are absent.
 `calibrate_global_stage` measures each available kind on the local model's validation cases (the atlas
 on the fold's validation images with atlases from its training cases; the learned model by its own
 final validation, the same cases when both use the same splits), keeps the one with the lower mean
-radial error, and sets the local search radius to twice its 90th-percentile error (at least 3 voxels
-of the local configuration). The choice is written next to the local model as
-`fold_X/global_stage.json`, which `nnLandmark_predict --global auto` reads.
+radial error, and sets each kind's local search radius to twice its 90th-percentile error (at least 3
+voxels of the local configuration). Everything is written to `fold_X/global_stage.json`, which
+`nnLandmark_predict --global auto` reads.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
-__all__ = ["GLOBAL_STAGE_FILE", "GlobalStageChoice", "search_radius_mm", "atlas_validation_errors",
-           "learned_validation_errors", "calibrate_global_stage", "AtlasGlobalStage"]
+__all__ = ["GLOBAL_STAGE_FILE", "ATLAS_FOLDER", "KINDS", "GlobalStageChoice", "search_radius_mm",
+           "AtlasGlobalStage", "LearnedGlobalStage", "load_global_stage", "atlas_validation_errors",
+           "learned_validation_errors", "calibrate_global_stage"]
 
 GLOBAL_STAGE_FILE = "global_stage.json"
+ATLAS_FOLDER = "global_atlases"
 KINDS = ("atlas", "learned")
 
 
 @dataclass
 class GlobalStageChoice:
-    kind: str
-    radius_mm: float
+    kind: str  # the kind that validated better
+    validation: Dict[str, dict] = field(default_factory=dict)  # per kind: mre_mm, p90_mm, rms_mm, n, radius_mm
     atlases: List[str] = field(default_factory=list)  # training case ids (atlas kind)
     registration_spacing_mm: float = 4.0
     learned_model: Optional[str] = None  # model folder of the coarse configuration (learned kind)
     learned_folds: List = field(default_factory=list)
-    validation: Dict[str, dict] = field(default_factory=dict)  # per kind: mre_mm, p90_mm, n
+
+    def radius_mm(self, kind: str) -> float:
+        return float(self.validation[kind]["radius_mm"])
+
+    def fallback_uncertainty_mm(self, kind: str) -> float:
+        """What a global estimate is worth where the local stage found no peak: its validated RMS error."""
+        return float(self.validation[kind]["rms_mm"])
 
     def write(self, path) -> Path:
-        atomic_write_text(path, json.dumps(self.__dict__, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
         return Path(path)
 
     @classmethod
     def read(cls, path) -> "GlobalStageChoice":
         try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-            choice = cls(**d)
+            choice = cls(**json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: not a readable global stage file ({e})") from None
-        if choice.kind not in KINDS or not choice.radius_mm > 0:
-            raise ValueError(f"{path}: kind must be one of {KINDS} and radius_mm > 0, got {choice.kind!r}, "
-                             f"{choice.radius_mm!r}")
+        bad = [k for k, v in choice.validation.items() if k not in KINDS or not v.get("radius_mm", 0) > 0]
+        if choice.kind not in choice.validation or bad:
+            raise ValueError(f"{path}: kind {choice.kind!r} must be one of the validated kinds "
+                             f"{sorted(choice.validation)} (each in {KINDS} with radius_mm > 0)")
         return choice
 
 
@@ -66,57 +80,148 @@ def search_radius_mm(errors_mm: np.ndarray, floor_mm: float) -> float:
     return float(max(floor_mm, 2.0 * np.percentile(e, 90)))
 
 
-def _error_stats(errors: np.ndarray) -> dict:
+def _error_stats(errors: np.ndarray, floor_mm: float) -> dict:
     e = np.asarray(errors, dtype=np.float64)
     e = e[np.isfinite(e)]
     return {"mre_mm": float(e.mean()), "median_mm": float(np.median(e)), "p90_mm": float(np.percentile(e, 90)),
-            "n": int(e.size)}
+            "rms_mm": float(np.sqrt(np.mean(e ** 2))), "n": int(e.size),
+            "radius_mm": search_radius_mm(e, floor_mm)}
 
 
+# --------------------------------------------------------------------------- the two kinds
 class AtlasGlobalStage:
-    """Atlas registration from raw training cases (images + landmarks.json of the raw dataset)."""
+    """Atlas registration; atlases are (name, SimpleITK image, LandmarkSet)."""
 
-    def __init__(self, raw_dataset: Path, atlas_cases: Sequence[str], registration_spacing_mm: float = 4.0):
+    def __init__(self, atlases: Sequence, registration_spacing_mm: float = 4.0):
+        if not atlases:
+            raise ValueError("the atlas global stage needs at least one atlas")
+        self.atlases = list(atlases)
+        self.names = list(self.atlases[0].landmarks.names)
+        self.spacing = float(registration_spacing_mm)
+
+    @classmethod
+    def from_raw(cls, raw_dataset: Path, cases: Sequence[str], registration_spacing_mm: float = 4.0):
+        """Atlases from the raw dataset's imagesTr (first channel) and landmarks.json."""
         import SimpleITK as sitk
         from nnlandmark_h3de.conversion.dataset_landmarks import load_dataset_landmarks
         from nnlandmark_h3de.inference.atlas import Atlas
         raw_dataset = Path(raw_dataset)
         landmarks = load_dataset_landmarks(raw_dataset)
-        self.atlases = []
-        for case in atlas_cases:
-            image_file = raw_dataset / "imagesTr" / f"{case}_0000.nii.gz"
+        ending = json.loads((raw_dataset / "dataset.json").read_text(encoding="utf-8")).get("file_ending", ".nii.gz")
+        atlases = []
+        for case in cases:
+            image_file = raw_dataset / "imagesTr" / f"{case}_0000{ending}"
             if not image_file.is_file() or case not in landmarks:
                 raise FileNotFoundError(f"atlas case {case!r}: {image_file} or its landmarks in "
                                         f"{raw_dataset / 'landmarks.json'} not found")
-            self.atlases.append(Atlas(case, sitk.ReadImage(str(image_file), sitk.sitkFloat32), landmarks[case]))
-        self.names = list(self.atlases[0].landmarks.names)
-        self.spacing = float(registration_spacing_mm)
+            atlases.append(Atlas(case, sitk.ReadImage(str(image_file), sitk.sitkFloat32), landmarks[case]))
+        return cls(atlases, registration_spacing_mm)
+
+    def save(self, folder) -> Path:
+        """Atlas images on the registration grid + their landmarks, written to a temporary folder and
+        renamed, so the model folder never holds half a set."""
+        import SimpleITK as sitk
+        from nnlandmark_h3de.conversion.dataset_landmarks import landmarks_json_dict
+        from nnlandmark_h3de.inference.atlas import coarse_image
+        folder = Path(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            for a in self.atlases:
+                sitk.WriteImage(coarse_image(a.image, self.spacing), str(tmp / f"{a.name}.nii.gz"))
+            doc = landmarks_json_dict({a.name: a.landmarks for a in self.atlases}, self.names)
+            (tmp / "landmarks.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    @classmethod
+    def load(cls, folder, names: Sequence[str], registration_spacing_mm: float = 4.0):
+        import SimpleITK as sitk
+        from nnlandmark_h3de.conversion.dataset_landmarks import load_dataset_landmarks
+        from nnlandmark_h3de.inference.atlas import Atlas
+        folder = Path(folder)
+        landmarks = load_dataset_landmarks(folder / "landmarks.json")
+        atlases = []
+        for case, ls in sorted(landmarks.items()):
+            image_file = folder / f"{case}.nii.gz"
+            if not image_file.is_file():
+                raise FileNotFoundError(f"{image_file}: atlas image missing (rerun nnLandmark_calibrate_global)")
+            atlases.append(Atlas(case, sitk.ReadImage(str(image_file), sitk.sitkFloat32), ls.reordered(list(names))))
+        return cls(atlases, registration_spacing_mm)
 
     def estimate_image(self, image) -> LandmarkSet:
         from nnlandmark_h3de.inference.atlas import atlas_estimate
         est = atlas_estimate(image, self.atlases, self.spacing)
         return LandmarkSet(self.names, est.points_lps, uncertainty_mm=est.spread_mm, source="atlas global stage")
 
-    def estimate(self, image_file) -> LandmarkSet:
+    def estimate(self, files: Sequence[str]) -> LandmarkSet:
         import SimpleITK as sitk
-        return self.estimate_image(sitk.ReadImage(str(image_file), sitk.sitkFloat32))
+        return self.estimate_image(sitk.ReadImage(str(files[0]), sitk.sitkFloat32))
 
 
+class LearnedGlobalStage:
+    """A coarse whole-image model, predicted (its folds, mirrors, thresholds) with nnLandmarkPredictor."""
+
+    def __init__(self, model_folder, folds: Sequence, device=None):
+        import torch
+        from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
+        device = device or torch.device("cpu")
+        self.predictor = nnLandmarkPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                             perform_everything_on_device=device.type == "cuda", device=device,
+                                             verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        self.predictor.initialize_from_trained_model_folder(str(model_folder), list(folds))
+        self.names = self.predictor.names
+
+    def estimate(self, files: Sequence[str]) -> LandmarkSet:
+        import torch
+        from nnlandmark_h3de.inference.landmark_predictor import preprocess_case
+        p = self.predictor
+        item = preprocess_case(list(files), None, None, p.plans_manager, p.configuration_manager, p.dataset_json)
+        if "error" in item:
+            raise RuntimeError(f"learned global stage: {item['error']}")
+        ls, _, _ = p.predict_case(torch.as_tensor(np.asarray(item["data"])).float(), item["data_properties"],
+                                  source="learned global stage")
+        return ls
+
+
+def load_global_stage(fold_folder, kind: str = "auto", device=None) -> Tuple[object, GlobalStageChoice, str]:
+    """(stage, choice, kind used) from fold_X/global_stage.json; `kind` 'auto' = the calibrated choice."""
+    fold_folder = Path(fold_folder)
+    file = fold_folder / GLOBAL_STAGE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: run nnLandmark_calibrate_global for this fold first")
+    choice = GlobalStageChoice.read(file)
+    kind = choice.kind if kind == "auto" else kind
+    if kind not in choice.validation:
+        raise ValueError(f"{file}: the {kind!r} global stage was not calibrated (calibrated: {sorted(choice.validation)})")
+    if kind == "atlas":
+        names = json.loads((fold_folder.parent / "dataset.json").read_text(encoding="utf-8"))
+        from nnlandmark_h3de.landmarks import landmark_names
+        return (AtlasGlobalStage.load(fold_folder / ATLAS_FOLDER, landmark_names(names), choice.registration_spacing_mm),
+                choice, kind)
+    return LearnedGlobalStage(choice.learned_model, choice.learned_folds, device), choice, kind
+
+
+# --------------------------------------------------------------------------- calibration
 def atlas_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_cases: Sequence[str],
                             n_atlases: int = 4, registration_spacing_mm: float = 4.0):
-    """(chosen atlas case ids, (V, L) radial errors in mm of the atlas estimate on the validation cases)."""
+    """(the atlas stage built from chosen training cases, (V, L) radial errors in mm on the validation cases)."""
     from tqdm import tqdm
     from nnlandmark_h3de.conversion.dataset_landmarks import load_dataset_landmarks
     from nnlandmark_h3de.inference.atlas import choose_atlases
     landmarks = load_dataset_landmarks(raw_dataset)
     train_cases = [c for c in train_cases if c in landmarks]
     chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases)]
-    stage = AtlasGlobalStage(raw_dataset, chosen, registration_spacing_mm)
+    stage = AtlasGlobalStage.from_raw(raw_dataset, chosen, registration_spacing_mm)
+    ending = json.loads((Path(raw_dataset) / "dataset.json").read_text(encoding="utf-8")).get("file_ending", ".nii.gz")
     errors = []
     for case in tqdm(val_cases, desc="Atlas global stage on validation cases", unit="case"):
-        est = stage.estimate(Path(raw_dataset) / "imagesTr" / f"{case}_0000.nii.gz")
+        est = stage.estimate([Path(raw_dataset) / "imagesTr" / f"{case}_0000{ending}"])
         errors.append(np.linalg.norm(est.points_lps - landmarks[case].reordered(est.names).points_lps, axis=1))
-    return chosen, np.asarray(errors)
+    return stage, np.asarray(errors)
 
 
 def learned_validation_errors(coarse_fold_folder: Path) -> np.ndarray:
@@ -132,26 +237,25 @@ def learned_validation_errors(coarse_fold_folder: Path) -> np.ndarray:
 
 def calibrate_global_stage(local_fold_folder: Path, raw_dataset: Path, train_cases: Sequence[str],
                            val_cases: Sequence[str], local_spacing: Sequence[float], kinds: Sequence[str] = KINDS,
-                           learned_model: Optional[Path] = None, learned_fold=0, n_atlases: int = 4,
+                           learned_model: Optional[Path] = None, learned_folds: Sequence = (0,), n_atlases: int = 4,
                            registration_spacing_mm: float = 4.0) -> GlobalStageChoice:
-    """Measure each kind on validation, keep the better one, write fold_X/global_stage.json."""
-    validation, candidates = {}, {}
+    """Measure each kind on validation, keep the better one, write fold_X/global_stage.json (+ atlases)."""
+    local_fold_folder = Path(local_fold_folder)
     floor = 3.0 * float(max(local_spacing))
+    validation: Dict[str, dict] = {}
+    choice = GlobalStageChoice(kind="", registration_spacing_mm=registration_spacing_mm)
     if "atlas" in kinds:
-        chosen, errors = atlas_validation_errors(raw_dataset, train_cases, val_cases, n_atlases, registration_spacing_mm)
-        validation["atlas"] = _error_stats(errors)
-        candidates["atlas"] = GlobalStageChoice("atlas", search_radius_mm(errors, floor), atlases=chosen,
-                                                registration_spacing_mm=registration_spacing_mm)
+        stage, errors = atlas_validation_errors(raw_dataset, train_cases, val_cases, n_atlases, registration_spacing_mm)
+        validation["atlas"] = _error_stats(errors, floor)
+        choice.atlases = [a.name for a in stage.atlases]
+        stage.save(local_fold_folder / ATLAS_FOLDER)
     if "learned" in kinds and learned_model is not None:
-        errors = learned_validation_errors(Path(learned_model) / f"fold_{learned_fold}")
-        validation["learned"] = _error_stats(errors)
-        candidates["learned"] = GlobalStageChoice("learned", search_radius_mm(errors, floor),
-                                                  learned_model=str(Path(learned_model).resolve()),
-                                                  learned_folds=[learned_fold])
-    if not candidates:
+        errors = np.concatenate([learned_validation_errors(Path(learned_model) / f"fold_{f}") for f in learned_folds])
+        validation["learned"] = _error_stats(errors, floor)
+        choice.learned_model, choice.learned_folds = str(Path(learned_model).resolve()), list(learned_folds)
+    if not validation:
         raise ValueError(f"no global stage to calibrate among {list(kinds)} (a learned one needs its model folder)")
-    best = min(candidates, key=lambda k: validation[k]["mre_mm"])
-    choice = candidates[best]
+    choice.kind = min(validation, key=lambda k: validation[k]["mre_mm"])
     choice.validation = validation
-    choice.write(Path(local_fold_folder) / GLOBAL_STAGE_FILE)
+    choice.write(local_fold_folder / GLOBAL_STAGE_FILE)
     return choice

@@ -17,6 +17,13 @@ confidence is the folds' mean score.
 
 Test-time mirrors run one at a time over the whole volume, and a mirror that flips the case's own
 left/right axis swaps the pair channels (`case_mirroring`).
+
+Two-stage prediction (`use_global_stage`): a global stage (atlas registration or a coarse model,
+global_stage.py) estimates every landmark in the whole image; the network then runs only on the
+tiles around the estimates, each landmark's peak searched within the calibrated radius of its
+estimate (local_refinement.py). Where the maximum lies on the search ball's surface (no local peak
+inside) the global estimate stands, with the global stage's validated error as its uncertainty. The
+per-fold calibration above applies unchanged: each fold's tiles are one FoldOutput.
 """
 from __future__ import annotations
 
@@ -27,35 +34,28 @@ import os
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.helpers import dummy_context
 from tqdm import tqdm
 
 from nnlandmark_h3de.heatmaps import pair_permutation
 from nnlandmark_h3de.inference.case_mirroring import CaseMirroring, case_mirroring, logit_channel_permutation
-from nnlandmark_h3de.inference.index_mapping import network_index_to_world
+from nnlandmark_h3de.inference.index_mapping import network_index_to_world, world_to_network_index
+from nnlandmark_h3de.inference.local_refinement import peaks_in_tiles, tile_groups
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_thresholds_per_fold,
                                                       resolve_pairs)
 from nnlandmark_h3de.inference.uncertainty import (axis_step_mm, heatmap_spread_mm, member_spread_mm,
                                                    per_fold_uncertainty, read_uncertainty_per_fold)
-from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
+from nnlandmark_h3de.inference.save_heatmaps import HEATMAP_SUFFIX
+from nnlandmark_h3de.landmarks import OUTPUT_FORMATS, LandmarkSet, landmark_names, write_landmarks
 
-OUTPUT_FORMATS = ("mrk.json", "fcsv", "csv", "json")
 UNCERTAINTY_SOURCES = ("calibrated", "spread")
-HEATMAP_SUFFIX = "_heatmaps.nii.gz"
-
-
-def landmark_names(dataset_json: dict) -> List[str]:
-    """Landmark names in channel order: the `landmarks` block, else the labels without background."""
-    block = dataset_json.get("landmarks") or {}
-    if block.get("names"):
-        return list(block["names"])
-    labels = sorted(((int(v), k) for k, v in dataset_json["labels"].items() if int(v) != 0))
-    return [k for _, k in labels]
 
 
 @dataclass
@@ -68,10 +68,21 @@ class FoldOutput:
 
 
 @dataclass
+class TilePlan:
+    """Two-stage prediction of one case: the tiles to predict and where to search (padded array indices)."""
+    groups: list  # [(tile origin, landmark indices)] from tile_groups
+    centres: np.ndarray  # (L, 3) global estimates, NaN = absent
+    radius: np.ndarray  # (3,) search radius per axis in voxels
+    offset: np.ndarray  # (3,) padding before the array: padded index = index + offset
+
+
+@dataclass
 class _CaseInFlight:
     mirroring: CaseMirroring
     record_existence: bool
     folds: List[FoldOutput] = field(default_factory=list)
+    tiles: Optional[TilePlan] = None
+    fold_fallback: List[np.ndarray] = field(default_factory=list)  # two-stage: per fold, (L,) global estimate kept
 
 
 class nnLandmarkPredictor(nnUNetPredictor):
@@ -93,6 +104,9 @@ class nnLandmarkPredictor(nnUNetPredictor):
         self.failed: List[str] = []
         self._case: Optional[_CaseInFlight] = None  # set while one case is predicted
         self.score_kind = "peak"
+        self.global_stage = None  # two-stage prediction: see use_global_stage
+        self.global_radius_mm: Optional[float] = None
+        self.global_fallback_mm: Optional[float] = None
 
     # ------------------------------------------------------------------ setup
     def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds, checkpoint_name="checkpoint_final.pth"):
@@ -138,6 +152,18 @@ class nnLandmarkPredictor(nnUNetPredictor):
                   f"compute; absent-landmark detection is off (use --threshold to set one for peak heights)")
             self.fold_thresholds = None
 
+    def use_global_stage(self, stage, radius_mm: float, fallback_uncertainty_mm: float) -> None:
+        """Predict in two stages: `stage.estimate(files)` first, then the tiles around its estimates."""
+        if self.save_heatmaps:
+            raise ValueError("--save_heatmaps needs the whole-image sliding window; it cannot be combined with a "
+                             "global stage (two-stage prediction predicts tiles only)")
+        if list(stage.names) != list(self.names):
+            raise ValueError(f"the global stage's landmarks {list(stage.names)} differ from the model's {self.names}")
+        if not radius_mm > 0:
+            raise ValueError(f"the local search radius must be > 0 mm, got {radius_mm}")
+        self.global_stage, self.global_radius_mm, self.global_fallback_mm = stage, float(radius_mm), \
+            float(fallback_uncertainty_mm)
+
     def _existence_network(self):
         """The network itself (unwrapped from torch.compile) when it records anchor existence, else None."""
         net = getattr(self.network, "_orig_mod", self.network)
@@ -167,11 +193,18 @@ class nnLandmarkPredictor(nnUNetPredictor):
             anchor_net.reset_existence()
             anchor_net.record_existence = True
         try:
-            logits, member_idx = self._mirrored_sliding_window(input_image, case.mirroring)
+            if case.tiles is not None:
+                logits, member_idx = self._mirrored_tiles(input_image, case.mirroring, case.tiles)
+            else:
+                logits, member_idx = self._mirrored_sliding_window(input_image, case.mirroring)
         finally:
             if anchor_net is not None:
                 anchor_net.record_existence = False
-        idx, peak, _ = decode_peaks(logits[1:], logits=True)
+        if case.tiles is not None:
+            idx, peak, _, fallback = self._tile_peaks(logits, case.tiles)
+            case.fold_fallback.append(fallback)
+        else:
+            idx, peak, _ = decode_peaks(logits[1:], logits=True)
         existence = None if anchor_net is None else anchor_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
         case.folds.append(FoldOutput(idx, peak, member_idx if len(member_idx) > 1 else [idx], existence))
         return logits
@@ -199,6 +232,59 @@ class nnLandmarkPredictor(nnUNetPredictor):
             self.use_mirroring = use_mirroring
         return total.div_(len(combos)), member_idx
 
+    def _mirrored_tiles(self, padded: torch.Tensor, plan: CaseMirroring, tiles: TilePlan):
+        """The two-stage counterpart of `_mirrored_sliding_window`: (G, C, *patch) logits of the planned
+        tiles (mirrors averaged the same way) and each mirror's own peaks (network indices)."""
+        combos = [c for k in range(len(plan.axes) + 1) for c in itertools.combinations(plan.axes, k)]
+        patch = tuple(self.configuration_manager.patch_size)
+        self.network = self.network.to(self.device)
+        self.network.eval()
+        per_mirror = []
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            for combo in combos:
+                dims = [a + 2 for a in combo]  # the tile batch is (1, C, z, y, x)
+                outs = []
+                for lo, _ in tiles.groups:
+                    x = padded[(slice(None),) + tuple(slice(int(o), int(o) + p) for o, p in zip(lo, patch))]
+                    x = x[None].to(self.device)
+                    out = self.network(torch.flip(x, dims) if dims else x)
+                    out = (torch.flip(out, dims) if dims else out)[0].float()
+                    if plan.swap_axis is not None and plan.swap_axis in combo:
+                        out = out[self._flipped_channels]
+                    outs.append(out)
+                per_mirror.append(torch.stack(outs))
+        member_idx = [self._tile_peaks(m, tiles)[0] for m in per_mirror] if len(per_mirror) > 1 else []
+        return torch.stack(per_mirror).mean(0).cpu(), member_idx
+
+    @staticmethod
+    def _tile_peaks(tile_logits: torch.Tensor, tiles: TilePlan):
+        """(idx (L, 3) network indices, peak, width, fallback): each landmark's peak in its search ball;
+        `fallback` marks landmarks whose maximum lies on the ball's surface, whose idx is the global estimate."""
+        patch = tuple(tile_logits.shape[2:])
+        idx, peak, width, on_border = peaks_in_tiles(tile_logits[:, 1:], tiles.groups, tiles.centres, tiles.radius,
+                                                     patch)
+        fallback = on_border & np.all(np.isfinite(tiles.centres), axis=1)
+        idx[fallback] = tiles.centres[fallback]
+        return idx - tiles.offset, peak, width, fallback
+
+    def plan_tiles(self, data: torch.Tensor, properties: dict, files) -> Tuple[torch.Tensor, TilePlan, LandmarkSet]:
+        """Global stage on the case's image files -> (padded data, TilePlan, global estimate).
+        A global estimate outside the image (cut off by the field of view) is absent."""
+        if not files:
+            raise ValueError("two-stage prediction needs the case's image files for the global stage")
+        estimate = self.global_stage.estimate(files).reordered(self.names)
+        shape = np.asarray(data.shape[1:], dtype=np.float64)
+        centres = world_to_network_index(estimate.points_lps, properties, self.plans_manager,
+                                         self.configuration_manager, network_shape=tuple(data.shape[1:]))
+        outside = np.any((centres < -0.5) | (centres > shape - 0.5), axis=1)
+        centres[outside] = np.nan
+        patch = list(self.configuration_manager.patch_size)
+        padded, slicer = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+        offset = np.asarray([s.start for s in slicer[1:]], dtype=np.float64)
+        radius = self.global_radius_mm / np.asarray(self.configuration_manager.spacing, dtype=np.float64)
+        groups = tile_groups(centres + offset, padded.shape[1:], patch, radius)
+        return padded, TilePlan(groups, centres + offset, radius, offset), estimate
+
     def sliding_window_with_member_peaks(self, data: torch.Tensor, properties: Optional[dict] = None):
         """The loaded network's sliding-window logits of one case (mirrors averaged) and each mirror's
         own network-space peaks: what the final validation calibrates on. `properties` (nnU-Net's
@@ -207,14 +293,42 @@ class nnLandmarkPredictor(nnUNetPredictor):
             logits = self.predict_sliding_window_return_logits(data)
         return logits, case.folds[0].member_idx
 
-    def predict_case(self, data: torch.Tensor, properties: dict, source: str = "<memory>"):
-        """Preprocessed case -> (LandmarkSet in world LPS mm, postprocessing report, ensemble logits)."""
-        with self.case_in_flight(properties, record_existence=self.score_kind == "anchor") as case:
+    def locate(self, data: torch.Tensor, properties: dict, files=None, record_existence: bool = False,
+               source: str = "<memory>"):
+        """Network-space landmarks of one preprocessed case, by whole-image sliding window or, with a
+        global stage, in two stages. Returns (idx (L, 3), width (L,), folds, logits or None (two-stage),
+        two-stage info {"estimate", "fallback" (L,), "n_tiles"} or None)."""
+        with self.case_in_flight(properties, record_existence=record_existence) as case:
             if case.mirroring.note:
                 tqdm.write(f"WARNING {source}: {case.mirroring.note}")
-            logits = self.predict_logits_from_preprocessed_data(data)
-        folds = case.folds
-        idx, _, width = decode_peaks(logits[1:], logits=True)
+            if self.global_stage is None:
+                logits = self._ensemble_logits(data)
+                idx, _, width = decode_peaks(logits[1:], logits=True)
+                return idx, width, case.folds, logits, None
+            padded, case.tiles, estimate = self.plan_tiles(data, properties, files)
+            if not case.tiles.groups:  # no landmark in the image: nothing to predict
+                L = len(self.names)
+                nan = np.full((L, 3), np.nan)
+                folds = [FoldOutput(nan, np.zeros(L), [nan], np.zeros(L) if record_existence else None)
+                         for _ in (self.list_of_parameters or [None])]
+                return nan, np.full((L, 3), np.nan), folds, None, \
+                    {"estimate": estimate, "fallback": np.zeros(L, bool), "n_tiles": 0}
+            tile_logits = self._ensemble_logits(padded)
+            idx, _, width, fallback = self._tile_peaks(tile_logits, case.tiles)
+            return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback,
+                                                  "n_tiles": len(case.tiles.groups)}
+
+    def _ensemble_logits(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's loop over the folds' parameters; a manually initialised predictor (the trainer's
+        final validation) has one network and no parameter list."""
+        if self.list_of_parameters is None:
+            return self.predict_sliding_window_return_logits(data).to("cpu")
+        return self.predict_logits_from_preprocessed_data(data)
+
+    def predict_case(self, data: torch.Tensor, properties: dict, source: str = "<memory>", files=None):
+        """Preprocessed case -> (LandmarkSet in world LPS mm, postprocessing report, ensemble logits
+        (None in two-stage prediction))."""
+        idx, width, folds, logits, two_stage = self.locate(data, properties, files, self.score_kind == "anchor", source)
 
         def to_world(i):
             return network_index_to_world(i, properties, self.plans_manager, self.configuration_manager,
@@ -226,9 +340,22 @@ class nnLandmarkPredictor(nnUNetPredictor):
             if per_fold is not None and len(per_fold) != len(folds):
                 raise RuntimeError(f"{len(per_fold)} folds' {what} loaded for {len(folds)} folds predicted")
         uncertainty = self._uncertainty(folds, points, idx, width, to_world)
+        if two_stage is not None:
+            uncertainty = self._global_fallback_uncertainty(uncertainty, two_stage)
         ls = LandmarkSet(self.names, points, uncertainty_mm=uncertainty, source=source)
         ls, report = postprocess(ls, scores, self.postprocessing, self.pairs, self.fold_thresholds)
+        if two_stage is not None:
+            report["global_estimate_kept"] = [n for n, f in zip(self.names, two_stage["fallback"]) if f]
+            report["n_tiles"] = two_stage["n_tiles"]
         return ls, report, logits
+
+    def _global_fallback_uncertainty(self, uncertainty: np.ndarray, two_stage: dict) -> np.ndarray:
+        """Where the global estimate stands, its uncertainty is at least the global stage's validated
+        RMS error (and its own spread, for the atlas)."""
+        own = two_stage["estimate"].uncertainty_mm
+        own = np.full(len(uncertainty), np.nan) if own is None else np.asarray(own, dtype=np.float64)
+        floor = np.fmax(np.nan_to_num(own, nan=0.0), self.global_fallback_mm)
+        return np.where(two_stage["fallback"], np.fmax(uncertainty, floor), uncertainty)
 
     def _uncertainty(self, folds: List[FoldOutput], points, idx, width, to_world) -> np.ndarray:
         """Calibrated per fold when models exist; else the spread of all members (folds x mirrors)
@@ -305,11 +432,15 @@ class nnLandmarkPredictor(nnUNetPredictor):
                 if isinstance(data, str):
                     data = np.load(data)
                 data = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data).float()
-                ls, report, logits = self.predict_case(data, item["data_properties"], source=case)
+                ls, report, logits = self.predict_case(data, item["data_properties"], source=case,
+                                                       files=item.get("files"))
                 if report["swapped"]:
                     tqdm.write(f"{case}: left/right swapped {report['swapped']}")
                 if report["absent"]:
                     tqdm.write(f"{case}: absent {report['absent']}")
+                if report.get("global_estimate_kept"):
+                    tqdm.write(f"{case}: no local peak inside the search radius, global estimate kept for "
+                               f"{report['global_estimate_kept']}")
                 if ofile is None:
                     returned.append(ls)
                 else:
@@ -337,7 +468,7 @@ def preprocess_case(files, seg_prev, ofile, plans_manager, configuration_manager
     try:
         pre = configuration_manager.preprocessor_class(verbose=False)
         data, _, props = pre.run_case(files, seg_prev, plans_manager, configuration_manager, dataset_json)
-        return {"data": data, "data_properties": props, "ofile": ofile}
+        return {"data": data, "data_properties": props, "ofile": ofile, "files": list(files)}
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e} ({', '.join(map(str, files))})", "ofile": ofile}
 

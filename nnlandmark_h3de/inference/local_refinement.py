@@ -17,7 +17,7 @@ import torch
 
 from nnlandmark_h3de.inference.peaks import decode_peaks
 
-__all__ = ["tile_groups", "refine_in_tiles"]
+__all__ = ["tile_groups", "peaks_in_tiles", "refine_in_tiles"]
 
 
 def _tile_origin(centre: np.ndarray, shape: np.ndarray, patch: np.ndarray) -> np.ndarray:
@@ -55,6 +55,34 @@ def _ball_mask(shape: Sequence[int], centre: np.ndarray, radius: np.ndarray) -> 
     return (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]) <= 1.0
 
 
+def peaks_in_tiles(tiles: torch.Tensor, groups, centres: np.ndarray, radius: Sequence[float],
+                   patch: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each landmark's peak within `radius` of its centre, in the tile of its group.
+
+    tiles: (G, L, *patch) heatmap logits, one per group of `tile_groups`. Returns idx (L, 3) in
+    array coordinates, peak (L,) sigmoid heights, width (L, 3) heatmap widths (decode_peaks; all NaN
+    where no centre) and `on_border` (L,):
+    the maximum lies within 1.5 voxels of the search ball's surface, so the local peak is not inside
+    the ball (the network's true maximum is further away, or there is none).
+    """
+    centres = np.asarray(centres, dtype=np.float64)
+    radius = np.maximum(np.asarray(radius, dtype=np.float64), 1.0)
+    idx = np.full_like(centres, np.nan)
+    peak = np.full(len(centres), np.nan)
+    width = np.full_like(centres, np.nan)
+    on_border = np.zeros(len(centres), dtype=bool)
+    for g, (lo, members) in enumerate(groups):
+        for k in members:
+            local = centres[k] - lo
+            masked = tiles[g, k].float().masked_fill(~_ball_mask(patch, local, radius).to(tiles.device),
+                                                     float("-inf"))
+            i, p, w = decode_peaks(masked[None], logits=True)
+            idx[k], peak[k], width[k] = i[0] + lo, p[0], w[0]
+            reach = np.linalg.norm((i[0] - local) / radius) * radius.min()
+            on_border[k] = reach > radius.min() - 1.5
+    return idx, peak, width, on_border
+
+
 def refine_in_tiles(tile_logits: Callable[[np.ndarray], torch.Tensor], shape: Sequence[int], centres: np.ndarray,
                     patch: Sequence[int], radius: Sequence[float]) -> Tuple[np.ndarray, np.ndarray, int]:
     """Peaks of each landmark's channel within `radius` of its centre, from as few tiles as needed.
@@ -63,17 +91,10 @@ def refine_in_tiles(tile_logits: Callable[[np.ndarray], torch.Tensor], shape: Se
     Returns idx (L, 3) (NaN where no centre), peak (L,) sigmoid heights (NaN where no centre), and
     the number of tiles predicted.
     """
-    centres = np.asarray(centres, dtype=np.float64)
     radius = np.maximum(np.asarray(radius, dtype=np.float64), 1.0)
-    idx = np.full_like(centres, np.nan)
-    peak = np.full(len(centres), np.nan)
-    groups = tile_groups(centres, shape, patch, radius)
-    for lo, members in groups:
-        logits = tile_logits(lo)
-        for k in members:
-            local = centres[k] - lo
-            masked = logits[k].float().masked_fill(~_ball_mask(patch, local, radius).to(logits.device),
-                                                   float("-inf"))
-            i, p, _ = decode_peaks(masked[None], logits=True)
-            idx[k], peak[k] = i[0] + lo, p[0]
+    groups = tile_groups(np.asarray(centres, dtype=np.float64), shape, patch, radius)
+    if not groups:
+        return np.full((len(centres), 3), np.nan), np.full(len(centres), np.nan), 0
+    tiles = torch.stack([tile_logits(lo) for lo, _ in groups])
+    idx, peak, _, _ = peaks_in_tiles(tiles, groups, centres, radius, patch)
     return idx, peak, len(groups)

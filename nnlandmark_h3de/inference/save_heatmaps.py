@@ -12,6 +12,8 @@ import torch
 from nnlandmark_h3de.inference.index_mapping import original_geometry
 from nnlandmark_h3de.landmarks import atomic_path
 
+HEATMAP_SUFFIX = "_heatmaps.nii.gz"  # <case><suffix> next to the landmark file; nnLandmark_export reads it back
+
 
 def heatmaps_to_original_grid(heatmaps, properties: dict, plans_manager, configuration_manager,
                               logits: bool = False) -> np.ndarray:

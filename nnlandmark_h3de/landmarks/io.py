@@ -14,6 +14,7 @@ from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 LANDMARK_FORMATS = {".mrk.json": (read_mrk_json, write_mrk_json), ".fcsv": (read_fcsv, write_fcsv),
                     ".csv": (read_csv, write_csv), ".json": (read_json, write_json)}
 LANDMARK_SUFFIXES = tuple(LANDMARK_FORMATS)
+OUTPUT_FORMATS = tuple(s.lstrip(".") for s in LANDMARK_SUFFIXES)  # as CLI choices / format=
 
 
 def landmark_format(path) -> Optional[str]:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from copy import deepcopy
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
+
+import numpy as np
 
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 
@@ -26,6 +28,22 @@ MIN_FEATURE_MAP_EDGE = 4  # nnU-Net's UNet_featuremap_min_edge_length
 def _resize(values: Sequence, n: int) -> list:
     values = list(values)
     return values[:n] if len(values) >= n else values + [values[-1]] * (n - len(values))
+
+
+def whole_image_spacing(plans: dict, patch_size: Sequence[int], base: str = "3d_fullres") -> List[float]:
+    """The spacing (mm per axis) at which the base's median image fits one patch: one isotropic step,
+    the largest median extent / patch ratio over the axes, never finer than the base's own spacing.
+    What a learned global stage needs: every landmark in one network input."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    if base not in plans.get("configurations", {}):
+        raise ValueError(f"plans have no configuration {base!r} (have {list(plans.get('configurations', {}))})")
+    cfg = PlansManager(plans).get_configuration(base)
+    extent = np.asarray(cfg.median_image_size_in_voxels, dtype=np.float64) * np.asarray(cfg.spacing, dtype=np.float64)
+    patch = np.asarray(patch_size, dtype=np.float64)
+    if patch.shape != extent.shape:
+        raise ValueError(f"patch size {list(patch_size)} has {len(patch)} axes, configuration {base!r} has {len(extent)}")
+    step = float(np.max(extent / patch))
+    return [float(max(step, s)) for s in cfg.spacing]
 
 
 def small_configuration(plans: dict, base: str = "3d_fullres", patch_size: Optional[Sequence[int]] = None,

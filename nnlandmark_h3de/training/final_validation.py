@@ -7,6 +7,10 @@ validation cases, landmarks decoded in network space (`decode_peaks`) and mapped
     fold_X/landmark_thresholds.json     (existence thresholds on peak height or anchor existence, best F1)
     fold_X/landmark_uncertainty.json    (per-landmark error scale and peak-height exponent)
 
+When the fold has a calibrated global stage (fold_X/global_stage.json, nnLandmark_calibrate_global)
+the validation cases are predicted in two stages, as nnLandmark_predict --global auto does, so the
+thresholds and the uncertainty model are fitted on what prediction does.
+
 Both calibrations are in `training/calibration.py`.
 
 Under DDP every rank predicts its share of the cases; rank 0 gathers, calibrates and writes.
@@ -14,7 +18,7 @@ Under DDP every rank predicts its share of the cases; rank 0 gathers, calibrates
 from __future__ import annotations
 
 import warnings
-from os.path import join
+from os.path import isfile, join
 from typing import Dict, Tuple
 
 import numpy as np
@@ -26,7 +30,6 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
 from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
-from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.uncertainty import member_spread_mm
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
 from nnlandmark_h3de.training.calibration import calibrate_relative_thresholds, fit_uncertainty_model
@@ -51,6 +54,7 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
     predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
                                     trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)
+    two_stage = _use_global_stage(trainer, predictor)
     _, val_keys = trainer.do_split()
     if trainer.is_ddp:
         val_keys = val_keys[trainer.local_rank::dist.get_world_size()]
@@ -68,8 +72,9 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
             trainer.print_to_log_file(f"predicting {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
             if existence_net is not None:
                 existence_net.reset_existence()
-            logits, member_peaks = predictor.sliding_window_with_member_peaks(data, properties)
-            idx, peak, _ = decode_peaks(logits[1:], logits=True)
+            files = _raw_image_files(trainer, k) if two_stage else None
+            idx, _, folds, logits, _ = predictor.locate(data, properties, files, source=k)
+            peak, member_peaks = folds[0].peak, folds[0].member_idx
             del logits
 
             def to_world(i):
@@ -87,6 +92,32 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
         if existence_net is not None:
             existence_net.record_existence = False
     return results
+
+
+def _use_global_stage(trainer, predictor) -> bool:
+    """Two-stage validation when the fold has a calibrated global stage."""
+    from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, load_global_stage
+    if not isfile(join(trainer.output_folder, GLOBAL_STAGE_FILE)):
+        return False
+    stage, choice, kind = load_global_stage(trainer.output_folder, "auto", trainer.device)
+    predictor.use_global_stage(stage, choice.radius_mm(kind), choice.fallback_uncertainty_mm(kind))
+    trainer.print_to_log_file(f"two-stage validation: {kind} global stage, local search radius "
+                              f"{choice.radius_mm(kind):.1f} mm", also_print_to_console=True)
+    return True
+
+
+def _raw_image_files(trainer, case: str):
+    """The raw dataset's image files of a training case (what a global stage reads)."""
+    from nnunetv2.paths import nnUNet_raw
+    ending = trainer.dataset_json["file_ending"]
+    folder = join(nnUNet_raw or "", trainer.plans_manager.dataset_name, "imagesTr")
+    n_channels = len(trainer.dataset_json.get("channel_names", trainer.dataset_json.get("modality", {"0": ""})))
+    files = [join(folder, f"{case}_{c:04d}{ending}") for c in range(n_channels)]
+    missing = [f for f in files if not isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"two-stage validation needs the raw images of {case}: {missing} not found "
+                                f"(is nnUNet_raw set?)")
+    return files
 
 
 def _gather(results: dict, is_ddp: bool) -> dict:

@@ -58,10 +58,20 @@ class _TransformsWithKeypoints:
 
 
 class nnLandmarkDataLoader(nnUNetDataLoader):
-    """nnUNetDataLoader whose transforms also receive `keypoints`: (L, ndim) float64 patch indices."""
+    """nnUNetDataLoader whose transforms also receive `keypoints`: (L, ndim) float64 patch indices.
 
-    def __init__(self, *args, points_by_case: Dict[str, np.ndarray], **kwargs):
+    `centre_jitter` (voxels per axis, or None): the foreground-oversampled patches are centred on one
+    landmark (drawn at random among the case's points inside the image) moved by a uniform offset of
+    up to +-centre_jitter, instead of on a random voxel of a label ball. For a local stage that is only
+    asked about the neighbourhood of a global estimate: it learns what it will be shown (the
+    landmark, somewhere within the global stage's error of the patch centre). nnU-Net still places
+    and clips the patch (its get_bbox, given that one voxel as the foreground location).
+    """
+
+    def __init__(self, *args, points_by_case: Dict[str, np.ndarray], centre_jitter: Optional[np.ndarray] = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.centre_jitter = None if centre_jitter is None else np.asarray(centre_jitter, dtype=np.float64)
         if self.patch_size_was_2d:
             raise ValueError("exact landmark points are implemented for 3D patches only")
         missing = [k for k in self.indices if k not in points_by_case]
@@ -78,10 +88,24 @@ class nnLandmarkDataLoader(nnUNetDataLoader):
         return self._keys
 
     def get_bbox(self, data_shape, force_fg, class_locations, overwrite_class=None, verbose=False):
+        if force_fg and self.centre_jitter is not None:
+            centre = self._jittered_landmark(self._keys[self._next], np.asarray(data_shape))
+            if centre is not None:
+                class_locations, overwrite_class = {1: np.concatenate([[0], centre])[None]}, 1
         lbs, ubs = super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
         self._origin = (self._keys[self._next], np.asarray(lbs, dtype=np.float64))
         self._next += 1
         return lbs, ubs
+
+    def _jittered_landmark(self, case: str, shape: np.ndarray) -> Optional[np.ndarray]:
+        """A random landmark of the case inside the image, moved by the jitter, as an integer voxel."""
+        pts = self.points_by_case[case]
+        inside = np.all(np.isfinite(pts) & (pts >= -0.5) & (pts <= shape - 0.5), axis=1)
+        if not inside.any():
+            return None
+        p = pts[np.random.choice(np.flatnonzero(inside))]
+        p = p + np.random.uniform(-1.0, 1.0, size=p.shape) * self.centre_jitter
+        return np.clip(np.round(p), 0, shape - 1).astype(np.int64)
 
     def _current_keypoints(self) -> torch.Tensor:
         case, origin = self._origin
@@ -89,7 +113,7 @@ class nnLandmarkDataLoader(nnUNetDataLoader):
 
 
 @contextlib.contextmanager
-def loaders_built_as(points_by_case: Optional[Dict[str, np.ndarray]]):
+def loaders_built_as(points_by_case: Optional[Dict[str, np.ndarray]], centre_jitter: Optional[np.ndarray] = None):
     """Within the block, nnUNetTrainer builds nnLandmarkDataLoader (no-op when points_by_case is None)."""
     if points_by_case is None:
         yield
@@ -97,7 +121,8 @@ def loaders_built_as(points_by_case: Optional[Dict[str, np.ndarray]]):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     trainer_module = sys.modules[nnUNetTrainer.__module__]
     original = trainer_module.nnUNetDataLoader
-    trainer_module.nnUNetDataLoader = functools.partial(nnLandmarkDataLoader, points_by_case=points_by_case)
+    trainer_module.nnUNetDataLoader = functools.partial(nnLandmarkDataLoader, points_by_case=points_by_case,
+                                                       centre_jitter=centre_jitter)
     try:
         yield
     finally:

@@ -37,6 +37,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 
+from nnlandmark_h3de.landmarks import landmark_names
 from nnlandmark_h3de.heatmaps import (LandmarkHeatmapTransform, dataset_left_right_axes, expected_ball_voxels,
                                       make_landmark_aware, pair_permutation)
 from nnlandmark_h3de.training.landmark_data_loader import exact_points_per_case, loaders_built_as
@@ -57,11 +58,8 @@ def landmark_info_from_dataset_json(dataset_json: dict, foreground_labels: Seque
     L = len(foreground_labels)
     if list(foreground_labels) != list(range(1, L + 1)):
         raise ValueError(f"landmark datasets need labels 1..L (one per landmark), got {list(foreground_labels)}")
-    labels = dataset_json.get("labels", {})
-    by_value = {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple))}
-    label_names = [by_value.get(i, str(i)) for i in range(1, L + 1)]
     block = dataset_json.get("landmarks") or {}
-    names = [str(n) for n in block.get("names", label_names)]
+    names = landmark_names(dataset_json)
     if len(names) != L:
         raise ValueError(f"dataset.json: {len(names)} landmark names but {L} foreground labels")
     pairs = [tuple(p) for p in block.get("pairs", [])]
@@ -76,6 +74,9 @@ class nnLandmarkTrainer(nnUNetTrainer):
     lr_step_fraction = 0.8  # StepLR 800 / 1000 epochs
     lr_gamma = 0.1
     grad_clip_norm = 1.0
+    # Local-stage training (two-stage prediction): None = nnU-Net's patch sampling; a distance in mm =
+    # foreground patches centred on a landmark moved by up to this much (nnLandmarkDataLoader).
+    local_patch_jitter_mm: Optional[float] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -242,7 +243,12 @@ class nnLandmarkTrainer(nnUNetTrainer):
 
     def get_dataloaders(self):
         self.exact_points = self.load_exact_points()
-        with loaders_built_as(self.exact_points):
+        jitter = None
+        if self.local_patch_jitter_mm is not None and self.exact_points is not None:
+            jitter = self.local_patch_jitter_mm / np.asarray(self.configuration_manager.spacing, dtype=np.float64)
+            self.print_to_log_file(f"local-stage patches: {self.oversample_foreground_percent:.0%} centred on a "
+                                   f"landmark +- {self.local_patch_jitter_mm} mm")
+        with loaders_built_as(self.exact_points, jitter):
             return super().get_dataloaders()
 
     # ------------------------------------------------------- epoch validation

@@ -12,8 +12,25 @@ from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
-__all__ = ["nnLandmarkTrainer_1epoch", "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
+__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
+           "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
+
+
+class nnLandmarkTrainerLocal(nnLandmarkTrainer):
+    """The local stage of two-stage prediction: every patch centred on a landmark moved by up to 12 mm
+    (about the search radius an atlas global stage calibrates to on brain MRI), so the budget goes to
+    the neighbourhoods the local stage is asked about, not to random background."""
+    local_patch_jitter_mm = 12.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.oversample_foreground_percent = 1.0
+
+
+class nnLandmarkTrainerLocal_2epochs_3iters(nnLandmarkTrainerLocal):
+    __init__ = smoke_init(nnLandmarkTrainerLocal)
 
 
 class nnLandmarkTrainer_1epoch(nnLandmarkTrainer):

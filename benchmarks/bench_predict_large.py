@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Two-stage prediction vs the whole-image sliding window on a CT-sized case, same model, same run.
+
+A model is trained (stock commands, `--train_minutes` of CPU) on head phantoms (demo/phantoms.py)
+whose field of view matches the test case; its global stage (atlas, `nnLandmark_calibrate_global`)
+is calibrated on its validation case. The test case is a phantom of `--shape` voxels at
+`--spacing` mm (default 400 x 512 x 512 at 0.7 mm, a CT-sized volume) that nnU-Net preprocesses to
+the model's spacing. Both arms run `nnLandmark_predict` on it in their own process (-npp 0, so the
+process's peak RSS is the whole cost): `--global none` (every tile of the whole image) and
+`--global atlas` (registration, then only the tiles around the estimates). Reported: wall time
+and peak RAM of each (start-up, reading and preprocessing the volume included, as a user sees it),
+their ratios, the tiles predicted, and each arm's error against the phantom's exact landmarks.
+Test-time mirroring is off in both arms by default (`--tta` turns it on) to keep the run short;
+it multiplies both arms' network time by the same factor.
+
+    python benchmarks/bench_predict_large.py --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATASET_ID, CONFIGURATION = 987, "3d_fullres_small"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work_dir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    p.add_argument("--shape", type=int, nargs=3, default=[400, 512, 512], help="test case z y x voxels")
+    p.add_argument("--spacing", type=float, default=0.7, help="test case spacing, mm (isotropic)")
+    p.add_argument("--train_factor", type=int, default=2, help="training phantoms: test shape / f at spacing * f")
+    p.add_argument("--n_train", type=int, default=4, help="training phantoms (the last one validates)")
+    p.add_argument("--train_minutes", type=float, default=5.0)
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--tta", action="store_true", help="test-time mirroring in both arms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    return p.parse_args(argv)
+
+
+def run_measured(cmd, env, log: Path):
+    """Run a command; (wall seconds, peak RSS in MiB of that process, stdout)."""
+    t = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t
+    text = log.read_text(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{text[-3000:]}")
+    return wall, usage.ru_maxrss / 1024.0, text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nnlandmark_h3de.conversion import convert_dataset
+    from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer
+    from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
+    from nnlandmark_h3de.demo.pipeline import environment, find_command, nnunet_environment, run_command
+    from nnlandmark_h3de.evaluation.evaluate import evaluate_folders
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_predict_large_"))
+    if args.work_dir is not None and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = nnunet_environment(work)
+    logs = work / "logs"
+    logs.mkdir()
+    try:
+        f = args.train_factor
+        train_shape = tuple(max(32, s // f) for s in args.shape)
+        train = generate_phantom_cases(work / "train", args.n_train, shape=train_shape, spacing=(args.spacing * f,) * 3,
+                                       seed=args.seed, case_prefix="train")
+        test = generate_phantom_cases(work / "test", 1, shape=tuple(args.shape), spacing=(args.spacing,) * 3,
+                                      seed=args.seed + 1000, case_prefix="large")
+        names = sorted(train)
+        splits = [{"train": names[:-1], "val": names[-1:]}]
+        with environment(env):
+            raw = Path(convert_dataset({**train, **test}, (DATASET_ID, "LargeCase"), test_cases=sorted(test),
+                                       splits=splits))
+        run_command("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c",
+                                            "3d_fullres", "-np", "1", "-npfp", "1"], {**env, "nnUNet_n_proc_DA": "1"},
+                    logs / "plan.log")
+        run_command("small configuration", [find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID),
+                                            "--patch_size", *[str(args.patch)] * 3, "--base_features", "8",
+                                            "--max_features", "64"], env, logs / "small_config.log")
+        with environment(env):
+            trainer = write_budget_trainer(work / "trainers", "nnLandmarkTrainer", 60 * args.train_minutes,
+                                           iterations_per_epoch=25, val_iterations_per_epoch=2)
+        run_command("train", [find_command("nnUNetv2_train"), str(DATASET_ID), CONFIGURATION, "0", "-tr", trainer,
+                              "-device", "cpu"], env, logs / "train.log", progress_pattern=r"Epoch \d+\s*$")
+        run_command("calibrate global stage", [find_command("nnLandmark_calibrate_global"), "-d", str(DATASET_ID),
+                                               "-c", CONFIGURATION, "-tr", trainer, "-f", "0", "--kinds", "atlas",
+                                               "--n_atlases", "3", "-device", "cpu"], env, logs / "calibrate.log")
+        arms = {}
+        for kind in ("none", "atlas"):
+            out = work / f"pred_{kind}"
+            cmd = [find_command("nnLandmark_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d",
+                   str(DATASET_ID), "-c", CONFIGURATION, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0",
+                   "--global", kind, "--no_absent", "--disable_progress_bar"] + ([] if args.tta else ["--disable_tta"])
+            wall, rss, text = run_measured(cmd, env, logs / f"predict_{kind}.log")
+            summary = evaluate_folders(work / "test" / "landmarks", out, work / f"eval_{kind}" / "summary.json")
+            micro = summary["foreground_mean"]["micro"]
+            arms[kind] = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss), "mre_mm": micro["mean_radial_error_mm"],
+                          "median_mm": micro["median_radial_error_mm"], "sdr_4mm": micro["SDR_4mm"]}
+            print(f"{kind}: {wall:.1f} s, peak RSS {rss:.0f} MiB, MRE {micro['mean_radial_error_mm']} mm", flush=True)
+        plans = json.loads((work / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json").read_text())
+        spacing = plans["configurations"]["3d_fullres"]["spacing"]
+        result = {
+            "benchmark": "bench_predict_large", "case_shape_zyx": list(args.shape), "case_spacing_mm": args.spacing,
+            "model_spacing_mm": spacing, "patch": args.patch, "tta": args.tta, "train_minutes": args.train_minutes,
+            "landmarks": len(json.loads((raw / "dataset.json").read_text())["landmarks"]["names"]),
+            "global_stage": json.loads(next((work / "nnUNet_results").rglob("global_stage.json")).read_text())["validation"],
+            "whole_image": arms["none"], "two_stage": arms["atlas"],
+            "speedup_two_stage": round(arms["none"]["wall_s"] / arms["atlas"]["wall_s"], 2),
+            "ram_ratio_two_stage": round(arms["atlas"]["peak_rss_mib"] / arms["none"]["peak_rss_mib"], 3),
+            "err_two_stage_mm": arms["atlas"]["mre_mm"], "err_full_mm": arms["none"]["mre_mm"],
+        }
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Two-stage prediction end to end with the stock commands on phantoms larger than one patch:
+nnUNetv2_plan_and_preprocess -> nnLandmark_add_small_config -> nnUNetv2_train (tiny budget) ->
+nnLandmark_calibrate_global (atlas; re-validates in two stages) -> nnLandmark_predict --global atlas,
+against the whole-image sliding window of the same model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BIN = Path(sys.executable).parent
+DATASET_ID = 963
+TRAINER = "nnLandmarkTrainer_2epochs_3iters"
+
+
+def run(args, env, cwd):
+    proc = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_two_stage_prediction_with_the_stock_commands(nnunet_env, tmp_path):
+    from nnlandmark_h3de.conversion import convert_dataset, load_dataset_landmarks
+    from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
+    from nnlandmark_h3de.landmarks import read_landmarks
+
+    cases = generate_phantom_cases(tmp_path / "phantoms", 6, shape=(40, 56, 56), spacing=(2.0, 2.0, 2.0), seed=4,
+                                   progress=False)
+    names = sorted(cases)
+    test = names[-1]
+    splits = [{"train": names[:3], "val": names[3:5]}]
+    raw = Path(convert_dataset(cases, (DATASET_ID, "TwoStage"), test_cases=[test], splits=splits, progress=False))
+    env = dict(os.environ)
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
+        {**env, "nnUNet_n_proc_DA": "1"}, tmp_path)
+    run(["nnLandmark_add_small_config", "-d", str(DATASET_ID), "--patch_size", "32", "32", "32",
+         "--base_features", "4", "--max_features", "16"], env, tmp_path)
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres_small", "0", "-tr", TRAINER, "-device", "cpu"], env, tmp_path)
+    fold = nnunet_env["nnUNet_results"] / raw.name / f"{TRAINER}__nnUNetPlans__3d_fullres_small" / "fold_0"
+    whole_image_thresholds = (fold / "landmark_thresholds.json").read_text()
+
+    proc = run(["nnLandmark_calibrate_global", "-d", str(DATASET_ID), "-c", "3d_fullres_small", "-tr", TRAINER,
+                "-f", "0", "--kinds", "atlas", "--n_atlases", "2", "-device", "cpu"], env, tmp_path)
+    assert "kept: atlas" in proc.stdout
+    choice = json.loads((fold / "global_stage.json").read_text())
+    assert choice["kind"] == "atlas" and sorted(choice["atlases"]) == sorted(set(choice["atlases"]))
+    assert set(choice["atlases"]) <= set(names[:3])  # atlases only from the fold's training cases
+    atlas = choice["validation"]["atlas"]
+    assert atlas["n"] > 0 and atlas["radius_mm"] >= max(6.0, 2 * atlas["p90_mm"]) - 1e-9
+    stored = sorted(p.name for p in (fold / "global_atlases").iterdir())
+    assert stored == sorted([f"{c}.nii.gz" for c in choice["atlases"]] + ["landmarks.json"])
+    # the final validation was re-run in two stages: thresholds refitted, the log says how
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "two-stage validation: atlas global stage" in log
+    assert (fold / "landmark_thresholds.json").read_text() != whole_image_thresholds
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / f"{test}_0000.nii.gz").symlink_to(raw / "imagesTs" / f"{test}_0000.nii.gz")
+    outs = {}
+    for kind in ("atlas", "none"):
+        outs[kind] = tmp_path / f"out_{kind}"
+        proc = run(["nnLandmark_predict", "-i", str(inp), "-o", str(outs[kind]), "-d", str(DATASET_ID), "-c",
+                    "3d_fullres_small", "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "0", "--global", kind,
+                    "--no_absent", "--format", "json"], env, tmp_path)
+        assert ("two-stage prediction: atlas global stage" in proc.stdout) == (kind == "atlas")
+    truth = load_dataset_landmarks(raw)[test]
+    two = read_landmarks(outs["atlas"] / f"{test}.json").reordered(truth.names)
+    whole = read_landmarks(outs["none"] / f"{test}.json").reordered(truth.names)
+    # every two-stage point lies within the search radius of the atlas estimate, which is near the truth
+    err = np.linalg.norm(two.points_lps - truth.points_lps, axis=1)
+    present = truth.present
+    assert np.all(np.isfinite(err[present]))
+    assert np.all(err[present] <= atlas["radius_mm"] + 3 * atlas["p90_mm"] + 1e-6), err
+    assert np.all(np.isfinite(two.uncertainty_mm[present]))
+    assert not np.allclose(np.nan_to_num(two.points_lps), np.nan_to_num(whole.points_lps))
