@@ -24,18 +24,23 @@ def run(args, env, cwd):
     return proc
 
 
+def plan_and_train_tiny(dataset_id: int, trainer: str, env: dict, cwd) -> None:
+    """Plan, add a 32^3 small configuration (4..16 features) and train fold 0 on the CPU."""
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
+        {**env, "nnUNet_n_proc_DA": "1"}, cwd)
+    run(["nnLandmark_add_small_config", "-d", str(dataset_id), "--patch_size", "32", "32", "32",
+         "--base_features", "4", "--max_features", "16"], env, cwd)
+    run(["nnUNetv2_train", str(dataset_id), "3d_fullres_small", "0", "-tr", trainer, "-device", "cpu"], env, cwd)
+
+
 def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path):
     import torch
     from nnlandmark_h3de.demo.blob_dataset import make_blob_dataset
 
     raw = make_blob_dataset(DATASET_ID, n_cases=5, shape_zyx=(32, 32, 32), absent_every=5)
     env = dict(os.environ)
-    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
-        {**env, "nnUNet_n_proc_DA": "1"}, tmp_path)
-    run(["nnLandmark_add_small_config", "-d", str(DATASET_ID), "--patch_size", "32", "32", "32",
-         "--base_features", "4", "--max_features", "16"], env, tmp_path)
-    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres_small", "0", "-tr", TRAINER, "-device", "cpu"], env, tmp_path)
+    plan_and_train_tiny(DATASET_ID, TRAINER, env, tmp_path)
 
     model = nnunet_env["nnUNet_results"] / raw.name / f"{TRAINER}__nnUNetPlans__3d_fullres_small"
     fold = model / "fold_0"

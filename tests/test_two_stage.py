@@ -165,3 +165,28 @@ def test_predictor_refines_global_estimates_on_a_few_tiles_and_keeps_them_withou
     np.testing.assert_allclose(ls.points_lps[1][::-1], estimate_zyx[1])  # no local peak: the estimate
     assert report["global_estimate_kept"] == ["B"]
     assert ls.uncertainty_mm[1] >= 4.0 and ls.uncertainty_mm[0] < 4.0
+    # a local peak floor above A's peak (0.7): the global estimate stands for A too
+    floored = predictor()
+    floored.use_global_stage(_FixedGlobalStage(names, estimate_zyx[:, ::-1], [1.5, 2.5]), radius_mm=6.0,
+                             fallback_uncertainty_mm=4.0, local_peak_floor=np.array([0.8, 0.0]))
+    ls, report, _ = floored.predict_case(data, props, files=["case_0000.nii.gz"])
+    np.testing.assert_allclose(ls.points_lps[:, ::-1], estimate_zyx, atol=1e-6)
+    assert report["global_estimate_kept"] == ["A", "B"] and np.all(ls.uncertainty_mm >= 4.0)
+
+
+def test_local_peak_floor_keeps_the_better_source_on_validation():
+    """Strong local peaks are right, weak ones wrong: the floor lets only the strong ones overrule the
+    global estimate; a useless local stage is switched off (floor inf); a perfect one always used."""
+    from nnlandmark_h3de.training.calibration import fit_local_peak_floor
+    rng = np.random.default_rng(0)
+    peaks = rng.uniform(0.1, 1.0, (20, 4)) * np.array([1.0, 0.3, 0.6, 0.9])  # landmarks peak at their own heights
+    relative = peaks / np.median(peaks, axis=0)
+    global_err = np.full((20, 4), 2.0)
+    local_err = np.where(relative >= 0.8, 0.5, 10.0)
+    floor, info = fit_local_peak_floor(local_err, global_err, peaks)
+    used = peaks >= floor[None]
+    assert np.all(used == (relative >= 0.8)) and info["mre_mm"] < info["mre_global_mm"] < info["mre_local_mm"]
+    floor, info = fit_local_peak_floor(np.full((20, 4), 9.0), global_err, peaks)
+    assert np.all(np.isinf(floor)) and info["local_used_fraction"] == 0.0
+    floor, info = fit_local_peak_floor(np.full((20, 4), 0.1), global_err, peaks)
+    assert np.all(floor == 0.0) and info["local_used_fraction"] == 1.0

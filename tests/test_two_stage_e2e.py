@@ -4,22 +4,18 @@ nnLandmark_calibrate_global (atlas; re-validates in two stages) -> nnLandmark_pr
 against the whole-image sliding window of the same model."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-BIN = Path(sys.executable).parent
+from test_trainer_e2e import plan_and_train_tiny, run
+
 DATASET_ID = 963
 TRAINER = "nnLandmarkTrainer_2epochs_3iters"
 
 
-def run(args, env, cwd):
-    proc = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+def choice_names(raw):
+    return json.loads((raw / "dataset.json").read_text())["landmarks"]["names"]
 
 
 def test_two_stage_prediction_with_the_stock_commands(nnunet_env, tmp_path):
@@ -34,11 +30,7 @@ def test_two_stage_prediction_with_the_stock_commands(nnunet_env, tmp_path):
     splits = [{"train": names[:3], "val": names[3:5]}]
     raw = Path(convert_dataset(cases, (DATASET_ID, "TwoStage"), test_cases=[test], splits=splits, progress=False))
     env = dict(os.environ)
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
-        {**env, "nnUNet_n_proc_DA": "1"}, tmp_path)
-    run(["nnLandmark_add_small_config", "-d", str(DATASET_ID), "--patch_size", "32", "32", "32",
-         "--base_features", "4", "--max_features", "16"], env, tmp_path)
-    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres_small", "0", "-tr", TRAINER, "-device", "cpu"], env, tmp_path)
+    plan_and_train_tiny(DATASET_ID, TRAINER, env, tmp_path)
     fold = nnunet_env["nnUNet_results"] / raw.name / f"{TRAINER}__nnUNetPlans__3d_fullres_small" / "fold_0"
     whole_image_thresholds = (fold / "landmark_thresholds.json").read_text()
 
@@ -56,6 +48,9 @@ def test_two_stage_prediction_with_the_stock_commands(nnunet_env, tmp_path):
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "two-stage validation: atlas global stage" in log
     assert (fold / "landmark_thresholds.json").read_text() != whole_image_thresholds
+    assert "local peak floor" in log
+    refit = json.loads((fold / "global_stage.json").read_text())["validation"]["atlas"]
+    assert len(refit["local_peak_floor"]) == len(choice_names(raw)) and refit["local_peak_floor_fit"]["n"] > 0
 
     inp = tmp_path / "in"
     inp.mkdir()

@@ -82,7 +82,7 @@ def attach_global_stage(predictor, model_folder: str, folds, kind: str, device) 
         raise SystemExit(f"nnLandmark_predict: --global {kind}: {e}")
     radius = choice.radius_mm(used)
     try:
-        predictor.use_global_stage(stage, radius, choice.fallback_uncertainty_mm(used))
+        predictor.use_global_stage(stage, radius, choice.fallback_uncertainty_mm(used), choice.local_peak_floor(used))
     except ValueError as e:
         raise SystemExit(f"nnLandmark_predict: --global {kind}: {e}")
     print(f"two-stage prediction: {used} global stage (validation MRE {choice.validation[used]['mre_mm']:.2f} mm), "

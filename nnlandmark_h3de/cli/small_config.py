@@ -13,8 +13,7 @@ def main(argv=None):
     p.add_argument("--base", default="3d_fullres", help="configuration to inherit from (default 3d_fullres)")
     p.add_argument("--patch_size", type=int, nargs="+", default=None,
                    help="patch size per axis (default: the base's, capped at 64 per axis)")
-    # CPU defaults: 8..64 features (the demo's and the AFIDs benchmark's), measured on a 2-core CPU
-    # at about 1 s per 64^3 step of batch 2 instead of ~3 s with 16..320 (README, "CPU path")
+    # CPU defaults: 8..64 features, what the demo and the AFIDs benchmark train (README, "CPU path")
     p.add_argument("--base_features", type=int, default=8, help="features of the first stage (default 8)")
     p.add_argument("--max_features", type=int, default=64, help="feature cap (default 64)")
     p.add_argument("--batch_size", type=int, default=2, help="batch size (default 2)")

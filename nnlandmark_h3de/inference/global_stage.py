@@ -50,6 +50,12 @@ class GlobalStageChoice:
     def radius_mm(self, kind: str) -> float:
         return float(self.validation[kind]["radius_mm"])
 
+    def local_peak_floor(self, kind: str) -> Optional[np.ndarray]:
+        """Per-landmark local peak heights below which the global estimate stands (fitted by the two-stage
+        final validation; None before it ran)."""
+        floor = self.validation[kind].get("local_peak_floor")
+        return None if floor is None else np.asarray([np.inf if v is None else v for v in floor], dtype=np.float64)
+
     def fallback_uncertainty_mm(self, kind: str) -> float:
         """What a global estimate is worth where the local stage found no peak: its validated RMS error."""
         return float(self.validation[kind]["rms_mm"])

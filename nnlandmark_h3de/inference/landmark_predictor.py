@@ -74,6 +74,7 @@ class TilePlan:
     centres: np.ndarray  # (L, 3) global estimates, NaN = absent
     radius: np.ndarray  # (3,) search radius per axis in voxels
     offset: np.ndarray  # (3,) padding before the array: padded index = index + offset
+    whole_image: bool = False  # search balls so large that tiles would cost more: one sliding window
 
 
 @dataclass
@@ -107,6 +108,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         self.global_stage = None  # two-stage prediction: see use_global_stage
         self.global_radius_mm: Optional[float] = None
         self.global_fallback_mm: Optional[float] = None
+        self.local_peak_floor: Optional[np.ndarray] = None
 
     # ------------------------------------------------------------------ setup
     def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds, checkpoint_name="checkpoint_final.pth"):
@@ -152,8 +154,10 @@ class nnLandmarkPredictor(nnUNetPredictor):
                   f"compute; absent-landmark detection is off (use --threshold to set one for peak heights)")
             self.fold_thresholds = None
 
-    def use_global_stage(self, stage, radius_mm: float, fallback_uncertainty_mm: float) -> None:
-        """Predict in two stages: `stage.estimate(files)` first, then the tiles around its estimates."""
+    def use_global_stage(self, stage, radius_mm: float, fallback_uncertainty_mm: float,
+                         local_peak_floor: Optional[np.ndarray] = None) -> None:
+        """Predict in two stages: `stage.estimate(files)` first, then the tiles around its estimates.
+        `local_peak_floor` (L,): where the folds' mean local peak is lower, the global estimate stands."""
         if self.save_heatmaps:
             raise ValueError("--save_heatmaps needs the whole-image sliding window; it cannot be combined with a "
                              "global stage (two-stage prediction predicts tiles only)")
@@ -161,8 +165,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
             raise ValueError(f"the global stage's landmarks {list(stage.names)} differ from the model's {self.names}")
         if not radius_mm > 0:
             raise ValueError(f"the local search radius must be > 0 mm, got {radius_mm}")
+        if local_peak_floor is not None and len(local_peak_floor) != len(self.names):
+            raise ValueError(f"{len(local_peak_floor)} local peak floors for {len(self.names)} landmarks")
         self.global_stage, self.global_radius_mm, self.global_fallback_mm = stage, float(radius_mm), \
             float(fallback_uncertainty_mm)
+        self.local_peak_floor = None if local_peak_floor is None else np.asarray(local_peak_floor, dtype=np.float64)
 
     def _existence_network(self):
         """The network itself (unwrapped from torch.compile) when it records anchor existence, else None."""
@@ -193,7 +200,10 @@ class nnLandmarkPredictor(nnUNetPredictor):
             anchor_net.reset_existence()
             anchor_net.record_existence = True
         try:
-            if case.tiles is not None:
+            if case.tiles is not None and case.tiles.whole_image:
+                logits, member_idx = self._mirrored_sliding_window(input_image, case.mirroring)
+                logits = logits[None]  # one "tile": the whole (padded) image, origin 0
+            elif case.tiles is not None:
                 logits, member_idx = self._mirrored_tiles(input_image, case.mirroring, case.tiles)
             else:
                 logits, member_idx = self._mirrored_sliding_window(input_image, case.mirroring)
@@ -283,7 +293,10 @@ class nnLandmarkPredictor(nnUNetPredictor):
         offset = np.asarray([s.start for s in slicer[1:]], dtype=np.float64)
         radius = self.global_radius_mm / np.asarray(self.configuration_manager.spacing, dtype=np.float64)
         groups = tile_groups(centres + offset, padded.shape[1:], patch, radius)
-        return padded, TilePlan(groups, centres + offset, radius, offset), estimate
+        whole = len(groups) >= len(self._internal_get_sliding_window_slicers(padded.shape[1:]))
+        if whole:  # the search balls need as many tiles as the whole image: one sliding window, balls masked
+            groups = [(np.zeros(len(patch), dtype=int), [k for k, _ in enumerate(centres) if np.all(np.isfinite(centres[k]))])]
+        return padded, TilePlan(groups, centres + offset, radius, offset, whole), estimate
 
     def sliding_window_with_member_peaks(self, data: torch.Tensor, properties: Optional[dict] = None):
         """The loaded network's sliding-window logits of one case (mirrors averaged) and each mirror's
@@ -296,7 +309,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
     def locate(self, data: torch.Tensor, properties: dict, files=None, record_existence: bool = False,
                source: str = "<memory>"):
         """Network-space landmarks of one preprocessed case, by whole-image sliding window or, with a
-        global stage, in two stages. Returns (idx (L, 3), width (L,), folds, logits or None (two-stage),
+        global stage, in two stages. Returns (idx (L, 3), width (L, 3), folds, logits or None (two-stage),
         two-stage info {"estimate", "fallback" (L,), "n_tiles"} or None)."""
         with self.case_in_flight(properties, record_existence=record_existence) as case:
             if case.mirroring.note:
@@ -315,8 +328,16 @@ class nnLandmarkPredictor(nnUNetPredictor):
                     {"estimate": estimate, "fallback": np.zeros(L, bool), "n_tiles": 0}
             tile_logits = self._ensemble_logits(padded)
             idx, _, width, fallback = self._tile_peaks(tile_logits, case.tiles)
-            return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback,
-                                                  "n_tiles": len(case.tiles.groups)}
+            local_idx = idx.copy()
+            if self.local_peak_floor is not None:  # a weak local peak does not overrule the global estimate
+                weak = (np.mean([f.peak for f in case.folds], axis=0) < self.local_peak_floor) & \
+                    np.all(np.isfinite(case.tiles.centres), axis=1)
+                idx[weak] = case.tiles.centres[weak] - case.tiles.offset
+                fallback = fallback | weak
+            n_tiles = len(self._internal_get_sliding_window_slicers(padded.shape[1:])) if case.tiles.whole_image \
+                else len(case.tiles.groups)
+            return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback, "local_idx": local_idx,
+                                                  "n_tiles": n_tiles, "whole_image": case.tiles.whole_image}
 
     def _ensemble_logits(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's loop over the folds' parameters; a manually initialised predictor (the trainer's
@@ -438,9 +459,10 @@ class nnLandmarkPredictor(nnUNetPredictor):
                     tqdm.write(f"{case}: left/right swapped {report['swapped']}")
                 if report["absent"]:
                     tqdm.write(f"{case}: absent {report['absent']}")
-                if report.get("global_estimate_kept"):
+                kept = report.get("global_estimate_kept")
+                if kept:
                     tqdm.write(f"{case}: no local peak inside the search radius, global estimate kept for "
-                               f"{report['global_estimate_kept']}")
+                               f"{kept if len(kept) <= 5 else f'{len(kept)} of {len(self.names)} landmarks'}")
                 if ofile is None:
                     returned.append(ls)
                 else:

@@ -13,6 +13,12 @@ scaled per case by how much weaker than usual its peak is and, when test-time mi
 how much more than usual the mirrors' peaks disagree: u = s_l * (ref_l / peak) ** alpha *
 (spread / ref_spread_l) ** beta, alpha, beta >= 0 fitted on the validation errors (log-linear
 least squares within landmarks, so they model the case-to-case part only).
+
+Local peak floor (two-stage prediction). The local network's peak replaces the global estimate
+only where it is at least t times the landmark's median validation peak; t (one number) is the value
+with the lowest validation error of the combined points, from t = 0 (always the local peak) to
+t = inf (always the global estimate). A weakly trained local network cannot make a good global stage
+worse on the cases it was chosen on.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import numpy as np
 from nnlandmark_h3de.inference.uncertainty import UncertaintyModel
 from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
 
-__all__ = ["reference_scores", "calibrate_relative_thresholds", "fit_uncertainty_model"]
+__all__ = ["reference_scores", "calibrate_relative_thresholds", "fit_uncertainty_model", "fit_local_peak_floor"]
 
 # Cases of one landmark worth as much as the pooled estimate when shrinking its RMS error.
 SHRINKAGE_CASES = 3.0
@@ -129,3 +135,26 @@ def fit_uncertainty_model(names: Sequence[str], errors_mm: np.ndarray, peaks: np
     return UncertaintyModel(names, rms, ref, alpha, ref_spread, beta,
                             {"n_points": int(ok.sum()), "pooled_rms_mm": float(np.sqrt(pooled_ms)),
                              "shrinkage_cases": SHRINKAGE_CASES, "spread_cue": bool(use_spread)})
+
+
+def fit_local_peak_floor(local_err: np.ndarray, global_err: np.ndarray, peaks: np.ndarray) -> Tuple[np.ndarray, Dict]:
+    """(V, L) validation errors of the local peaks and of the global estimates, and the local peak
+    heights -> per-landmark peak floors (L,) (inf = never the local peak) and how they were chosen."""
+    local_err, global_err, peaks = (np.asarray(a, dtype=np.float64) for a in (local_err, global_err, peaks))
+    ok = np.isfinite(local_err) & np.isfinite(global_err) & np.isfinite(peaks)
+    if not ok.any():
+        return np.zeros(peaks.shape[1]), {"method": "nothing to fit: always the local peak", "relative_floor": 0.0}
+    ref = reference_scores(np.where(ok, peaks, np.nan), ok)
+    relative = peaks / ref[None]
+    candidates = np.concatenate([[0.0], np.unique(relative[ok]), [np.inf]])
+
+    def combined(t):
+        return float(np.mean(np.where(relative >= t, local_err, global_err)[ok]))
+
+    errors = [combined(t) for t in candidates]
+    best = int(np.argmin(errors))  # ties: the lowest floor (more local peaks)
+    t = float(candidates[best])
+    info = {"method": "lowest validation MRE of the combined points", "relative_floor": t,
+            "mre_mm": errors[best], "mre_local_mm": errors[0], "mre_global_mm": errors[-1],
+            "local_used_fraction": float(np.mean((relative >= t)[ok])), "n": int(ok.sum())}
+    return t * ref, info

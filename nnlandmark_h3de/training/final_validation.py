@@ -38,9 +38,10 @@ from nnlandmark_h3de.training.landmark_validation import DEFAULT_PEAK_THRESHOLD,
 __all__ = ["run_final_validation", "predict_validation_landmarks"]
 
 
-def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple[np.ndarray, Dict[str, np.ndarray], np.ndarray]]:
+def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, tuple]:
     """This rank's validation cases -> (points LPS (L, 3), existence scores {"peak": (L,)[, "anchor": (L,)]},
-    spread of the test-time mirrors' peaks around the points (L,) in mm, NaN without mirroring).
+    spread of the test-time mirrors' peaks around the points (L,) in mm, NaN without mirroring,
+    the global stage's estimates (L, 3) in two-stage validation, else None).
 
     The mirrors run the way nnLandmark_predict runs them (each over the whole volume, the pair
     channels swapped where a mirror flips the case's own left/right axis), and nnLandmark_predict
@@ -73,7 +74,7 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
             if existence_net is not None:
                 existence_net.reset_existence()
             files = _raw_image_files(trainer, k) if two_stage else None
-            idx, _, folds, logits, _ = predictor.locate(data, properties, files, source=k)
+            idx, _, folds, logits, stages = predictor.locate(data, properties, files, source=k)
             peak, member_peaks = folds[0].peak, folds[0].member_idx
             del logits
 
@@ -87,7 +88,8 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, Tuple
             scores = {"peak": np.asarray(peak, dtype=np.float64)}
             if existence_net is not None:
                 scores["anchor"] = existence_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
-            results[k] = (points, scores, spread)
+            global_points = None if stages is None else stages["estimate"].reordered(trainer.landmark_names).points_lps
+            results[k] = (points, scores, spread, global_points)
     finally:
         if existence_net is not None:
             existence_net.record_existence = False
@@ -100,7 +102,7 @@ def _use_global_stage(trainer, predictor) -> bool:
     if not isfile(join(trainer.output_folder, GLOBAL_STAGE_FILE)):
         return False
     stage, choice, kind = load_global_stage(trainer.output_folder, "auto", trainer.device)
-    predictor.use_global_stage(stage, choice.radius_mm(kind), choice.fallback_uncertainty_mm(kind))
+    predictor.use_global_stage(stage, choice.radius_mm(kind), choice.fallback_uncertainty_mm(kind))  # no floor yet
     trainer.print_to_log_file(f"two-stage validation: {kind} global stage, local search radius "
                               f"{choice.radius_mm(kind):.1f} mm", also_print_to_console=True)
     return True
@@ -118,6 +120,30 @@ def _raw_image_files(trainer, case: str):
         raise FileNotFoundError(f"two-stage validation needs the raw images of {case}: {missing} not found "
                                 f"(is nnUNet_raw set?)")
     return files
+
+
+def _fit_local_peak_floor(trainer, results: dict, evaluated, reference) -> None:
+    """Two-stage validation: where the local peak is too weak to beat the global estimate (fitted on
+    these cases), use the global estimate; the floors go into fold_X/global_stage.json for prediction."""
+    from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, GlobalStageChoice
+    from nnlandmark_h3de.training.calibration import fit_local_peak_floor
+    local = np.array([np.linalg.norm(results[c][0] - reference[c].points_lps, axis=1) for c in evaluated])
+    glob = np.array([np.linalg.norm(results[c][3] - reference[c].points_lps, axis=1) for c in evaluated])
+    peaks = np.array([results[c][1]["peak"] for c in evaluated])
+    floor, info = fit_local_peak_floor(local, glob, peaks)
+    for c in results:
+        points, scores, spread, global_points = results[c]
+        weak = (scores["peak"] < floor) & np.all(np.isfinite(global_points), axis=1)
+        results[c] = (np.where(weak[:, None], global_points, points), scores, spread, global_points)
+    file = join(trainer.output_folder, GLOBAL_STAGE_FILE)
+    choice = GlobalStageChoice.read(file)
+    choice.validation[choice.kind]["local_peak_floor"] = [None if not np.isfinite(v) else float(v) for v in floor]
+    choice.validation[choice.kind]["local_peak_floor_fit"] = info
+    choice.write(file)
+    trainer.print_to_log_file(f"local peak floor: {info['relative_floor']:.3g} x each landmark's median local peak; "
+                              f"validation MRE local {info['mre_local_mm']:.2f}, global {info['mre_global_mm']:.2f}, "
+                              f"combined {info['mre_mm']:.2f} mm ({info['local_used_fraction']:.0%} local)",
+                              also_print_to_console=True)
 
 
 def _gather(results: dict, is_ddp: bool) -> dict:
@@ -195,6 +221,8 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
 
     cases = sorted(results)
     evaluated = [c for c in cases if c in reference]
+    if evaluated and results[evaluated[0]][3] is not None:
+        _fit_local_peak_floor(trainer, results, evaluated, reference)
     calibrations = {kind: _calibrate(results, evaluated, reference, names, kind)
                     for kind in (results[cases[0]][1] if cases else {"peak": None})}
     score = _choose_score(calibrations, score)
@@ -210,7 +238,7 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
 
     predictions = {}
     for c in cases:
-        points, scores, _ = results[c]
+        points, scores = results[c][:2]
         points = np.where((scores[score] >= threshold)[:, None], points, np.nan)
         ls = LandmarkSet(names, points, confidence=scores[score], source=join(validation_folder, c + ".mrk.json"))
         write_landmarks(ls, ls.source)
