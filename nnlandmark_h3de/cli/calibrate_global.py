@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from nnlandmark_h3de.training.global_calibration import calibrate_fold
-    if "learned" in args.kinds and args.learned_model is None and args.kinds == ["learned"]:
+    if args.kinds == ["learned"] and args.learned_model is None:
         raise SystemExit("nnLandmark_calibrate_global: --kinds learned needs --learned_model")
     if args.device == "cpu":
         from nnlandmark_h3de.utilities.cpu_threads import limit_torch_threads

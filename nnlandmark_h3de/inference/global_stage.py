@@ -29,7 +29,7 @@ import numpy as np
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
-__all__ = ["GLOBAL_STAGE_FILE", "ATLAS_FOLDER", "KINDS", "GlobalStageChoice", "search_radius_mm",
+__all__ = ["GLOBAL_STAGE_FILE", "ATLAS_FOLDER", "KINDS", "GlobalStageChoice", "search_radius_mm", "raw_case_images",
            "AtlasGlobalStage", "LearnedGlobalStage", "load_global_stage", "atlas_validation_errors",
            "learned_validation_errors", "calibrate_global_stage"]
 
@@ -94,6 +94,17 @@ def _error_stats(errors: np.ndarray, floor_mm: float) -> dict:
             "radius_mm": search_radius_mm(e, floor_mm)}
 
 
+def raw_case_images(raw_dataset, case: str, dataset_json: Optional[dict] = None) -> List[str]:
+    """A training case's image files (all channels) in a raw dataset, listed by nnU-Net's own rule
+    (imagesTr or the dataset.json `dataset` block); a clear error when the case has none."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    files = get_filenames_of_train_images_and_targets(str(raw_dataset), dataset_json).get(case, {}).get("images", [])
+    missing = [f for f in files if not Path(f).is_file()]
+    if not files or missing:
+        raise FileNotFoundError(f"{raw_dataset}: no image files of case {case!r} in imagesTr ({missing or 'none listed'})")
+    return files
+
+
 # --------------------------------------------------------------------------- the two kinds
 class AtlasGlobalStage:
     """Atlas registration; atlases are (name, SimpleITK image, LandmarkSet)."""
@@ -113,14 +124,12 @@ class AtlasGlobalStage:
         from nnlandmark_h3de.inference.atlas import Atlas
         raw_dataset = Path(raw_dataset)
         landmarks = load_dataset_landmarks(raw_dataset)
-        ending = json.loads((raw_dataset / "dataset.json").read_text(encoding="utf-8")).get("file_ending", ".nii.gz")
         atlases = []
         for case in cases:
-            image_file = raw_dataset / "imagesTr" / f"{case}_0000{ending}"
-            if not image_file.is_file() or case not in landmarks:
-                raise FileNotFoundError(f"atlas case {case!r}: {image_file} or its landmarks in "
-                                        f"{raw_dataset / 'landmarks.json'} not found")
-            atlases.append(Atlas(case, sitk.ReadImage(str(image_file), sitk.sitkFloat32), landmarks[case]))
+            if case not in landmarks:
+                raise FileNotFoundError(f"atlas case {case!r}: no landmarks in {raw_dataset / 'landmarks.json'}")
+            image_file = raw_case_images(raw_dataset, case)[0]
+            atlases.append(Atlas(case, sitk.ReadImage(image_file, sitk.sitkFloat32), landmarks[case]))
         return cls(atlases, registration_spacing_mm)
 
     def save(self, folder) -> Path:
@@ -222,10 +231,9 @@ def atlas_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_c
     train_cases = [c for c in train_cases if c in landmarks]
     chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases)]
     stage = AtlasGlobalStage.from_raw(raw_dataset, chosen, registration_spacing_mm)
-    ending = json.loads((Path(raw_dataset) / "dataset.json").read_text(encoding="utf-8")).get("file_ending", ".nii.gz")
     errors = []
     for case in tqdm(val_cases, desc="Atlas global stage on validation cases", unit="case"):
-        est = stage.estimate([Path(raw_dataset) / "imagesTr" / f"{case}_0000{ending}"])
+        est = stage.estimate(raw_case_images(raw_dataset, case))
         errors.append(np.linalg.norm(est.points_lps - landmarks[case].reordered(est.names).points_lps, axis=1))
     return stage, np.asarray(errors)
 
@@ -255,6 +263,8 @@ def calibrate_global_stage(local_fold_folder: Path, raw_dataset: Path, train_cas
         validation["atlas"] = _error_stats(errors, floor)
         choice.atlases = [a.name for a in stage.atlases]
         stage.save(local_fold_folder / ATLAS_FOLDER)
+    if "learned" in kinds and learned_model is None:
+        print("learned global stage not measured: no model folder of a whole-image configuration given")
     if "learned" in kinds and learned_model is not None:
         errors = np.concatenate([learned_validation_errors(Path(learned_model) / f"fold_{f}") for f in learned_folds])
         validation["learned"] = _error_stats(errors, floor)

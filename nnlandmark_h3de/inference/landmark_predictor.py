@@ -22,7 +22,8 @@ Two-stage prediction (`use_global_stage`): a global stage (atlas registration or
 global_stage.py) estimates every landmark in the whole image; the network then runs only on the
 tiles around the estimates, each landmark's peak searched within the calibrated radius of its
 estimate (local_refinement.py). Where the maximum lies on the search ball's surface (no local peak
-inside) the global estimate stands, with the global stage's validated error as its uncertainty. The
+inside), or the local peak is under the floor fitted in the two-stage validation, the global estimate
+stands, with the global stage's validated error as its uncertainty. The
 per-fold calibration above applies unchanged: each fold's tiles are one FoldOutput.
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ class TilePlan:
     radius: np.ndarray  # (3,) search radius per axis in voxels
     offset: np.ndarray  # (3,) padding before the array: padded index = index + offset
     whole_image: bool = False  # search balls so large that tiles would cost more: one sliding window
+    n_tiles: int = 0  # network tiles per fold and mirror
 
 
 @dataclass
@@ -83,7 +85,6 @@ class _CaseInFlight:
     record_existence: bool
     folds: List[FoldOutput] = field(default_factory=list)
     tiles: Optional[TilePlan] = None
-    fold_fallback: List[np.ndarray] = field(default_factory=list)  # two-stage: per fold, (L,) global estimate kept
 
 
 class nnLandmarkPredictor(nnUNetPredictor):
@@ -211,8 +212,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
             if anchor_net is not None:
                 anchor_net.record_existence = False
         if case.tiles is not None:
-            idx, peak, _, fallback = self._tile_peaks(logits, case.tiles)
-            case.fold_fallback.append(fallback)
+            idx, peak, _, _ = self._tile_peaks(logits, case.tiles)
         else:
             idx, peak, _ = decode_peaks(logits[1:], logits=True)
         existence = None if anchor_net is None else anchor_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
@@ -225,7 +225,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         nnU-Net's average up to its tile weighting (its Gaussian map sits half a voxel off-centre in
         even tiles), at the same cost, but every mirror's own peaks are known. Returns the averaged
         logits and each mirror's peaks (none without mirrors)."""
-        combos = [c for k in range(len(plan.axes) + 1) for c in itertools.combinations(plan.axes, k)]
+        combos = self._mirror_combos(plan)
         use_mirroring, self.use_mirroring = self.use_mirroring, False
         total, member_idx = None, []
         try:
@@ -242,10 +242,15 @@ class nnLandmarkPredictor(nnUNetPredictor):
             self.use_mirroring = use_mirroring
         return total.div_(len(combos)), member_idx
 
+    @staticmethod
+    def _mirror_combos(plan: CaseMirroring) -> list:
+        """Every subset of the case's mirroring axes, the identity first."""
+        return [c for k in range(len(plan.axes) + 1) for c in itertools.combinations(plan.axes, k)]
+
     def _mirrored_tiles(self, padded: torch.Tensor, plan: CaseMirroring, tiles: TilePlan):
         """The two-stage counterpart of `_mirrored_sliding_window`: (G, C, *patch) logits of the planned
         tiles (mirrors averaged the same way) and each mirror's own peaks (network indices)."""
-        combos = [c for k in range(len(plan.axes) + 1) for c in itertools.combinations(plan.axes, k)]
+        combos = self._mirror_combos(plan)
         patch = tuple(self.configuration_manager.patch_size)
         self.network = self.network.to(self.device)
         self.network.eval()
@@ -293,10 +298,13 @@ class nnLandmarkPredictor(nnUNetPredictor):
         offset = np.asarray([s.start for s in slicer[1:]], dtype=np.float64)
         radius = self.global_radius_mm / np.asarray(self.configuration_manager.spacing, dtype=np.float64)
         groups = tile_groups(centres + offset, padded.shape[1:], patch, radius)
-        whole = len(groups) >= len(self._internal_get_sliding_window_slicers(padded.shape[1:]))
-        if whole:  # the search balls need as many tiles as the whole image: one sliding window, balls masked
-            groups = [(np.zeros(len(patch), dtype=int), [k for k, _ in enumerate(centres) if np.all(np.isfinite(centres[k]))])]
-        return padded, TilePlan(groups, centres + offset, radius, offset, whole), estimate
+        n_window = len(self._internal_get_sliding_window_slicers(padded.shape[1:]))
+        if len(groups) < n_window:
+            return padded, TilePlan(groups, centres + offset, radius, offset, False, len(groups)), estimate
+        # the search balls need as many tiles as the whole image: one sliding window, the balls masked in it
+        present = [k for k in range(len(centres)) if np.all(np.isfinite(centres[k]))]
+        return padded, TilePlan([(np.zeros(len(patch), dtype=int), present)], centres + offset, radius, offset, True,
+                                n_window), estimate
 
     def sliding_window_with_member_peaks(self, data: torch.Tensor, properties: Optional[dict] = None):
         """The loaded network's sliding-window logits of one case (mirrors averaged) and each mirror's
@@ -328,16 +336,13 @@ class nnLandmarkPredictor(nnUNetPredictor):
                     {"estimate": estimate, "fallback": np.zeros(L, bool), "n_tiles": 0}
             tile_logits = self._ensemble_logits(padded)
             idx, _, width, fallback = self._tile_peaks(tile_logits, case.tiles)
-            local_idx = idx.copy()
             if self.local_peak_floor is not None:  # a weak local peak does not overrule the global estimate
                 weak = (np.mean([f.peak for f in case.folds], axis=0) < self.local_peak_floor) & \
                     np.all(np.isfinite(case.tiles.centres), axis=1)
                 idx[weak] = case.tiles.centres[weak] - case.tiles.offset
                 fallback = fallback | weak
-            n_tiles = len(self._internal_get_sliding_window_slicers(padded.shape[1:])) if case.tiles.whole_image \
-                else len(case.tiles.groups)
-            return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback, "local_idx": local_idx,
-                                                  "n_tiles": n_tiles, "whole_image": case.tiles.whole_image}
+            return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback,
+                                                  "n_tiles": case.tiles.n_tiles, "whole_image": case.tiles.whole_image}
 
     def _ensemble_logits(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's loop over the folds' parameters; a manually initialised predictor (the trainer's

@@ -111,15 +111,8 @@ def _use_global_stage(trainer, predictor) -> bool:
 def _raw_image_files(trainer, case: str):
     """The raw dataset's image files of a training case (what a global stage reads)."""
     from nnunetv2.paths import nnUNet_raw
-    ending = trainer.dataset_json["file_ending"]
-    folder = join(nnUNet_raw or "", trainer.plans_manager.dataset_name, "imagesTr")
-    n_channels = len(trainer.dataset_json.get("channel_names", trainer.dataset_json.get("modality", {"0": ""})))
-    files = [join(folder, f"{case}_{c:04d}{ending}") for c in range(n_channels)]
-    missing = [f for f in files if not isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"two-stage validation needs the raw images of {case}: {missing} not found "
-                                f"(is nnUNet_raw set?)")
-    return files
+    from nnlandmark_h3de.inference.global_stage import raw_case_images
+    return raw_case_images(join(nnUNet_raw or "", trainer.plans_manager.dataset_name), case, trainer.dataset_json)
 
 
 def _fit_local_peak_floor(trainer, results: dict, evaluated, reference) -> None:
