@@ -67,6 +67,11 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
         assert math.isfinite(micro["mean_radial_error_mm"])
     thresholds = json.loads((fold / "landmark_thresholds.json").read_text())
     assert thresholds["names"] == ["L0", "R0", "M"] and len(thresholds["threshold"]) == 3
+    # existence was also taught by the fold's training cases, predicted in-sample and stored as such
+    scores = json.loads((fold / "validation" / "existence_scores.json").read_text())
+    sets = [c["set"] for c in scores["cases"].values()]
+    assert sets.count("validation") == len(val_cases) and sets.count("training_in_sample") == 5 - len(val_cases)
+    assert thresholds["calibration"]["n_training_cases_in_sample"] == 5 - len(val_cases)
     uncertainty = json.loads((fold / "landmark_uncertainty.json").read_text())
     assert uncertainty["names"] == ["L0", "R0", "M"] and 0 <= uncertainty["alpha"] <= 3
     assert all(math.isfinite(v) and v > 0 for v in uncertainty["rms_error_mm"] + uncertainty["median_present_peak"])

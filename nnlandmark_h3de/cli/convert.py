@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nnU-Net channel name; 'CT' selects CT intensity normalisation (default: image)")
     p.add_argument("--drop_bad_cases", action="store_true",
                    help="skip cases that cannot be converted (and unmatched files) with a warning instead of failing")
+    p.add_argument("--outside_fov", choices=("absent", "error"), default="absent",
+                   help="a landmark outside the image (cut off by the field of view): 'absent' makes it absent "
+                        "with a warning, though most of a case's landmarks outside stays an error (RAS vs LPS?); "
+                        "'error' makes any landmark outside the image an error (default: absent)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     return p
 
@@ -99,7 +103,7 @@ def _run(args) -> int:
         folder = convert_dataset(cases, out, names=names, pairs=pairs, test_cases=test_cases,
                                  ball_radius_mm=args.ball_radius_mm, on_error="drop" if args.drop_bad_cases else "raise",
                                  channel_name=args.channel_name, overwrite=args.overwrite,
-                                 exclude_names=args.exclude_names)
+                                 exclude_names=args.exclude_names, outside_fov=args.outside_fov)
     except (ConversionError, LandmarkError) as e:
         print(f"nnLandmark_convert: error: {e}", file=sys.stderr)
         return 1

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "refines it on the tiles around it. 'auto' (default) = the stage nnLandmark_calibrate_global "
                         "kept for the first fold (fold_X/global_stage.json), or the whole-image sliding window when "
                         "the fold has none; 'none' = always the whole-image sliding window")
+    p.add_argument("--save_global_estimates", action="store_true",
+                   help="two-stage prediction: also write the global stage's own estimates to OUT/global_stage/ "
+                        "(to see, or evaluate, what each stage contributes)")
     add_postprocessing_args(p)
     return p
 
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
                                     device=torch.device(args.device), verbose=args.verbose,
                                     verbose_preprocessing=args.verbose, allow_tqdm=not args.disable_progress_bar,
                                     output_format=args.format, postprocessing=postprocessing_options(args),
-                                    save_heatmaps=args.save_heatmaps, uncertainty=args.uncertainty)
+                                    save_heatmaps=args.save_heatmaps, uncertainty=args.uncertainty,
+                                    save_global_estimates=args.save_global_estimates)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     kind = args.global_stage
     if args.save_heatmaps and kind == "auto":

@@ -5,11 +5,21 @@ dataset is built in a hidden temporary folder beside the target and renamed into
 complete, so a failed conversion never leaves a half-written dataset.
 
 Per-case problems (unreadable image or landmark file, 4D or multi-component image, NaN/inf
-intensities, unknown or duplicate landmark names, NaN coordinates, a landmark outside the image) are collected over all cases and raised together (`on_error="raise"`), or the
-offending cases are dropped with a `ConversionWarning` (`on_error="drop"`). Landmarks that are
-absent (NaN) are fine: they get no ball and `null` in landmarks.json. The training targets are the
-exact points; the balls (nearest landmark wins where they meet, see draw_balls.py) only feed nnU-Net's
-planning and foreground-oversampled patch positions, so landmarks may lie at any distance apart.
+intensities, unknown or duplicate landmark names, partly NaN coordinates, most landmarks outside the
+image) are collected over all cases and raised together (`on_error="raise"`), or the offending cases
+are dropped with a `ConversionWarning` (`on_error="drop"`). Landmarks that are absent (NaN) are fine:
+they get no ball and `null` in landmarks.json. The training targets are the exact points; the balls
+(nearest landmark wins where they meet, see draw_balls.py) only feed nnU-Net's planning and
+foreground-oversampled patch positions, so landmarks may lie at any distance apart.
+
+Field of view (`outside_fov`): a present landmark lies outside the image when it is more than half
+a voxel beyond the outermost voxel centres (`ImageGeometry.contains_array_index`, the test that
+`demo.reposing.repose_case` applies to re-posed landmarks, there with its own margin). With
+`outside_fov="absent"` (default) such a landmark was cut off by the field of view: it becomes absent
+(`null`, no ball), as everywhere else in the package, with a `ConversionWarning` naming the file and
+the landmarks. But when MOST of a case's present landmarks are outside (more than half of them, and
+at least 2), the case is an error all the same: that is almost surely a RAS/LPS mix-up or the wrong
+image, not a cut-off view. `outside_fov="error"` makes any landmark outside the image an error.
 """
 from __future__ import annotations
 
@@ -37,6 +47,8 @@ from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 
 FILE_ENDING = ".nii.gz"
 RESERVED_NAMES = ("background", "ignore")
+OUTSIDE_FOV_CHOICES = ("absent", "error")
+FOV_MARGIN_VOXELS = 0.5  # field of view: outermost voxel centres widened by half a voxel
 ImageLike = Union[str, os.PathLike, "SimpleITK.Image", LazyImage]  # noqa: F821
 LandmarksLike = Union[str, os.PathLike, LandmarkSet]
 
@@ -160,19 +172,48 @@ def _read_image(c: _Case):
 
 
 # ---------------------------------------------------------------------------------- checking
-def _check_inside(c: _Case) -> None:
-    """Every present landmark must lie inside the image (voxel centres +- half a voxel)."""
+def _outside_fov(c: _Case) -> np.ndarray:
+    """Mask of present landmarks beyond the image's field of view (voxel centres +- half a voxel)."""
     ls, geo = c.landmarks, c.geometry
+    outside = np.zeros(len(ls.names), bool)
     present = ls.present
-    if not present.any():
+    if present.any():
+        idx = geo.world_to_array_index(ls.points_lps[present])
+        outside[present] = ~geo.contains_array_index(idx, margin=FOV_MARGIN_VOXELS)
+    return outside
+
+
+def _looks_like_wrong_frame(n_outside: int, n_present: int) -> bool:
+    """Most present landmarks outside (> half, at least 2): a RAS/LPS mix-up or wrong image, not a cut-off view."""
+    return n_outside >= 2 and 2 * n_outside > n_present
+
+
+def _describe(c: _Case, mask: np.ndarray) -> str:
+    return "; ".join(f"{n} at LPS {np.round(p, 2).tolist()}"
+                     for n, p in zip(np.asarray(c.landmarks.names)[mask], c.landmarks.points_lps[mask]))
+
+
+def _without(ls: LandmarkSet, mask: np.ndarray) -> LandmarkSet:
+    """A copy of `ls` with the masked landmarks absent (the caller's LandmarkSet is left untouched)."""
+    pts = ls.points_lps.copy()
+    pts[mask] = np.nan
+    return LandmarkSet(list(ls.names), pts, ls.confidence, ls.uncertainty_mm, ls.descriptions, ls.source)
+
+
+def _check_inside(c: _Case, outside_fov: str = "absent") -> None:
+    """Landmarks cut off by the field of view become absent (warned); most of them outside is an error."""
+    outside = _outside_fov(c)
+    n_out, n_present = int(outside.sum()), int(c.landmarks.present.sum())
+    if not n_out:
         return
-    idx = geo.world_to_array_index(ls.points_lps[present])
-    inside = geo.contains_array_index(idx, margin=0.5)
-    if not inside.all():
-        bad = [f"{n} at LPS {np.round(p, 2).tolist()}" for n, p, ok in
-               zip(np.asarray(ls.names)[present], ls.points_lps[present], inside) if not ok]
-        raise CaseError(f"{ls.source}: landmark(s) outside the image {c.image_label} (shape zyx {geo.shape_zyx}): "
-                        f"{'; '.join(bad)}. Wrong coordinate system (RAS vs LPS) or wrong image?")
+    if outside_fov == "error" or _looks_like_wrong_frame(n_out, n_present):
+        raise CaseError(f"{c.landmarks.source}: {n_out} of {n_present} landmark(s) outside the image {c.image_label} "
+                        f"(shape zyx {c.geometry.shape_zyx}): {_describe(c, outside)}. "
+                        "Wrong coordinate system (RAS vs LPS) or wrong image?")
+    warnings.warn(f"case {c.case}: {c.landmarks.source}: landmark(s) {_describe(c, outside)} lie outside the image "
+                  f"{c.image_label} (shape zyx {c.geometry.shape_zyx}), cut off by the field of view -> absent "
+                  "(null in landmarks.json, no label ball)", ConversionWarning, stacklevel=4)
+    c.landmarks = _without(c.landmarks, outside)
 
 
 def _validate_pairs(pairs, names: Sequence[str]) -> List[Tuple[str, str]]:
@@ -322,8 +363,9 @@ def _channel_names(items: List[_Case], names: Optional[Sequence[str]], exclude: 
     return _validate_names([n for n in names if n not in exclude], "given names")
 
 
-def _reorder_and_check(items: List[_Case], names: Sequence[str], problems: _Problems) -> List[_Case]:
-    """Every case in channel order, every present landmark inside its image."""
+def _reorder_and_check(items: List[_Case], names: Sequence[str], problems: _Problems,
+                       outside_fov: str = "absent") -> List[_Case]:
+    """Every case in channel order; present landmarks inside the image or absent (see `_check_inside`)."""
     kept: List[_Case] = []
     for c in items:
         try:
@@ -331,7 +373,7 @@ def _reorder_and_check(items: List[_Case], names: Sequence[str], problems: _Prob
                 c.landmarks = c.landmarks.reordered(names)
             except LandmarkError as e:
                 raise CaseError(str(e)) from None
-            _check_inside(c)
+            _check_inside(c, outside_fov)
         except CaseError as e:
             problems.fail(c.case, str(e))
             continue
@@ -415,7 +457,7 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
                     target_spacing: Optional[Sequence[float]] = None, on_error: str = "raise",
                     channel_name: str = "image", overwrite: bool = False, exclude_names: Sequence[str] = (),
                     splits: Optional[List[dict]] = None, min_radius_voxels: float = MIN_RADIUS_VOXELS,
-                    progress: bool = True) -> Path:
+                    outside_fov: str = "absent", progress: bool = True) -> Path:
     """Write `DatasetXXX_Name/` (imagesTr, labelsTr, imagesTs, dataset.json, landmarks.json) and return it.
 
     cases: case id -> (image path, SimpleITK image or LazyImage, landmark file path or LandmarkSet).
@@ -431,11 +473,16 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
         nearest landmark takes the voxel.
     on_error: "raise" (all per-case problems reported together, nothing written) or "drop"
         (offending cases skipped with a ConversionWarning).
+    outside_fov: "absent" (a landmark cut off by the field of view becomes absent, with a
+        ConversionWarning; most of a case's landmarks outside is still an error) or "error" (any
+        landmark outside the image is an error). See the module docstring.
     splits: optional nnU-Net splits (list of {"train": [...], "val": [...]}) written to
         splits_final.json beside dataset.json (dropped cases removed) and copied to
         $nnUNet_preprocessed/<dataset>/ when that is set.
     """
     problems = _Problems(on_error)
+    if outside_fov not in OUTSIDE_FOV_CHOICES:
+        raise ConversionError(f"outside_fov must be one of {OUTSIDE_FOV_CHOICES}, got {outside_fov!r}")
     target = _output_folder(output_folder, dataset_id, dataset_name, overwrite)
     test_set = _check_case_ids(cases, test_cases)
     if ball_radius_mm is not None and not (np.isfinite(ball_radius_mm) and ball_radius_mm > 0):
@@ -448,7 +495,7 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
         from nnlandmark_h3de.landmarks.pairs import find_lr_pairs
         pairs = find_lr_pairs(names)
     pairs = _validate_pairs(pairs, names)
-    kept = _reorder_and_check(items, names, problems)
+    kept = _reorder_and_check(items, names, problems, outside_fov)
     train = [c for c in kept if not c.is_test]
     if not train and on_error == "drop":
         raise ConversionError("no training case left after dropping bad cases:\n" + problems.listing())

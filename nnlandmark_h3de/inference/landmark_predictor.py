@@ -57,6 +57,7 @@ from nnlandmark_h3de.inference.save_heatmaps import HEATMAP_SUFFIX
 from nnlandmark_h3de.landmarks import OUTPUT_FORMATS, LandmarkSet, landmark_names, write_landmarks
 
 UNCERTAINTY_SOURCES = ("calibrated", "spread")
+GLOBAL_ESTIMATES_FOLDER = "global_stage"  # OUT/global_stage/<case>: the global stage's own estimates
 
 
 @dataclass
@@ -89,13 +90,15 @@ class _CaseInFlight:
 
 class nnLandmarkPredictor(nnUNetPredictor):
     def __init__(self, *args, output_format: str = "mrk.json", postprocessing: Optional[PostprocessingOptions] = None,
-                 save_heatmaps: bool = False, uncertainty: str = "calibrated", **kwargs):
+                 save_heatmaps: bool = False, uncertainty: str = "calibrated", save_global_estimates: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"unknown output format {output_format!r}; choose one of {OUTPUT_FORMATS}")
         self.output_format = output_format
         self.postprocessing = postprocessing or PostprocessingOptions()
         self.save_heatmaps = save_heatmaps
+        self.save_global_estimates = save_global_estimates
         if uncertainty not in UNCERTAINTY_SOURCES:
             raise ValueError(f"unknown uncertainty {uncertainty!r}; choose one of {UNCERTAINTY_SOURCES}")
         self.uncertainty = uncertainty
@@ -372,6 +375,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         ls, report = postprocess(ls, scores, self.postprocessing, self.pairs, self.fold_thresholds)
         if two_stage is not None:
             report["global_estimate_kept"] = [n for n, f in zip(self.names, two_stage["fallback"]) if f]
+            report["global_estimate"] = two_stage["estimate"]
             report["n_tiles"] = two_stage["n_tiles"]
         return ls, report, logits
 
@@ -404,6 +408,17 @@ class nnLandmarkPredictor(nnUNetPredictor):
             write_heatmaps_nifti(logits[1:], properties, self.plans_manager, self.configuration_manager,
                                  ofile_truncated + HEATMAP_SUFFIX, logits=True)
         write_landmarks(ls, self.output_file(ofile_truncated), self.output_format)
+
+    def export_global_estimate(self, report: dict, ofile_truncated: str) -> None:
+        """With `save_global_estimates`, the global stage's own estimates go to OUT/global_stage/ (what the
+        local stage started from: to see what each stage contributes)."""
+        estimate = report.get("global_estimate")
+        if not self.save_global_estimates or estimate is None:
+            return
+        folder = os.path.join(os.path.dirname(ofile_truncated), GLOBAL_ESTIMATES_FOLDER)
+        os.makedirs(folder, exist_ok=True)
+        write_landmarks(estimate.reordered(self.names), self.output_file(os.path.join(folder, os.path.basename(ofile_truncated))),
+                        self.output_format)
 
     # ------------------------------------------------------ nnU-Net hooks
     def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
@@ -472,6 +487,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
                     returned.append(ls)
                 else:
                     self.export_case(ls, logits, item["data_properties"], ofile)
+                    self.export_global_estimate(report, ofile)
             except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
                 self.failed.append(case)
                 tqdm.write(f"FAILED {case}: {type(e).__name__}: {e}")

@@ -30,7 +30,7 @@ import numpy as np
 from nnlandmark_h3de.inference.uncertainty import UncertaintyModel
 from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
 
-__all__ = ["reference_scores", "calibrate_relative_thresholds", "fit_uncertainty_model", "fit_local_peak_floor"]
+__all__ = ["reference_scores", "relative_scores", "calibrate_relative_thresholds", "fit_uncertainty_model", "fit_local_peak_floor"]
 
 # Cases of one landmark worth as much as the pooled estimate when shrinking its RMS error.
 SHRINKAGE_CASES = 3.0
@@ -51,26 +51,40 @@ def reference_scores(scores: np.ndarray, present: np.ndarray) -> np.ndarray:
     return np.maximum(ref, 1e-6)
 
 
-def calibrate_relative_thresholds(scores: np.ndarray, present: np.ndarray, default: float
-                                  ) -> Tuple[np.ndarray, Dict]:
+def calibrate_relative_thresholds(scores: np.ndarray, present: np.ndarray, default: float,
+                                  groups: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict]:
     """(N, L) scores and truth -> per-landmark thresholds (L,) = t * median present score, and how.
 
+    `groups` (N,) ints: cases whose peaks run at different heights (0 = validation cases, whose
+    medians set the thresholds; 1 = training cases predicted in-sample, where the network's present
+    peaks are higher and its absent ones lower) are each divided by their own group's medians, then
+    one t is fitted on all of them.
     Validation cases without any absent landmark give no threshold to fit: then a landmark is called
     absent only when its score is under DEFAULT_RELATIVE_THRESHOLD of its usual present score (so a
     model with low peaks everywhere does not lose landmarks to an absolute cut). With no present
     landmark at all, every landmark gets the absolute `default`.
     """
     scores, present = np.asarray(scores, dtype=np.float64), np.asarray(present, dtype=bool)
-    if not present.any():
+    groups = np.zeros(len(scores), dtype=int) if groups is None else np.asarray(groups, dtype=int)
+    if not present[groups == 0].any():
         t, info = calibrate_peak_threshold(scores, present)  # describes why there is nothing to fit
         return np.full(scores.shape[1], float(default)), {**info, "threshold": float(default)}
-    ref = reference_scores(scores, present)
-    t, info = calibrate_peak_threshold(scores / ref[None], present)
+    relative, ref = relative_scores(scores, present, groups)
+    t, info = calibrate_peak_threshold(relative, present)
     described = {"relative_threshold": float(t), "median_present_score": ref.tolist()}
     if info["method"] == "default":
         t = DEFAULT_RELATIVE_THRESHOLD
         return t * ref, {**info, **described, "method": "default_relative_to_median_present", "relative_threshold": t}
     return t * ref, {**info, **described, "method": "best_f1_relative_to_median_present"}
+
+
+def relative_scores(scores: np.ndarray, present: np.ndarray, groups: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores divided by their group's per-landmark median present score; returns them and group 0's medians."""
+    relative = np.empty_like(scores)
+    for g in np.unique(groups):
+        rows = groups == g
+        relative[rows] = scores[rows] / reference_scores(scores[rows], present[rows])[None]
+    return relative, reference_scores(scores[groups == 0], present[groups == 0])
 
 
 def _within_landmark(values: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -33,13 +33,18 @@ from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
 from nnlandmark_h3de.inference.uncertainty import member_spread_mm
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
 from nnlandmark_h3de.training.calibration import calibrate_relative_thresholds, fit_uncertainty_model
+from nnlandmark_h3de.training.existence_calibration import (EXISTENCE_SCORES_FILE, held_out_existence_check,
+                                                           write_existence_scores)
 from nnlandmark_h3de.training.landmark_validation import DEFAULT_PEAK_THRESHOLD, write_thresholds
 
 __all__ = ["run_final_validation", "predict_validation_landmarks"]
 
+# At most this many training cases are predicted in the final validation to teach existence (time).
+MAX_TRAINING_CASES_FOR_EXISTENCE = 50
 
-def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, tuple]:
-    """This rank's validation cases -> (points LPS (L, 3), existence scores {"peak": (L,)[, "anchor": (L,)]},
+
+def predict_validation_landmarks(trainer, existence_net=None, keys=None, what: str = "validation") -> Dict[str, tuple]:
+    """This rank's validation cases (or `keys`) -> (points LPS (L, 3), existence scores {"peak": (L,)[, "anchor": (L,)]},
     spread of the test-time mirrors' peaks around the points (L,) in mm, NaN without mirroring,
     the global stage's estimates (L, 3) in two-stage validation, else None).
 
@@ -56,10 +61,11 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, tuple
                                     trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)
     two_stage = _use_global_stage(trainer, predictor)
-    _, val_keys = trainer.do_split()
+    if keys is None:
+        _, keys = trainer.do_split()
     if trainer.is_ddp:
-        val_keys = val_keys[trainer.local_rank::dist.get_world_size()]
-    dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys,
+        keys = keys[trainer.local_rank::dist.get_world_size()]
+    dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, keys,
                                         folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
     results = {}
     if existence_net is not None:
@@ -70,7 +76,7 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, tuple
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
                 data = torch.from_numpy(data[:])
-            trainer.print_to_log_file(f"predicting {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
+            trainer.print_to_log_file(f"predicting {what} case {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
             if existence_net is not None:
                 existence_net.reset_existence()
             files = _raw_image_files(trainer, k) if two_stage else None
@@ -94,6 +100,18 @@ def predict_validation_landmarks(trainer, existence_net=None) -> Dict[str, tuple
         if existence_net is not None:
             existence_net.record_existence = False
     return results
+
+
+def _training_keys_for_existence(trainer) -> list:
+    """Training cases predicted after training to teach existence (validation sets are small and often
+    hold no absent landmark): `trainer.existence_training_cases` of them (0 = none), evenly over the sorted list."""
+    n = int(getattr(trainer, "existence_training_cases", MAX_TRAINING_CASES_FOR_EXISTENCE))
+    keys = sorted(trainer.do_split()[0])
+    if n <= 0:
+        return []
+    if len(keys) > n:
+        keys = [keys[i] for i in np.linspace(0, len(keys) - 1, n).round().astype(int)]
+    return keys
 
 
 def _use_global_stage(trainer, predictor) -> bool:
@@ -150,14 +168,27 @@ def _gather(results: dict, is_ddp: bool) -> dict:
     return merged
 
 
-def _calibrate(results: dict, evaluated, reference, names, score: str) -> Tuple[np.ndarray, dict]:
-    """Per-landmark best-F1 thresholds of one existence score over the evaluated (case, landmark) pairs."""
-    values = np.array([results[c][1][score] for c in evaluated]).reshape(-1, len(names))
-    present = np.array([reference[c].present for c in evaluated]).reshape(-1, len(names))
+def _calibrate(results: dict, evaluated, training: dict, reference, names, score: str) -> Tuple[np.ndarray, dict]:
+    """Per-landmark best-F1 thresholds of one existence score over the evaluated validation (case, landmark)
+    pairs and the training cases predicted in-sample (each set relative to its own median present peaks)."""
+    values, present, groups = _existence_table(results, evaluated, training, reference, score)
     # a probability gets 0.5 when there is nothing to calibrate on
     default = 0.5 if score == "anchor" else DEFAULT_PEAK_THRESHOLD
-    thresholds, info = calibrate_relative_thresholds(values, present, default)
-    return thresholds, {**info, "n_cases": len(evaluated)}
+    thresholds, info = calibrate_relative_thresholds(values, present, default, groups)
+    info = {**info, "n_cases": len(evaluated), "n_training_cases_in_sample": int((groups == 1).sum())}
+    check = held_out_existence_check(values, present, groups)
+    if check is not None:
+        info["held_out_check"] = check
+    return thresholds, info
+
+
+def _existence_table(results: dict, evaluated, training: dict, reference, score: str):
+    """(N, L) scores, truth and set (0 validation, 1 training) of every case that can teach existence."""
+    cases = [(results, c, 0) for c in evaluated] + [(training, c, 1) for c in sorted(training) if c in reference]
+    L = len(next(iter(reference.values())).names) if reference else 0
+    values = np.array([r[c][1][score] for r, c, _ in cases], dtype=np.float64).reshape(-1, L)
+    present = np.array([reference[c].present for _, c, _ in cases], dtype=bool).reshape(-1, L)
+    return values, present, np.array([g for _, _, g in cases], dtype=int)
 
 
 def _choose_score(calibrations: dict, preferred: str) -> str:
@@ -194,6 +225,8 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
     validation_folder = join(trainer.output_folder, "validation")
     maybe_mkdir_p(validation_folder)
     results = _gather(predict_validation_landmarks(trainer, existence_net), trainer.is_ddp)
+    training = _gather(predict_validation_landmarks(trainer, existence_net, _training_keys_for_existence(trainer),
+                                                    "training (in-sample, existence only)"), trainer.is_ddp)
     compute_gaussian.cache_clear()
     if trainer.local_rank != 0:
         if trainer.is_ddp:
@@ -216,8 +249,12 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
     evaluated = [c for c in cases if c in reference]
     if evaluated and results[evaluated[0]][3] is not None:
         _fit_local_peak_floor(trainer, results, evaluated, reference)
-    calibrations = {kind: _calibrate(results, evaluated, reference, names, kind)
+    calibrations = {kind: _calibrate(results, evaluated, training, reference, names, kind)
                     for kind in (results[cases[0]][1] if cases else {"peak": None})}
+    if evaluated:
+        write_existence_scores(join(validation_folder, EXISTENCE_SCORES_FILE), names,
+                               *[{c: (r[c][1], reference[c].present) for c in r if c in reference}
+                                 for r in (results, training)])
     score = _choose_score(calibrations, score)
     threshold, calibration = calibrations[score]
     write_thresholds(join(trainer.output_folder, "landmark_thresholds.json"), names, threshold, calibration, score=score)
@@ -244,9 +281,11 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
         others = {k: {"threshold": t.tolist(), **info} for k, (t, info) in calibrations.items() if k != score}
         if others:
             summary["existence_threshold"]["alternatives"] = others
-        summary["in_sample"] = ("the existence thresholds and the uncertainty model were fitted on these same "
-                                "validation cases: existence metrics and the MRE of kept landmarks are optimistic; "
-                                "predict held-out cases for unbiased figures")
+        summary["in_sample"] = ("the existence thresholds (with the training cases predicted in-sample) and the "
+                                "uncertainty model were fitted on these same validation cases: existence metrics and "
+                                "the MRE of kept landmarks are optimistic; existence_threshold.held_out_check fits on "
+                                "the training cases alone and scores these validation cases; predict held-out cases "
+                                "for unbiased figures")
         write_summary_json(summary, join(validation_folder, "summary.json"))
         mre = summary["foreground_mean"]["micro"]["mean_radial_error_mm"]
         trainer.logger.log_summary("final_val/mre_mm", mre)
