@@ -1,4 +1,9 @@
-"""Absent landmarks: peak-height threshold (heatmap-only trainer) vs H3DE-Net's anchor existence.
+"""Absent landmarks: which existence signal, calibrated on which cases, holds on held-out cases.
+
+Signals: peak height of the heatmap-only trainer (the image fits one patch, so this is also what a
+learned whole-image global stage would say: a missing landmark has no peak anywhere), H3DE-Net's anchor
+existence, and "all present". Calibrations of the peak threshold: the fold's validation cases alone,
+and validation + the training cases predicted in-sample (what the final validation does now).
 
 Generated phantoms where every structure is left out with probability `--absent-fraction` (its
 landmarks absent from image and file) -> nnU-Net raw dataset -> plan/preprocess -> small
@@ -48,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
     p.add_argument("--grad-scales", nargs="+", type=float, default=[0.01, 0.0],
                    help="anchor trainers to run: gradient of the anchor loss into the shared network (1 = joint)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (per signal) on the last line")
     return p.parse_args(argv)
 
 
@@ -183,6 +189,15 @@ def oracle_f1(scores, present, relative: bool):
     return calibrate_peak_threshold(scores, present)[1].get("f1", float("nan"))
 
 
+def validation_only_thresholds(trainer, score: str):
+    """The thresholds the final validation would fit on the fold's validation cases alone (its
+    existence_scores.json), for comparison with the kept fit on validation + in-sample training cases."""
+    from nnlandmark_h3de.training.calibration import calibrate_relative_thresholds
+    from nnlandmark_h3de.training.existence_calibration import read_existence_scores
+    _, s, present = read_existence_scores(Path(trainer.output_folder) / "validation" / "existence_scores.json", score)
+    return calibrate_relative_thresholds(s, present, default=0.5 if score == "anchor" else 0.1)
+
+
 def mre(points, ref, mask):
     import numpy as np
     d = np.linalg.norm(points - ref, axis=-1)[mask]
@@ -241,6 +256,9 @@ def main(argv=None):
                 m = existence_metrics(s, present, t)
                 entry.update(m, mre_mm=mre(get("peak_points"), ref_pts, present & (s >= t))[0], kept=key == main_score)
             r[key] = entry
+        t_val, info_val = validation_only_thresholds(trainer, "peak")
+        r["peak_validation_only"] = {**existence_metrics(scores["peak"], present, t_val), "kept": False,
+                                     "calibration": info_val["method"]}
         loc = {"peak": mre(get("peak_points"), ref_pts, present)}
         for l in ("medoid", "weighted"):
             if has_anchors and f"anchor_{l}_points" in pred[test[0]]:
@@ -273,7 +291,32 @@ def main(argv=None):
                                                               for k, v in a.items() if isinstance(v, dict) and "oracle_f1" in v))
         print(f"[{label}] location MRE (mm, all present landmarks, (mre, n)): {json.dumps(a['location_mre_mm_all_present'])}")
     (out / "bench_absent_landmarks.json").write_text(json.dumps(results, indent=2, default=float))
+    signals = signal_table(results, runs, present)
+    print("\nper signal (held-out test cases; * = the one the final validation kept):")
+    for key, e in signals.items():
+        print(f"{'*' if e.get('kept') else ' '} {key:42s} precision {e['precision']:.3f} recall {e['recall']:.3f} "
+              f"F1 {e['f1']:.3f}" + (f" (TP {e['tp']} FP {e['fp']} FN {e['fn']} TN {e['tn']})" if "tp" in e else ""))
     print(f"results: {out / 'bench_absent_landmarks.json'}; total {time.monotonic() - t0:.0f} s")
+    if args.json:
+        print(json.dumps({"absent_fraction_test": results["absent_fraction_test"], "signals": signals}, default=float))
+
+
+def signal_table(results: dict, runs, present) -> dict:
+    """{signal: precision, recall, F1 (and counts), kept} over the held-out cases, "all present" included."""
+    import numpy as np
+    n_pos, n_neg = int(present.sum()), int((~present).sum())
+    table = {"all present": {"precision": n_pos / (n_pos + n_neg), "recall": 1.0,
+                             "f1": 2 * n_pos / (2 * n_pos + n_neg), "kept": False}}
+    for label, *_ in runs:
+        r = results[label]
+        for key in ("peak", "peak_validation_only", "anchor"):
+            if key in r and "f1" in r[key]:
+                what = {"peak": "peak height (validation + training in-sample)",
+                        "peak_validation_only": "peak height (validation cases only)",
+                        "anchor": "anchor existence"}[key]
+                table[f"{label}: {what}"] = {k: r[key][k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")}
+                table[f"{label}: {what}"]["kept"] = bool(r[key].get("kept", False))
+    return table
 
 
 if __name__ == "__main__":

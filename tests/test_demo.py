@@ -285,3 +285,46 @@ def test_centre_offset_baseline_is_exact_when_offsets_agree(tmp_path):
     out = bench.centre_offset_baseline({k: cases[k] for k in ("c0", "c1")}, {"c2": cases["c2"]}, tmp_path / "pred")
     np.testing.assert_allclose(read_landmarks(out / "c2.mrk.json").points_lps,
                                read_landmarks(cases["c2"][1]).points_lps, atol=1e-9)
+
+
+# ------------------------------------------------------------------ absent landmarks in every split
+@pytest.mark.parametrize("n_with_absent", [1, 3, 5, 12, 22])
+def test_every_split_gets_its_share_of_cases_with_absent_landmarks(tmp_path, n_with_absent):
+    s = DemoSettings.make(tmp_path)  # 16 train (3 of them validation) + 6 test
+    ids = [f"c{i:02d}" for i in range(s.n_train + s.n_test)]
+    has_absent = {c: i < n_with_absent for i, c in enumerate(ids)}
+    split = pipeline._split_cases(s, ids, has_absent)
+    assert sorted(sum(split.values(), [])) == ids  # a partition
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (s.n_train - s.n_val, s.n_val, s.n_test)
+    counts = {k: sum(has_absent[c] for c in v) for k, v in split.items()}
+    if n_with_absent >= 3:  # enough to go round: every split sees absent landmarks
+        assert min(counts.values()) >= 1, counts
+    assert counts["test"] >= 1 and sum(counts.values()) == n_with_absent
+
+
+def test_report_compares_the_global_stage_with_both_stages(tmp_path):
+    from nnlandmark_h3de.demo.report import write_report
+    from nnlandmark_h3de.evaluation.summary import evaluate_landmarks
+
+    names = ["L_eye", "R_eye"]
+    ref = {"c1": LandmarkSet(names, [[0, 0, 0], [10, 0, 0]]), "c2": LandmarkSet(names, [[0, 0, 0], [np.nan] * 3])}
+    two = {"c1": LandmarkSet(names, [[1, 0, 0], [10, 1, 0]]), "c2": LandmarkSet(names, [[0, 0, 1], [np.nan] * 3])}
+    glob = {"c1": LandmarkSet(names, [[3, 0, 0], [10, 5, 0]]), "c2": LandmarkSet(names, [[0, 0, 4], [5, 5, 5]])}
+    fold = tmp_path / "model" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "global_stage.json").write_text(json.dumps({"kind": "atlas", "validation": {"atlas": {
+        "mre_mm": 2.5, "radius_mm": 9.0, "local_peak_floor_fit": {"relative_floor": 0.4, "local_used_fraction": 0.75}}}}))
+    (fold / "landmark_thresholds.json").write_text(json.dumps({"score": "peak", "calibration": {
+        "method": "best_f1_relative_to_median_present", "relative_threshold": 0.31, "n_cases": 3,
+        "n_training_cases_in_sample": 13, "held_out_check": {"f1": 0.9, "tp": 9, "fp": 1, "fn": 1, "tn": 2}}}))
+    s = DemoSettings.make(tmp_path, quick=True)
+    result = DemoResult(settings=s, cases={"train": ["a"], "val": ["b"], "test": ["c1", "c2"]},
+                        summary=evaluate_landmarks(ref, two), global_summary=evaluate_landmarks(ref, glob),
+                        summary_file=str(tmp_path / "evaluation" / "summary.json"), model_folder=str(fold.parent))
+    text = write_report(result, tmp_path / "report.md", total_seconds=10.0).read_text()
+    # global alone: errors 3, 5, 4 mm -> 4.00; two stages: 1, 1, 1 -> 1.00, and the absent one caught
+    assert "| global stage alone (atlas registration) | 4.00 +- 0.82 | 4.00 |" in text
+    assert "| **two stages** (atlas + network) | 1.00 +- 0.00 | 1.00 |" in text
+    assert "search radius 9.0 mm" in text and "75.0 %" in text
+    assert "TP 3, FP 0, FN 0, TN 1, F1 1.000" in text
+    assert "13 training cases predicted in-sample" in text and "F1 0.900" in text

@@ -57,12 +57,15 @@ def test_local_search_prefers_the_peak_near_the_estimate():
     assert np.linalg.norm(np.array(whole_image_argmax) - truth[0]) > 20
 
 
-def test_combine_is_a_robust_median_and_majority_presence():
-    per = np.array([[[0, 0, 0], [10, 0, 0]], [[1, 0, 0], [np.nan] * 3], [[50, 0, 0], [np.nan] * 3]], float)
+def test_combine_is_a_robust_median_over_the_atlases_that_have_the_landmark():
+    per = np.array([[[0, 0, 0], [10, 0, 0], [np.nan] * 3], [[1, 0, 0], [np.nan] * 3, [np.nan] * 3],
+                    [[50, 0, 0], [np.nan] * 3, [np.nan] * 3]], float)
     median, spread = combine(per)
     np.testing.assert_allclose(median[0], [1, 0, 0])
-    assert np.isnan(median[1]).all()  # present in 1 of 3 atlases
     assert spread[0] == pytest.approx(np.sqrt((1 + 0 + 49 ** 2) / 3))
+    # an atlas lacking a landmark says nothing about the case: the one atlas that has it decides
+    np.testing.assert_allclose(median[1], [10, 0, 0])
+    assert np.isnan(median[2]).all()  # no atlas has it
 
 
 def test_atlas_recovers_landmarks_through_a_known_pose():
@@ -94,6 +97,10 @@ def test_choose_atlases_prefers_complete_and_diverse_cases():
     sets[1].points_lps[1] = [30, 0, 0]
     assert choose_atlases(sets, 2) == [1, 2] or choose_atlases(sets, 2)[0] in (1, 2)
     assert len(choose_atlases(sets, 5)) == 3
+    # an incomplete case is not chosen while complete ones remain, however far away it looks
+    far = [LandmarkSet(["a", "b", "c"], base + [i, 0, 0]) for i in range(4)]
+    far[3].points_lps[:2] = [[100, 0, 0], [np.nan] * 3]
+    assert 3 not in choose_atlases(far, 3) and choose_atlases(far, 4)[-1] == 3
 
 
 # ----------------------------------------------------------------- the predictor in two stages

@@ -1,5 +1,12 @@
 """The end-to-end demo: phantoms -> nnU-Net raw dataset -> plan/preprocess -> small configuration
--> budgeted training -> nnLandmark_predict -> nnLandmark_evaluate -> report.md.
+-> budgeted training -> nnLandmark_calibrate_global (atlas) -> two-stage nnLandmark_predict ->
+nnLandmark_evaluate (two stages, and the global stage alone) -> report.md.
+
+The phantoms are larger than one network patch, so the network alone cannot tell look-alike
+structures apart (left/right eyes, ears, ventricles); the atlas global stage says which is which and
+the network refines each landmark on the tiles around it. Some structures are absent in every split
+(training, validation, test), so existence is calibrated on absent examples and the report shows
+what a user will see.
 
 Every nnU-Net and nnLandmark step runs as the real command a user would type (subprocess), with
 nnUNet_raw/preprocessed/results inside OUTPUT_DIR so the demo never reads or writes a user's
@@ -26,14 +33,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 
-STAGES = ("generate", "convert", "plan_and_preprocess", "small_configuration", "train", "predict",
-          "evaluate", "report")
+STAGES = ("generate", "convert", "plan_and_preprocess", "small_configuration", "train", "calibrate_global",
+          "predict", "evaluate", "report")
 
 # Console scripts the demo runs, with the package module behind each of ours (to say what is missing).
 COMMANDS = {
     "plan_and_preprocess": ("nnUNetv2_plan_and_preprocess", None),
     "small_configuration": ("nnLandmark_add_small_config", "nnlandmark_h3de.cli.small_config"),
     "train": ("nnUNetv2_train", None),
+    "calibrate_global": ("nnLandmark_calibrate_global", "nnlandmark_h3de.cli.calibrate_global"),
     "predict": ("nnLandmark_predict", "nnlandmark_h3de.cli.predict"),
     "evaluate": ("nnLandmark_evaluate", "nnlandmark_h3de.cli.evaluate"),
 }
@@ -58,12 +66,13 @@ class DemoSettings:
     trainer: str = "nnLandmarkTrainer"
     seed: int = 0
     n_train: int = 16
-    n_test: int = 4
+    n_test: int = 6
     n_val: int = 3
-    # 40^3 voxels at 3.2 mm: the whole head is one 40^3 patch, a few seconds per step on 2 busy cores
-    shape_zyx: Tuple[int, int, int] = (40, 40, 40)
-    spacing_xyz: Tuple[float, float, float] = (3.2, 3.2, 3.2)
-    absent_fraction: float = 0.1
+    # 48^3 voxels at 2.8 mm, 32^3 patches: the head is 8 patches, a network tile sees a part of it
+    shape_zyx: Tuple[int, int, int] = (48, 48, 48)
+    spacing_xyz: Tuple[float, float, float] = (2.8, 2.8, 2.8)
+    patch_size: Tuple[int, int, int] = (32, 32, 32)
+    absent_fraction: float = 0.15
     oblique_deg: float = 10.0
     dataset_id: int = 987
     dataset_name: str = "DemoPhantomHeads"
@@ -73,14 +82,16 @@ class DemoSettings:
     max_features: int = 64
     iterations_per_epoch: int = 50
     val_iterations_per_epoch: int = 4
+    n_atlases: int = 4  # training cases registered per case by the atlas global stage
     overwrite: bool = False
 
     @classmethod
     def make(cls, output_dir, quick: bool = False, minutes: Optional[float] = None, **kw) -> "DemoSettings":
         """Defaults sized for about 10 minutes on 2 CPU cores, or ~2-3 minutes with `quick`."""
         if quick:
-            kw = {"n_train": 8, "n_test": 2, "n_val": 2, "shape_zyx": (32, 32, 32),
-                  "spacing_xyz": (4.0, 4.0, 4.0), "iterations_per_epoch": 5, "val_iterations_per_epoch": 1, **kw}
+            kw = {"n_train": 8, "n_test": 2, "n_val": 2, "shape_zyx": (32, 32, 32), "patch_size": (24, 24, 24),
+                  "spacing_xyz": (4.0, 4.0, 4.0), "iterations_per_epoch": 5, "val_iterations_per_epoch": 1,
+                  "n_atlases": 2, **kw}
         s = cls(Path(output_dir).resolve(), minutes=(2.5 if quick else 10.0) if minutes is None else float(minutes),
                 quick=quick, **kw)
         if s.minutes <= 0:
@@ -117,6 +128,9 @@ class DemoResult:
     predictions_folder: Optional[str] = None
     summary_file: Optional[str] = None
     summary: Optional[dict] = None
+    global_summary_file: Optional[str] = None  # the global stage alone, on the same test cases
+    global_summary: Optional[dict] = None
+    model_folder: Optional[str] = None
     report_file: Optional[str] = None
     error: Optional[str] = None
 
@@ -124,6 +138,7 @@ class DemoResult:
         d = asdict(self)
         d["settings"]["output_dir"] = str(self.settings.output_dir)
         d.pop("summary")
+        d.pop("global_summary")
         return d
 
 
@@ -217,17 +232,31 @@ def run_command(stage: str, cmd: List[str], env: Dict[str, str], log_path: Path,
 
 
 # ---------------------------------------------------------------------------------- stages
-def _split_cases(s: DemoSettings, case_ids: List[str]) -> Dict[str, List[str]]:
-    train_all, test = case_ids[:s.n_train], case_ids[s.n_train:]
-    return {"train": train_all[:s.n_train - s.n_val], "val": train_all[s.n_train - s.n_val:], "test": test}
+def _split_cases(s: DemoSettings, case_ids: List[str], has_absent: Dict[str, bool]) -> Dict[str, List[str]]:
+    """Test, validation and training cases, each set holding its share of the cases with an absent
+    landmark (at least one where there are enough), so existence is trained, calibrated and tested."""
+    with_absent = [c for c in case_ids if has_absent[c]]
+    complete = [c for c in case_ids if not has_absent[c]]
+    sizes = {"test": s.n_test, "val": s.n_val, "train": s.n_train - s.n_val}
+    split = {}
+    for name, size in sizes.items():
+        share = min(len(with_absent), size, max(1, round(size * len(with_absent) / len(case_ids))))
+        if name == "train" or len(complete) < size - share:  # the rest: whatever is left
+            share = max(share, size - len(complete))
+        take = with_absent[:share] + complete[:size - share]
+        with_absent, complete = with_absent[share:], complete[size - share:]
+        split[name] = sorted(take)
+    return {k: split[k] for k in ("train", "val", "test")}
 
 
 def stage_generate(s: DemoSettings, result: DemoResult, show_progress: bool):
     from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
+    from nnlandmark_h3de.landmarks import read_landmarks
     cases = generate_phantom_cases(s.output_dir / "phantoms", s.n_train + s.n_test, shape=s.shape_zyx,
                                    spacing=s.spacing_xyz, seed=s.seed, absent_fraction=s.absent_fraction,
                                    oblique_deg=s.oblique_deg, progress=show_progress)
-    result.cases = _split_cases(s, sorted(cases))
+    has_absent = {c: not read_landmarks(lm).present.all() for c, (_, lm) in cases.items()}
+    result.cases = _split_cases(s, sorted(cases), has_absent)
     return cases
 
 
@@ -244,10 +273,11 @@ def stage_convert(s: DemoSettings, result: DemoResult, cases, env, show_progress
 
 def _training_budget(s: DemoSettings, elapsed: float) -> float:
     """Seconds of training left in the budget after `elapsed`, keeping time for the trainer's
-    start-up and final validation, prediction and evaluation. Measured on 2 shared cores: those
-    took ~90 s + ~50 s + ~7 s in a 10-minute run, ~45 + 35 + 6 s in a --quick run."""
+    start-up and final validation (validation and training cases), the global-stage calibration (which
+    validates again, in two stages), prediction and evaluation. Measured on 2 cores in a 10-minute run:
+    ~110 s trainer start-up and final validation, ~150 s calibration, ~70 s prediction, ~10 s evaluation."""
     total = 60.0 * s.minutes
-    reserve = 60.0 + 0.15 * total
+    reserve = 120.0 + 0.4 * total
     return max(20.0, total - elapsed - reserve)
 
 
@@ -294,7 +324,8 @@ def stage_small_configuration(st: _Stages) -> None:
     with st.stage("small_configuration", f"nnLandmark_add_small_config -> {s.configuration}"):
         st.command("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(s.dataset_id),
                                            "--name", s.configuration, "--base_features", str(s.base_features),
-                                           "--max_features", str(s.max_features)])
+                                           "--max_features", str(s.max_features),
+                                           "--patch_size", *(str(v) for v in s.patch_size)])
 
 
 def stage_train(st: _Stages, elapsed: float) -> str:
@@ -311,6 +342,8 @@ def stage_train(st: _Stages, elapsed: float) -> str:
             except RuntimeError as e:
                 raise DemoError("train", str(e)) from None
         result.trainer_name, result.train_budget_seconds = name, budget
+        result.model_folder = str(s.output_dir / "nnUNet_results" / s.dataset_folder_name /
+                                  f"{name}__nnUNetPlans__{s.configuration}")
         lines = st.command("train", [find_command("nnUNetv2_train"), str(s.dataset_id), s.configuration, "0",
                                      "-tr", name, "-device", "cpu"], pattern=r"Epoch \d+\s*$")
         result.epochs_done = _count_epochs(lines)
@@ -318,34 +351,63 @@ def stage_train(st: _Stages, elapsed: float) -> str:
     return name
 
 
+def stage_calibrate_global(st: _Stages, trainer_name: str) -> None:
+    """The atlas global stage, measured on the validation cases; the fold is re-validated in two stages."""
+    s = st.s
+    with st.stage("calibrate_global", f"nnLandmark_calibrate_global: atlas global stage ({s.n_atlases} training "
+                                      f"images registered per case), re-validation in two stages") as rec:
+        lines = st.command("calibrate_global", [find_command("nnLandmark_calibrate_global"), "-d", str(s.dataset_id),
+                                                "-c", s.configuration, "-tr", trainer_name, "-f", "0", "--kinds",
+                                                "atlas", "--n_atlases", str(s.n_atlases), "-device", "cpu"])
+        rec.note = next((l.strip() for l in lines if "local peak floor" in l), "")
+
+
 def stage_predict(st: _Stages, folder: Path, trainer_name: str) -> Path:
+    from nnlandmark_h3de.inference.landmark_predictor import GLOBAL_ESTIMATES_FOLDER
     s, result = st.s, st.result
-    with st.stage("predict", f"nnLandmark_predict on {len(result.cases['test'])} held-out test cases"):
+    with st.stage("predict", f"nnLandmark_predict in two stages on {len(result.cases['test'])} held-out test cases"):
         pred = s.output_dir / "predictions"
         st.command("predict", [find_command("nnLandmark_predict"), "-i", str(folder / "imagesTs"), "-o", str(pred),
                                "-d", str(s.dataset_id), "-c", s.configuration, "-tr", trainer_name, "-f", "0",
-                               "-device", "cpu", "-npp", "1"])
-        missing_pred = [c for c in result.cases["test"] if not any(pred.glob(f"{c}.*"))]
-        if missing_pred:
-            raise DemoError("predict", f"no landmark file in {pred} for test cases {missing_pred}")
+                               "-device", "cpu", "-npp", "1", "--global", "atlas", "--save_global_estimates"])
+        for where in (pred, pred / GLOBAL_ESTIMATES_FOLDER):
+            missing_pred = [c for c in result.cases["test"] if not any(where.glob(f"{c}.*"))]
+            if missing_pred:
+                raise DemoError("predict", f"no landmark file in {where} for test cases {missing_pred}")
         result.predictions_folder = str(pred)
     return pred
 
 
 def stage_evaluate(st: _Stages, folder: Path, pred: Path) -> None:
+    """Both stages together (with plots) and the global stage alone, against the exact landmarks."""
+    from nnlandmark_h3de.inference.landmark_predictor import GLOBAL_ESTIMATES_FOLDER
     s, result = st.s, st.result
-    with st.stage("evaluate", "nnLandmark_evaluate against the exact phantom landmarks, with plots"):
-        summary_file = s.output_dir / "evaluation" / "summary.json"
+    with st.stage("evaluate", "nnLandmark_evaluate against the exact phantom landmarks (two stages, with plots; "
+                              "the global stage alone)"):
         first = result.cases["test"][0]
-        st.command("evaluate", [find_command("nnLandmark_evaluate"), "-ref", str(folder / "landmarks.json"),
-                                "-pred", str(pred), "-o", str(summary_file), "--plots", "--case", first,
-                                "--image", str(folder / "imagesTs" / f"{first}_0000.nii.gz")])
-        summary = json.loads(summary_file.read_text())
-        evaluated = sorted(e["case"] for e in summary["metric_per_case"])
-        if evaluated != sorted(result.cases["test"]):
-            raise DemoError("evaluate", f"{summary_file}: evaluated cases {evaluated} are not the test cases "
-                                        f"{sorted(result.cases['test'])}")
-        result.summary_file, result.summary = str(summary_file), summary
+        result.summary_file, result.summary = _evaluate(
+            st, "evaluate", folder, pred, s.output_dir / "evaluation",
+            ["--plots", "--case", first, "--image", str(folder / "imagesTs" / f"{first}_0000.nii.gz")])
+        result.global_summary_file, result.global_summary = _evaluate(
+            st, "evaluate_global_stage", folder, pred / GLOBAL_ESTIMATES_FOLDER,
+            s.output_dir / "evaluation" / GLOBAL_ESTIMATES_FOLDER, [])
+
+
+def _evaluate(st: _Stages, log_name: str, folder: Path, pred: Path, out: Path, extra: List[str]):
+    """One nnLandmark_evaluate run (logged to logs/<log_name>.log, command recorded) -> (summary file, summary)."""
+    summary_file = out / "summary.json"
+    cmd = [find_command("nnLandmark_evaluate"), "-ref", str(folder / "landmarks.json"), "-pred", str(pred),
+           "-o", str(summary_file), *extra]
+    run_command("evaluate", cmd, st.env, st.logs / f"{log_name}.log", None, st.show_progress)
+    rec = st.records["evaluate"]
+    rec.command = shlex.join(cmd) if rec.command is None else f"{rec.command}\n{shlex.join(cmd)}"
+    rec.log = rec.log or str(st.logs / f"{log_name}.log")
+    summary = json.loads(summary_file.read_text())
+    evaluated = sorted(e["case"] for e in summary["metric_per_case"])
+    if evaluated != sorted(st.result.cases["test"]):
+        raise DemoError("evaluate", f"{summary_file}: evaluated cases {evaluated} are not the test cases "
+                                    f"{sorted(st.result.cases['test'])}")
+    return str(summary_file), summary
 
 
 def stage_report(st: _Stages, total_seconds: float) -> None:
@@ -381,6 +443,7 @@ def run_demo(s: DemoSettings, show_progress: bool = True, log=print) -> DemoResu
         stage_plan_and_preprocess(st)
         stage_small_configuration(st)
         trainer_name = stage_train(st, time.monotonic() - t_start)
+        stage_calibrate_global(st, trainer_name)
         pred = stage_predict(st, folder, trainer_name)
         stage_evaluate(st, folder, pred)
         stage_report(st, time.monotonic() - t_start)

@@ -61,6 +61,66 @@ def results_tables(summary: dict) -> List[str]:
     return lines
 
 
+def stage_comparison(result) -> List[str]:
+    """The global stage alone vs both stages on the same test cases, and what the calibration chose."""
+    from nnlandmark_h3de.evaluation.radial_errors import sdr_key
+    radii = result.summary["sdr_radii_mm"]
+    lines = ["## Two stages: what each contributes", "",
+             "The phantoms are larger than one network patch; a tile alone cannot tell the left eye from the right. "
+             "The atlas global stage registers a few training images to the case and carries their landmarks "
+             "over; the network then refines each landmark on the tiles around that estimate, within a search "
+             "radius learned on the validation cases. Same test cases, same evaluator:", "",
+             "| | MRE mm (mean +- std) | median mm | " + " | ".join(f"SDR<={r:g} mm" for r in radii) + " | F1 |",
+             "|---|---|---|" + "---|" * len(radii) + "---|"]
+    for label, summ in (("global stage alone (atlas registration)", result.global_summary),
+                        ("**two stages** (atlas + network)", result.summary)):
+        m = summ["foreground_mean"]["micro"]
+        mre = "n/a" if m["mean_radial_error_mm"] is None else \
+            f"{m['mean_radial_error_mm']:.2f} +- {m['std_radial_error_mm']:.2f}"
+        lines.append(f"| {label} | {mre} | {_fmt(m['median_radial_error_mm'])} | "
+                     + " | ".join(_pct(m[sdr_key(r)]) for r in radii) + f" | {_fmt(m['F1'])} |")
+    lines += ["", "The global stage has no existence signal of its own here (a missing structure is still "
+              "registered), so its F1 counts every landmark present."]
+    choice = _read_json(Path(result.model_folder or "") / "fold_0" / "global_stage.json")
+    if choice is not None:
+        v = choice["validation"][choice["kind"]]
+        floor = v.get("local_peak_floor_fit") or {}
+        lines += ["", f"Calibration (fold 0 validation cases): {choice['kind']} global stage, validation MRE "
+                      f"{v['mre_mm']:.2f} mm, search radius {v['radius_mm']:.1f} mm; local peaks kept where at least "
+                      f"{_fmt(floor.get('relative_floor'), '.3g')} x the landmark's median peak "
+                      f"({_pct(floor.get('local_used_fraction'))} of the validation points)."]
+    return lines + [""]
+
+
+def existence_notes(result) -> List[str]:
+    """How the absent-landmark thresholds were fitted, and how the fit did on cases it was not fitted on."""
+    thresholds = _read_json(Path(result.model_folder or "") / "fold_0" / "landmark_thresholds.json")
+    if thresholds is None:
+        return []
+    cal = thresholds.get("calibration", {})
+    m = result.summary["foreground_mean"]["micro"]
+    lines = ["## Absent landmarks", "",
+             f"Test cases: {m['TP'] + m['FN']} present and {m['FP'] + m['TN']} absent landmarks; TP {m['TP']}, "
+             f"FP {m['FP']}, FN {m['FN']}, TN {m['TN']}, F1 {_fmt(m['F1'], '.3f')}.", "",
+             f"Thresholds: score `{thresholds.get('score')}`, {cal.get('method')}, relative threshold "
+             f"{_fmt(cal.get('relative_threshold'), '.3g')}, fitted on {cal.get('n_cases')} validation cases and "
+             f"{cal.get('n_training_cases_in_sample', 0)} training cases predicted in-sample (each set relative to "
+             f"its own median present peak)."]
+    check = cal.get("held_out_check")
+    if check:
+        lines.append(f"Fitted on the training cases alone, it scores the validation cases with F1 "
+                     f"{check['f1']:.3f} (TP {check['tp']}, FP {check['fp']}, FN {check['fn']}, TN {check['tn']}).")
+    return lines + [""]
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    import json
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_report(result, path: Path, total_seconds: float) -> Path:
     s = result.settings
     root = s.output_dir
@@ -112,6 +172,9 @@ def write_report(result, path: Path, total_seconds: float) -> Path:
               f"absent. Full numbers: [{_rel(result.summary_file, root)}]({_rel(result.summary_file, root)}) "
               f"and the per-case CSV beside it.", ""]
         L += results_tables(summ) + [""]
+        if result.global_summary is not None:
+            L += stage_comparison(result)
+        L += existence_notes(result)
         corr = summ.get("uncertainty_vs_error")
         if corr:
             L += [f"Uncertainty: Spearman rho between the uncertainty written for each landmark and its error "

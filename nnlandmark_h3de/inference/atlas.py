@@ -6,8 +6,9 @@ as brains, it is hard to beat). Each atlas is registered to the case with Simple
 initialisation, then a similarity and an affine stage, Mattes mutual information, on images
 resampled to a coarse isotropic grid); its exact landmarks move through the inverse transform; the
 estimates of all atlases are combined per landmark by the coordinate-wise median, and their spread
-(RMS distance from that median) is the estimate's uncertainty. A landmark absent in more than
-half of the atlases is absent.
+(RMS distance from that median) is the estimate's uncertainty. An atlas without a landmark says
+nothing about the case (registration cannot see a missing structure): the median is over the
+atlases that have it, and only a landmark no atlas has is absent. Atlases are chosen complete first.
 """
 from __future__ import annotations
 
@@ -90,15 +91,12 @@ def carry_points(transform, points_lps: np.ndarray) -> np.ndarray:
 
 
 def combine(per_atlas: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Coordinate-wise median over atlases and the RMS distance from it; absent where most atlases lack it."""
-    present = np.isfinite(per_atlas).all(2)  # (A, L)
+    """Coordinate-wise median over the atlases that carry each landmark and the RMS distance from it;
+    NaN where no atlas carries it."""
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: absent everywhere
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no atlas has the landmark
         median = np.nanmedian(per_atlas, axis=0)
         spread = np.sqrt(np.nanmean(np.sum((per_atlas - median) ** 2, axis=2), axis=0))
-    majority = present.sum(0) * 2 > per_atlas.shape[0]
-    median[~majority] = np.nan
-    spread[~majority] = np.nan
     return median, spread
 
 
@@ -111,8 +109,9 @@ def atlas_estimate(image, atlases: Sequence[Atlas], spacing_mm: float = 4.0) -> 
 
 
 def choose_atlases(landmark_sets: Sequence[LandmarkSet], n: int, names: Optional[Sequence[str]] = None) -> List[int]:
-    """Indices of up to `n` cases chosen for coverage: most landmarks present first, then spread out
-    (farthest-point order on the cases' centred landmark configurations)."""
+    """Indices of up to `n` cases chosen for coverage: the cases with the most landmarks present first
+    (an atlas lacking a landmark cannot vote for it), among them spread out (farthest-point order on
+    the cases' centred landmark configurations)."""
     if not landmark_sets:
         raise ValueError("no labelled cases to choose atlases from")
     n = min(n, len(landmark_sets))
@@ -123,5 +122,7 @@ def choose_atlases(landmark_sets: Sequence[LandmarkSet], n: int, names: Optional
     while len(chosen) < n:
         d = np.min([np.linalg.norm(shapes - shapes[c], axis=1) for c in chosen], axis=0)
         d[chosen] = -1
+        counts_left = np.where(d >= 0, counts, -1)
+        d[counts_left < counts_left.max()] = -1  # only the most complete of the cases left
         chosen.append(int(np.argmax(d)))
     return chosen

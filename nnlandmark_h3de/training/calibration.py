@@ -42,11 +42,13 @@ MAX_EXPONENT = 3.0
 def reference_scores(scores: np.ndarray, present: np.ndarray) -> np.ndarray:
     """Per landmark the median score over the cases where it is present, (N, L) -> (L,).
 
-    A landmark present in no case gets the median over all present scores (NaN if there are none).
+    NaN scores (no peak searched: the global stage put the landmark outside the image) do not count;
+    a landmark without any such score gets the median over all of them (NaN if there are none).
     """
     scores, present = np.asarray(scores, dtype=np.float64), np.asarray(present, dtype=bool)
-    pooled = np.nanmedian(scores[present]) if present.any() else np.nan
-    ref = np.array([np.nanmedian(scores[present[:, l], l]) if present[:, l].any() else pooled
+    usable = present & np.isfinite(scores)
+    pooled = np.median(scores[usable]) if usable.any() else np.nan
+    ref = np.array([np.median(scores[usable[:, l], l]) if usable[:, l].any() else pooled
                     for l in range(scores.shape[1])])
     return np.maximum(ref, 1e-6)
 
