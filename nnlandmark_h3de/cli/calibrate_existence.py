@@ -26,16 +26,16 @@ def refit_folds(model_folder: Path, folds) -> dict:
                                                                read_existence_scores)
     from nnlandmark_h3de.training.landmark_validation import DEFAULT_PEAK_THRESHOLD, write_thresholds
     fold_dirs = [model_folder / f"fold_{f}" for f in folds]
+    score_files = [d / "validation" / EXISTENCE_SCORES_FILE for d in fold_dirs]
     kinds = {json.loads((d / "landmark_thresholds.json").read_text())["score"] for d in fold_dirs
              if (d / "landmark_thresholds.json").is_file()}
-    missing = [str(d / "validation" / EXISTENCE_SCORES_FILE) for d in fold_dirs
-               if not (d / "validation" / EXISTENCE_SCORES_FILE).is_file()]
+    missing = [str(f) for f in score_files if not f.is_file()]
     if missing:
         raise ValueError(f"no existence scores (run the final validation, nnUNetv2_train ... --val): {missing}")
     if len(kinds) != 1:
         raise ValueError(f"the folds' thresholds are on different scores {sorted(kinds)}; retrain them alike")
     score = kinds.pop()
-    tables = [read_existence_scores(d / "validation" / EXISTENCE_SCORES_FILE, score) for d in fold_dirs]
+    tables = [read_existence_scores(f, score) for f in score_files]
     if any(t[0] != tables[0][0] for t in tables):
         raise ValueError("the folds' landmark names differ")
     thresholds, info = calibrate_out_of_fold([t[1] for t in tables], [t[2] for t in tables],

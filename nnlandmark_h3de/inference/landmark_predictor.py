@@ -417,8 +417,8 @@ class nnLandmarkPredictor(nnUNetPredictor):
             return
         folder = os.path.join(os.path.dirname(ofile_truncated), GLOBAL_ESTIMATES_FOLDER)
         os.makedirs(folder, exist_ok=True)
-        write_landmarks(estimate.reordered(self.names), self.output_file(os.path.join(folder, os.path.basename(ofile_truncated))),
-                        self.output_format)
+        write_landmarks(estimate, self.output_file(os.path.join(folder, os.path.basename(ofile_truncated))),
+                        self.output_format)  # already in the model's order (plan_tiles)
 
     # ------------------------------------------------------ nnU-Net hooks
     def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
@@ -481,7 +481,8 @@ class nnLandmarkPredictor(nnUNetPredictor):
                     tqdm.write(f"{case}: absent {report['absent']}")
                 kept = report.get("global_estimate_kept")
                 if kept:
-                    tqdm.write(f"{case}: no local peak inside the search radius, global estimate kept for "
+                    tqdm.write(f"{case}: global estimate kept (no local peak inside the search radius, or one under "
+                               f"the local peak floor) for "
                                f"{kept if len(kept) <= 5 else f'{len(kept)} of {len(self.names)} landmarks'}")
                 if ofile is None:
                     returned.append(ls)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from os.path import isfile, join
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,12 +41,15 @@ __all__ = ["run_final_validation", "predict_validation_landmarks"]
 
 # At most this many training cases are predicted in the final validation to teach existence (time).
 MAX_TRAINING_CASES_FOR_EXISTENCE = 50
+TRAINING_SET = "training (in-sample, existence only)"
 
 
-def predict_validation_landmarks(trainer, existence_net=None, keys=None, what: str = "validation") -> Dict[str, tuple]:
-    """This rank's validation cases (or `keys`) -> (points LPS (L, 3), existence scores {"peak": (L,)[, "anchor": (L,)]},
-    spread of the test-time mirrors' peaks around the points (L,) in mm, NaN without mirroring,
-    the global stage's estimates (L, 3) in two-stage validation, else None).
+def predict_validation_landmarks(trainer, existence_net=None, sets: Optional[Dict[str, list]] = None
+                                 ) -> Dict[str, Dict[str, tuple]]:
+    """This rank's cases of each set ({name: case keys}; default: the fold's validation cases as
+    "validation"), predicted with one predictor -> {name: {case: (points LPS (L, 3), existence scores
+    {"peak": (L,)[, "anchor": (L,)]}, spread of the test-time mirrors' peaks around the points (L,) in
+    mm, NaN without mirroring, the global stage's estimates (L, 3) in two-stage validation, else None)}}.
 
     The mirrors run the way nnLandmark_predict runs them (each over the whole volume, the pair
     channels swapped where a mirror flips the case's own left/right axis), and nnLandmark_predict
@@ -54,6 +57,8 @@ def predict_validation_landmarks(trainer, existence_net=None, keys=None, what: s
     `existence_net`: the network's anchor-head wrapper (record_existence / reset_existence /
     anchor_existence) to also score existence with the anchors (max over tiles and mirrors).
     """
+    if sets is None:
+        sets = {"validation": trainer.do_split()[1]}
     predictor = nnLandmarkPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
@@ -61,54 +66,58 @@ def predict_validation_landmarks(trainer, existence_net=None, keys=None, what: s
                                     trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)
     two_stage = _use_global_stage(trainer, predictor)
-    if keys is None:
-        _, keys = trainer.do_split()
-    if trainer.is_ddp:
-        keys = keys[trainer.local_rank::dist.get_world_size()]
-    dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, keys,
-                                        folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
-    results = {}
+    predicted = {}
     if existence_net is not None:
         existence_net.record_existence = True
     try:
-        for k in dataset_val.identifiers:
-            data, _, _, properties = dataset_val.load_case(k)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
-                data = torch.from_numpy(data[:])
-            trainer.print_to_log_file(f"predicting {what} case {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
-            if existence_net is not None:
-                existence_net.reset_existence()
-            files = _raw_image_files(trainer, k) if two_stage else None
-            idx, _, folds, logits, stages = predictor.locate(data, properties, files, source=k)
-            peak, member_peaks = folds[0].peak, folds[0].member_idx
-            del logits
-
-            def to_world(i):
-                return network_index_to_world(i, properties, trainer.plans_manager, trainer.configuration_manager,
-                                              network_shape=data.shape[1:])
-
-            points = to_world(idx)
-            spread = member_spread_mm(member_peaks, points, to_world)
-            spread = np.full(len(points), np.nan) if spread is None else spread
-            scores = {"peak": np.asarray(peak, dtype=np.float64)}
-            if existence_net is not None:
-                scores["anchor"] = existence_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
-            global_points = None if stages is None else stages["estimate"].reordered(trainer.landmark_names).points_lps
-            results[k] = (points, scores, spread, global_points)
+        for what, keys in sets.items():
+            if trainer.is_ddp:
+                keys = keys[trainer.local_rank::dist.get_world_size()]
+            dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, keys,
+                                            folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
+            predicted[what] = {k: _predict_case(trainer, predictor, dataset, k, what, two_stage, existence_net)
+                               for k in dataset.identifiers}
     finally:
         if existence_net is not None:
             existence_net.record_existence = False
-    return results
+    return predicted
+
+
+def _predict_case(trainer, predictor, dataset, k: str, what: str, two_stage: bool, existence_net) -> tuple:
+    """One preprocessed case -> (points, scores, spread, global points), see predict_validation_landmarks."""
+    data, _, _, properties = dataset.load_case(k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
+        data = torch.from_numpy(data[:])
+    trainer.print_to_log_file(f"predicting {what} case {k}, shape {tuple(data.shape)}, rank {trainer.local_rank}")
+    if existence_net is not None:
+        existence_net.reset_existence()
+    files = _raw_image_files(trainer, k) if two_stage else None
+    idx, _, folds, logits, stages = predictor.locate(data, properties, files, source=k)
+    peak, member_peaks = folds[0].peak, folds[0].member_idx
+    del logits
+
+    def to_world(i):
+        return network_index_to_world(i, properties, trainer.plans_manager, trainer.configuration_manager,
+                                      network_shape=data.shape[1:])
+
+    points = to_world(idx)
+    spread = member_spread_mm(member_peaks, points, to_world)
+    spread = np.full(len(points), np.nan) if spread is None else spread
+    scores = {"peak": np.asarray(peak, dtype=np.float64)}
+    if existence_net is not None:
+        scores["anchor"] = existence_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
+    global_points = None if stages is None else stages["estimate"].reordered(trainer.landmark_names).points_lps
+    return points, scores, spread, global_points
 
 
 def _training_keys_for_existence(trainer) -> list:
     """Training cases predicted after training to teach existence (validation sets are small and often
     hold no absent landmark): `trainer.existence_training_cases` of them (0 = none), evenly over the sorted list."""
     n = int(getattr(trainer, "existence_training_cases", MAX_TRAINING_CASES_FOR_EXISTENCE))
-    keys = sorted(trainer.do_split()[0])
     if n <= 0:
         return []
+    keys = sorted(trainer.do_split()[0])
     if len(keys) > n:
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, n).round().astype(int)]
     return keys
@@ -171,7 +180,7 @@ def _gather(results: dict, is_ddp: bool) -> dict:
 def _calibrate(results: dict, evaluated, training: dict, reference, names, score: str) -> Tuple[np.ndarray, dict]:
     """Per-landmark best-F1 thresholds of one existence score over the evaluated validation (case, landmark)
     pairs and the training cases predicted in-sample (each set relative to its own median present peaks)."""
-    values, present, groups = _existence_table(results, evaluated, training, reference, score)
+    values, present, groups = _existence_table(results, evaluated, training, reference, len(names), score)
     # a probability gets 0.5 when there is nothing to calibrate on
     default = 0.5 if score == "anchor" else DEFAULT_PEAK_THRESHOLD
     thresholds, info = calibrate_relative_thresholds(values, present, default, groups)
@@ -182,10 +191,9 @@ def _calibrate(results: dict, evaluated, training: dict, reference, names, score
     return thresholds, info
 
 
-def _existence_table(results: dict, evaluated, training: dict, reference, score: str):
+def _existence_table(results: dict, evaluated, training: dict, reference, L: int, score: str):
     """(N, L) scores, truth and set (0 validation, 1 training) of every case that can teach existence."""
     cases = [(results, c, 0) for c in evaluated] + [(training, c, 1) for c in sorted(training) if c in reference]
-    L = len(next(iter(reference.values())).names) if reference else 0
     values = np.array([r[c][1][score] for r, c, _ in cases], dtype=np.float64).reshape(-1, L)
     present = np.array([reference[c].present for _, c, _ in cases], dtype=bool).reshape(-1, L)
     return values, present, np.array([g for _, _, g in cases], dtype=int)
@@ -224,9 +232,9 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
 
     validation_folder = join(trainer.output_folder, "validation")
     maybe_mkdir_p(validation_folder)
-    results = _gather(predict_validation_landmarks(trainer, existence_net), trainer.is_ddp)
-    training = _gather(predict_validation_landmarks(trainer, existence_net, _training_keys_for_existence(trainer),
-                                                    "training (in-sample, existence only)"), trainer.is_ddp)
+    sets = {"validation": trainer.do_split()[1], TRAINING_SET: _training_keys_for_existence(trainer)}
+    predicted = predict_validation_landmarks(trainer, existence_net, sets)
+    results, training = (_gather(predicted[k], trainer.is_ddp) for k in sets)
     compute_gaussian.cache_clear()
     if trainer.local_rank != 0:
         if trainer.is_ddp:
@@ -253,8 +261,8 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
                     for kind in (results[cases[0]][1] if cases else {"peak": None})}
     if evaluated:
         write_existence_scores(join(validation_folder, EXISTENCE_SCORES_FILE), names,
-                               *[{c: (r[c][1], reference[c].present) for c in r if c in reference}
-                                 for r in (results, training)])
+                               {c: (results[c][1], reference[c].present) for c in evaluated},
+                               {c: (training[c][1], reference[c].present) for c in training if c in reference})
     score = _choose_score(calibrations, score)
     threshold, calibration = calibrations[score]
     write_thresholds(join(trainer.output_folder, "landmark_thresholds.json"), names, threshold, calibration, score=score)
