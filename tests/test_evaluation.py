@@ -232,3 +232,42 @@ def test_uncertainty_is_rank_correlated_with_errors_over_true_positives():
     assert evaluate_landmarks(ref, pred)["uncertainty_vs_error"]["spearman_rho"] == pytest.approx(-1.0)
     plain = {k: LandmarkSet(names, v.points_lps) for k, v in pred.items()}
     assert evaluate_landmarks(ref, plain)["uncertainty_vs_error"] is None
+
+
+def test_errors_in_pixels_of_2d_and_anisotropic_3d_images(tmp_path):
+    """MRE in pixels (the ISBI 2015 convention) in each case's own grid: a 2D X-ray at 0.1 mm, an
+    anisotropic rotated 3D volume; a case without its image has no pixel error (and says so)."""
+    import SimpleITK as sitk
+    images, ref_dir, pred_dir = tmp_path / "images", tmp_path / "ref", tmp_path / "pred"
+    for d in (images, ref_dir, pred_dir):
+        d.mkdir()
+    xray = sitk.GetImageFromArray(np.zeros((30, 40), np.float32))
+    xray.SetSpacing((0.1, 0.1))
+    xray.SetOrigin((5.0, -3.0))
+    sitk.WriteImage(xray, str(images / "xray_0000.nii.gz"))
+    rot = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    geo = ImageGeometry((20, 20, 10), (0.5, 1.0, 3.0), (1.0, 2.0, 3.0), tuple(rot.ravel()))
+    sitk.WriteImage(geo.to_sitk_image(np.zeros((10, 20, 20), np.float32)), str(images / "vol_0000.nii.gz"))
+    g2 = ImageGeometry.from_sitk(xray)
+    ref = {"xray": g2.array_index_to_world([[0, 10, 10], [0, 20, 5]]),
+           "vol": geo.array_index_to_world([[5, 10, 10], [2, 3, 4]]),
+           "noimage": np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])}
+    pred = {"xray": g2.array_index_to_world([[0, 13, 14], [0, 20, 5]]),  # 5 px = 0.5 mm, then 0
+            "vol": geo.array_index_to_world([[6, 10, 10], [2, 3, 6]]),  # 1 slice (3 mm) and 2 px along x
+            "noimage": np.array([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])}
+    for case in ref:
+        write_landmarks(LandmarkSet(["A", "B"], ref[case]), ref_dir / f"{case}.mrk.json")
+        write_landmarks(LandmarkSet(["A", "B"], pred[case]), pred_dir / f"{case}.mrk.json")
+    s = evaluate_folders(ref_dir, pred_dir, tmp_path / "summary.json", images=images)
+    per_case = {c["case"]: c["metrics"] for c in s["metric_per_case"]}
+    assert per_case["xray"]["A"]["radial_error_px"] == pytest.approx(5.0)
+    assert per_case["xray"]["A"]["radial_error_mm"] == pytest.approx(0.5)
+    assert per_case["vol"]["A"]["radial_error_px"] == pytest.approx(1.0)
+    assert per_case["vol"]["B"]["radial_error_px"] == pytest.approx(2.0)
+    assert "radial_error_px" not in per_case["noimage"]["A"]
+    px = s["pixel_errors"]
+    assert px["n_cases_with_image"] == 2 and px["n_cases"] == 3
+    assert px["mean_radial_error_px"] == pytest.approx((5 + 0 + 1 + 2) / 4)
+    assert px["per_landmark_mean_px"]["A"] == pytest.approx(3.0)
+    with pytest.raises(FileNotFoundError, match="images folder"):
+        evaluate_folders(ref_dir, pred_dir, None, images=tmp_path / "nowhere")

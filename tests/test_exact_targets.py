@@ -141,8 +141,9 @@ class _FakeDataset:
     def load_case(self, identifier):
         data = coordinate_image(self.shape).numpy() + (1000 if identifier == "b" else 0)
         seg = np.zeros((1, *self.shape), dtype=np.int16)
-        seg[0, 1, 1, 1] = 1
-        return data, seg, None, {"class_locations": {1: np.array([[0, 1, 1, 1]])}}
+        z = min(1, self.shape[0] - 1)
+        seg[0, z, 1, 1] = 1
+        return data, seg, None, {"class_locations": {1: np.array([[0, z, 1, 1]])}}
 
 
 def test_loader_shifts_points_by_each_patch_origin_near_borders():
@@ -198,3 +199,44 @@ def test_local_stage_patches_are_centred_on_a_landmark_within_the_jitter():
             assert nearest <= 1.0, (key, centre)
             offsets.append(np.nanmin(np.linalg.norm(points[key] - centre, axis=1)))
     assert np.std(offsets) > 0.3  # jittered, not always on the point
+
+
+@pytest.mark.parametrize("n_slices", [1, 6])
+def test_loader_2d_patches_keep_the_points_of_their_slice(n_slices):
+    """A 2D configuration (patch (py, px)): nnU-Net crops one slice of the (z, y, x) array (a 2D image
+    is (1, y, x)); a point is in the patch's heatmaps when it lies within half a voxel of that slice,
+    at its (y, x) moved by the crop."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    shape = (n_slices, 14, 16)
+    z = [0.0, 0.3] if n_slices == 1 else [2.0, 2.4]
+    points = {"a": np.array([[z[0], 3.2, 4.7], [z[1], 9.5, 12.9], [np.nan] * 3]),
+              "b": np.array([[z[1], 6.0, 7.0], [z[0], 1.0, 1.0], [z[0] + 1.0, 8.0, 8.0]])}
+    heat = ComposeTransforms([LandmarkHeatmapTransform(3, sigma=1.5, from_keypoints=True)])
+    lm = LabelManager({"background": 0, "p": 1, "q": 2, "r": 3}, regions_class_order=None)
+    dl = nnLandmarkDataLoader(_FakeDataset(shape), 4, (10, 10), (10, 10), lm, oversample_foreground_percent=0.0,
+                              transforms=heat, points_by_case=points, pad_sides=(2, 2))
+    np.random.seed(5)
+    checked, seen_slices = 0, set()
+    for _ in range(12):
+        batch = dl.generate_train_batch()
+        assert batch["data"].shape == (4, 3, 10, 10) and batch["target"].shape == (4, 3, 10, 10)
+        for j, key in enumerate(batch["keys"]):
+            coords = batch["data"][j] - (1000 if key == "b" else 0)
+            real = coords[1:].abs().sum(0) > 0 if key == "a" else coords[1] >= 0
+            vox = torch.nonzero(real)[0]
+            slice_index = float(coords[0, vox[0], vox[1]])
+            seen_slices.add(slice_index)
+            origin = coords[1:, vox[0], vox[1]].numpy() - vox.numpy()
+            for k in range(3):
+                p = points[key][k]
+                expected = p[1:] - origin
+                inside = (np.isfinite(p).all() and abs(p[0] - slice_index) <= 0.5
+                          and np.all((expected >= -0.5) & (expected <= 9.5)))
+                channel = batch["target"][j, k]
+                assert bool(torch.count_nonzero(channel)) == bool(inside), (key, k, slice_index)
+                if inside:
+                    np.testing.assert_allclose(heatmap_peaks(channel[None])[0], expected, atol=0.05)
+                    checked += 1
+    assert checked >= 10
+    if n_slices > 1:
+        assert len(seen_slices) > 2

@@ -122,3 +122,32 @@ def test_from_sitk_stuff_matches_nnunet_properties(image):
     stuff = {"spacing": image.GetSpacing(), "origin": image.GetOrigin(), "direction": image.GetDirection()}
     g = ImageGeometry.from_sitk_stuff(stuff, sitk.GetArrayFromImage(image).shape)
     assert g == ImageGeometry.from_sitk(image)
+
+
+def test_2d_image_is_the_z0_slice_of_a_3d_geometry(tmp_path):
+    """A 2D image (X-ray) maps like nnU-Net's (1, y, x) array: world z = 0, ITK's 2D geometry exact,
+    from the image, its header and nnU-Net's sitk_stuff alike; written back as a 2D image."""
+    import SimpleITK as sitk
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    img = sitk.GetImageFromArray(np.random.default_rng(0).random((30, 40)).astype(np.float32))
+    img.SetSpacing((0.1, 0.2))
+    img.SetOrigin((5.0, -6.0))
+    c, s = np.cos(0.3), np.sin(0.3)
+    img.SetDirection((c, -s, s, c))
+    path = tmp_path / "xray.nii.gz"
+    sitk.WriteImage(img, str(path))
+    _, props = SimpleITKIO().read_images([str(path)])
+    geometries = [ImageGeometry.from_sitk(img), ImageGeometry.from_file(path),
+                  ImageGeometry.from_sitk_stuff(props["sitk_stuff"], (1, 30, 40))]
+    for g in geometries:
+        assert g.ndim == 2 and g.shape_zyx == (1, 30, 40)
+        for idx in ([0, 0, 0], [0, 12.5, 7.25], [0, 29, 39]):
+            world = g.array_index_to_world(idx)
+            expected = img.TransformContinuousIndexToPhysicalPoint((idx[2], idx[1]))
+            np.testing.assert_allclose(world, [*expected, 0.0], atol=1e-9)
+            np.testing.assert_allclose(g.world_to_array_index(world), idx, atol=1e-9)
+    back = geometries[0].to_sitk_image(sitk.GetArrayFromImage(img)[None])
+    assert back.GetDimension() == 2 and back.GetSpacing() == img.GetSpacing()
+    np.testing.assert_allclose(back.GetDirection(), img.GetDirection())
+    with pytest.raises(ValueError, match="1, y, x"):
+        geometries[0].to_sitk_image(np.zeros((2, 30, 40)))

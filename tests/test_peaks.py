@@ -94,4 +94,38 @@ def test_refinement_clamped_and_degenerate_maps():
 
 def test_bad_shape():
     with pytest.raises(ValueError, match="expects"):
-        decode_peaks(np.zeros((8, 8, 8)))
+        decode_peaks(np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="expects"):
+        decode_peaks(np.zeros((2, 1, 8, 8, 8)))
+
+
+# ------------------------------------------------------------------------------------------ 2D
+CENTERS_2D = [(12.0, 15.0), (12.7, 15.45), (20.1, 7.77), (3.33, 25.5), (0.2, 31.4)]
+
+
+@pytest.mark.parametrize("center", CENTERS_2D)
+@pytest.mark.parametrize("sigma", [(2.0, 2.0), (1.5, 4.0)])
+def test_subpixel_gaussian_2d(center, sigma):
+    """(L, y, x) heatmaps: sub-pixel peaks within 0.1 pixel (the 2D issue's bound), spread = sigma."""
+    h = gaussian(center, sigma, shape=(28, 32))
+    idx, peak, spread = decode_peaks(h[None])
+    assert idx.shape == (1, 2) and spread.shape == (1, 2)
+    np.testing.assert_allclose(idx[0], center, atol=0.1)
+    if min(center) >= 2:  # the whole window inside: the fit is exact
+        np.testing.assert_allclose(idx[0], center, atol=1e-3)
+        np.testing.assert_allclose(spread[0], sigma, rtol=1e-3)
+
+
+@pytest.mark.parametrize("center", CENTERS_2D)
+def test_singleton_axis_is_2d(center):
+    """nnU-Net's (1, y, x) form of a 2D image: index 0 and spread 0 on the singleton axis, the same
+    sub-pixel peak as the (y, x) form on the others (a 3D fit would be singular there)."""
+    h = gaussian(center, (2.0, 3.0), shape=(28, 32))
+    rotated = gaussian(center, None, shape=(28, 32), cov=np.array([[4.0, 2.5], [2.5, 9.0]]))
+    for image in (h, rotated):
+        idx2, peak2, spread2 = decode_peaks(image[None])
+        idx3, peak3, spread3 = decode_peaks(torch.from_numpy(image)[None, None], logits=False)
+        np.testing.assert_allclose(idx3[0], [0.0, *idx2[0]], atol=1e-9)
+        np.testing.assert_allclose(spread3[0], [0.0, *spread2[0]], atol=1e-9)
+        assert peak3[0] == peak2[0]
+        np.testing.assert_allclose(idx3[0, 1:], center, atol=0.1)

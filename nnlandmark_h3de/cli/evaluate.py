@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", action="store_true", help="write PNG plots into plots/ beside the summary")
     p.add_argument("--case", default=None, help="case to draw slices for (with --plots and --image)")
     p.add_argument("--image", default=None, help="image of --case for the three-slice plots")
+    p.add_argument("--images", default=None, help="folder of the cases' images (<case>_0000.*) for errors in pixels "
+                                                  "(default: imagesTs/ and imagesTr/ beside a dataset's landmarks.json)")
     p.add_argument("--chill", action="store_true", help="skip missing/unreadable cases and unknown landmark "
                                                         "names instead of failing; they are listed in the summary")
     return p
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = evaluate_folders(args.ref, args.pred, output, sdr_radii=args.sdr, chill=args.chill,
-                                   plots=args.plots, plot_case=args.case, plot_image=args.image)
+                                   plots=args.plots, plot_case=args.case, plot_image=args.image,
+                                   images=args.images)
     except (LandmarkError, ValueError, FileNotFoundError) as e:
         print(f"nnLandmark_evaluate: error: {e}", file=sys.stderr)
         return 1

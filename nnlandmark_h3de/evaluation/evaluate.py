@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 from nnlandmark_h3de.evaluation.landmark_files import (LANDMARK_EXTENSIONS, find_landmark_files, load_reference,
                                                        read_landmark_files, reference_kind)
+from nnlandmark_h3de.evaluation.pixel_errors import add_pixel_errors, dataset_image_folders, find_case_images
 from nnlandmark_h3de.evaluation.radial_errors import check_sdr_radii
 from nnlandmark_h3de.evaluation.report import write_case_csv, write_summary_json
 from nnlandmark_h3de.evaluation.summary import DEFAULT_SDR_RADII, evaluate_landmarks
@@ -26,13 +27,15 @@ def _expected_cases(cases, ref_kind: str, reference: Dict, predicted: Dict) -> L
 def evaluate_folders(reference, prediction_folder, output_file=None,
                      sdr_radii: Sequence[float] = DEFAULT_SDR_RADII, chill: bool = False, plots: bool = False,
                      plot_case: Optional[str] = None, plot_image=None, plots_folder=None,
-                     cases: Optional[Sequence[str]] = None) -> dict:
+                     cases: Optional[Sequence[str]] = None, images=None) -> dict:
     """Evaluate the landmark files of `prediction_folder` against `reference`.
 
     Writes `output_file` (summary.json), a per-case CSV beside it (same name, `.csv`) and with
     `plots` PNGs into `plots_folder` (default: `plots/` beside the summary). Missing or extra cases,
     unreadable files and unknown landmark names raise `LandmarkError` naming the file; with `chill`
     they are skipped and listed under `skipped` in the summary.
+    Errors are also given in pixels (voxels) where each case's image is found: in `images` (a folder
+    of `<case>_0000.*` files), else beside a dataset's landmarks.json (pixel_errors.py).
     """
     check_sdr_radii(sdr_radii)  # fail before reading anything
     output_file = None if output_file is None else Path(output_file)
@@ -43,6 +46,8 @@ def evaluate_folders(reference, prediction_folder, output_file=None,
         plots_folder = output_file.parent / "plots"
     if (plot_case is not None or plot_image is not None) and not plots:
         raise ValueError("plot_case / plot_image are only used with plots=True")
+    if images is not None and not Path(images).is_dir():
+        raise FileNotFoundError(f"{images}: images folder (for errors in pixels) not found")
     if plot_image is not None and not Path(plot_image).is_file():
         raise FileNotFoundError(f"{plot_image}: image for the slice plots not found")
 
@@ -74,6 +79,9 @@ def evaluate_folders(reference, prediction_folder, output_file=None,
                             f"in {reference}" + (f" (skipped: {skipped})" if skipped else ""))
     summary = evaluate_landmarks({c: ref_sets[c] for c in pred_sets}, pred_sets, sdr_radii, chill=chill)
     summary["skipped"] = skipped + summary["skipped"]
+    folders = [images] if images is not None else (dataset_image_folders(reference) if ref_kind == "dataset_json"
+                                                   else [])
+    add_pixel_errors(summary, ref_sets, find_case_images(folders, pred_sets))
     summary["reference"] = str(reference)
     summary["prediction_folder"] = str(prediction_folder)
 

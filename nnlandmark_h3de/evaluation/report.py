@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 from nnlandmark_h3de.evaluation.radial_errors import sdr_key
 from nnlandmark_h3de.landmarks.atomic import atomic_path
 
-CSV_COLUMNS = ["case", "landmark", "status", "radial_error_mm",
+CSV_COLUMNS = ["case", "landmark", "status", "radial_error_mm", "radial_error_px",
                "reference_x", "reference_y", "reference_z",
                "prediction_x", "prediction_y", "prediction_z", "reference_file", "prediction_file"]
 
@@ -39,7 +39,7 @@ def case_rows(summary: dict) -> List[dict]:
             ref = m["reference_lps"] or [None] * 3
             pred = m["prediction_lps"] or [None] * 3
             rows.append({"case": entry["case"], "landmark": name, "status": m["status"],
-                         "radial_error_mm": m["radial_error_mm"],
+                         "radial_error_mm": m["radial_error_mm"], "radial_error_px": m.get("radial_error_px"),
                          "reference_x": ref[0], "reference_y": ref[1], "reference_z": ref[2],
                          "prediction_x": pred[0], "prediction_y": pred[1], "prediction_z": pred[2],
                          "reference_file": entry["reference_file"], "prediction_file": entry["prediction_file"]})
@@ -85,6 +85,11 @@ def format_table(summary: dict) -> str:
     lines.append(row("micro (points)", summary["foreground_mean"]["micro"]))
     lines.append(row("macro (landmarks)", summary["foreground_mean"]["macro"], counts=False))
     lines.append(f"{summary['n_cases']} cases; errors and SDR over true positives; SDR rule: error <= r mm")
+    px = summary.get("pixel_errors") or {}
+    if px.get("mean_radial_error_px") is not None:
+        lines.append(f"in pixels (voxels) of each image ({px['n_cases_with_image']} of {px['n_cases']} cases): MRE "
+                     f"{px['mean_radial_error_px']:.2f} +- {px['std_radial_error_px']:.2f}, median "
+                     f"{px['median_radial_error_px']:.2f}, max {px['max_radial_error_px']:.2f}")
     corr = summary.get("uncertainty_vs_error")
     if corr:
         within = corr.get("within_landmark_spearman_rho")

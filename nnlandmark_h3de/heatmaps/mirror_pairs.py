@@ -39,8 +39,8 @@ def pair_permutation(names: Sequence[str], pairs: Iterable[Sequence[str]]) -> Li
 def left_right_axis(properties: dict, transpose_forward: Sequence[int], min_cos: float = 0.9) -> Optional[int]:
     """Axis of the preprocessed (transposed) array along which world x (L/R) changes, or None.
 
-    ITK axis c has world direction column c; it is numpy axis (ndim - 1 - c) of the original array,
-    and transposed axis j holds original axis transpose_forward[j].
+    ITK axis c has world direction column c; it is numpy axis (2 - c) of the original array (a 2D
+    image's array is nnU-Net's (1, y, x)), and transposed axis j holds original axis transpose_forward[j].
     """
     sitk_stuff = properties.get("sitk_stuff")
     if not sitk_stuff or "direction" not in sitk_stuff:
@@ -51,7 +51,7 @@ def left_right_axis(properties: dict, transpose_forward: Sequence[int], min_cos:
     column = int(np.argmax(np.abs(direction[0])))
     if abs(direction[0, column]) < min_cos:
         return None
-    original_axis = ndim - 1 - column
+    original_axis = 2 - column
     return list(transpose_forward).index(original_axis)
 
 

@@ -165,6 +165,9 @@ class nnLandmarkPredictor(nnUNetPredictor):
         if self.save_heatmaps:
             raise ValueError("--save_heatmaps needs the whole-image sliding window; it cannot be combined with a "
                              "global stage (two-stage prediction predicts tiles only)")
+        if len(self.configuration_manager.patch_size) != 3:
+            raise ValueError("two-stage prediction (a global stage) is implemented for 3D configurations; a 2D "
+                             "configuration predicts the whole image in one sliding window (run without --global)")
         if list(stage.names) != list(self.names):
             raise ValueError(f"the global stage's landmarks {list(stage.names)} differ from the model's {self.names}")
         if not radius_mm > 0:
@@ -184,13 +187,21 @@ class nnLandmarkPredictor(nnUNetPredictor):
     @contextlib.contextmanager
     def case_in_flight(self, properties: Optional[dict], record_existence: bool = False):
         """While one case is predicted: its mirroring plan, and one FoldOutput per fold collected."""
-        plan = case_mirroring(self.allowed_mirroring_axes if self.use_mirroring else None, properties,
+        plan = case_mirroring(self._array_mirroring_axes() if self.use_mirroring else None, properties,
                               self.plans_manager.transpose_forward, has_pairs=bool(self.pairs))
         self._case = _CaseInFlight(plan, record_existence)
         try:
             yield self._case
         finally:
             self._case = None
+
+    def _array_mirroring_axes(self) -> Optional[Tuple[int, ...]]:
+        """The model's mirroring axes as axes of the (z, y, x) case array: a 2D configuration's patch
+        axis a is array axis a + 1 (nnU-Net's (1, y, x) form of a 2D image, or one slice of a volume)."""
+        if not self.allowed_mirroring_axes:
+            return None
+        offset = 3 - len(self.configuration_manager.patch_size)
+        return tuple(int(a) + offset for a in self.allowed_mirroring_axes)
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):

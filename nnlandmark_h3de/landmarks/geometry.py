@@ -3,6 +3,11 @@
 This module is the ONE place where the numpy (z, y, x) order of `sitk.GetArrayFromImage` and
 nnU-Net arrays meets ITK's (i, j, k) order. Everything else asks for `array` or `itk` indices
 by name and never reverses axes itself.
+
+2D images (X-rays) are the z = 0 slice of a 3D geometry (`ndim` = 2): size 1 and spacing 1 along k,
+the 2x2 direction embedded in a 3x3 one. That is nnU-Net's own view of a 2D image (an array
+(1, y, x)), so every mapping below is the 3D one, and a 2D image's world points have z = 0 (the
+plane 3D Slicer shows the image in).
 """
 from __future__ import annotations
 
@@ -21,30 +26,62 @@ class ImageGeometry:
     spacing: Tuple[float, float, float]  # (x, y, z) like sitk.GetSpacing()
     origin: Tuple[float, float, float]
     direction: Tuple[float, ...]  # row-major 3x3 like sitk.GetDirection()
+    ndim: int = 3  # 2: a 2D image, stored as the z = 0 slice (see module doc)
 
     # ------------------------------------------------------------ constructors
     @classmethod
+    def create(cls, size: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
+               direction: Sequence[float]) -> "ImageGeometry":
+        """From ITK-ordered values of a 2D or 3D image (a 4D image's first three axes)."""
+        n = len(spacing)
+        if n == 2:
+            d = np.asarray(direction, dtype=np.float64).reshape(2, 2)
+            d3 = np.eye(3)
+            d3[:2, :2] = d
+            return cls((int(size[0]), int(size[1]), 1), (float(spacing[0]), float(spacing[1]), 1.0),
+                       (float(origin[0]), float(origin[1]), 0.0), tuple(float(v) for v in d3.ravel()), 2)
+        if n < 2:
+            raise ValueError(f"a {n}D image has no landmark geometry (2D or 3D images only)")
+        d = np.asarray(direction, dtype=np.float64).reshape(n, n)[:3, :3]
+        return cls(tuple(int(s) for s in size[:3]), tuple(float(s) for s in spacing[:3]),
+                   tuple(float(o) for o in origin[:3]), tuple(float(v) for v in d.ravel()))
+
+    @classmethod
     def from_sitk(cls, image) -> "ImageGeometry":
-        return cls(tuple(int(s) for s in image.GetSize()), tuple(float(s) for s in image.GetSpacing()),
-                   tuple(float(o) for o in image.GetOrigin()), tuple(float(d) for d in image.GetDirection()))
+        return cls.create(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
     @classmethod
     def from_file(cls, path) -> "ImageGeometry":
         """Reads only the header."""
         reader = read_image_header(path)
-        return cls(tuple(int(s) for s in reader.GetSize()[:3]), tuple(float(s) for s in reader.GetSpacing()[:3]),
-                   tuple(float(o) for o in reader.GetOrigin()[:3]),
-                   tuple(float(d) for d in np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3].ravel()))
+        return cls.create(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
     @classmethod
     def from_sitk_stuff(cls, sitk_stuff: dict, shape_zyx: Sequence[int]) -> "ImageGeometry":
-        """From nnU-Net's `properties['sitk_stuff']` and the original array shape (z, y, x)."""
-        return cls(tuple(int(s) for s in shape_zyx[::-1]), tuple(float(s) for s in sitk_stuff["spacing"]),
-                   tuple(float(o) for o in sitk_stuff["origin"]), tuple(float(d) for d in sitk_stuff["direction"]))
+        """From nnU-Net's `properties['sitk_stuff']` and the original array shape (z, y, x) (for a 2D
+        image nnU-Net's (1, y, x))."""
+        n = len(sitk_stuff["spacing"])
+        size = tuple(int(s) for s in shape_zyx[::-1])[:n]
+        if len(size) < n:
+            size = size + (0,) * (n - len(size))
+        return cls.create(size, sitk_stuff["spacing"], sitk_stuff["origin"], sitk_stuff["direction"])
 
     def to_sitk_image(self, array_zyx: np.ndarray):
+        """The array (z, y, x) as an image of this geometry; a 2D geometry takes (1, y, x) or (y, x) and
+        makes a 2D image."""
         import SimpleITK as sitk
-        img = sitk.GetImageFromArray(array_zyx)
+        array = np.asarray(array_zyx)
+        if self.ndim == 2:
+            if array.ndim == 3:
+                if array.shape[0] != 1:
+                    raise ValueError(f"a 2D image geometry needs a (1, y, x) array, got shape {array.shape}")
+                array = array[0]
+            img = sitk.GetImageFromArray(array)
+            img.SetSpacing(self.spacing[:2])
+            img.SetOrigin(self.origin[:2])
+            img.SetDirection(tuple(self.direction_matrix[:2, :2].ravel()))
+            return img
+        img = sitk.GetImageFromArray(array)
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
         img.SetDirection(self.direction)

@@ -11,6 +11,10 @@ nnUNetDataLoader.generate_train_batch loads, crops and transforms one case at a 
 crop origin in its own `get_indices` / `get_bbox` and wraps the transforms: no nnU-Net code copied.
 `nnUNetTrainer.get_dataloaders` builds `nnUNetDataLoader` by its module-level name;
 `loaders_built_as` substitutes ours for the duration of that call.
+
+2D configurations: nnU-Net crops a (1, y, x) slab (patch size (1, py, px)) and drops the slice axis;
+the keypoints do the same: a point belongs to the slice when it lies within half a voxel of it (a
+2D image has one slice, so all its points do), the others are absent from that patch.
 """
 from __future__ import annotations
 
@@ -58,7 +62,8 @@ class _TransformsWithKeypoints:
 
 
 class nnLandmarkDataLoader(nnUNetDataLoader):
-    """nnUNetDataLoader whose transforms also receive `keypoints`: (L, ndim) float64 patch indices.
+    """nnUNetDataLoader whose transforms also receive `keypoints`: (L, ndim) float64 patch indices
+    (ndim = 2 for a 2D configuration: see the module doc).
 
     `centre_jitter` (voxels per axis, or None): the foreground-oversampled patches are centred on one
     landmark (drawn at random among the case's points inside the image) moved by a uniform offset of
@@ -72,8 +77,6 @@ class nnLandmarkDataLoader(nnUNetDataLoader):
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.centre_jitter = None if centre_jitter is None else np.asarray(centre_jitter, dtype=np.float64)
-        if self.patch_size_was_2d:
-            raise ValueError("exact landmark points are implemented for 3D patches only")
         missing = [k for k in self.indices if k not in points_by_case]
         if missing:
             raise KeyError(f"no exact landmark points for cases {missing[:5]}")
@@ -109,7 +112,10 @@ class nnLandmarkDataLoader(nnUNetDataLoader):
 
     def _current_keypoints(self) -> torch.Tensor:
         case, origin = self._origin
-        return torch.from_numpy(self.points_by_case[case] - origin)
+        points = self.points_by_case[case] - origin
+        if self.patch_size_was_2d:
+            points = np.where(np.abs(points[:, :1]) <= 0.5, points, np.nan)[:, 1:]
+        return torch.from_numpy(np.ascontiguousarray(points))
 
 
 @contextlib.contextmanager

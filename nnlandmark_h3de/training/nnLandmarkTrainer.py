@@ -83,9 +83,11 @@ class nnLandmarkTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise ValueError(f"{self.__class__.__name__}: region labels / an ignore label are not landmark datasets")
-        if len(self.configuration_manager.patch_size) != 3:
-            raise ValueError(f"{self.__class__.__name__}: 3D configurations only, got patch size "
+        if len(self.configuration_manager.patch_size) not in (2, 3):
+            raise ValueError(f"{self.__class__.__name__}: 2D or 3D configurations only, got patch size "
                              f"{self.configuration_manager.patch_size}")
+        # a 2D configuration's patch axis a is axis a + 1 of the (1, y, x) / (z, y, x) preprocessed arrays
+        self.patch_axis_offset = 3 - len(self.configuration_manager.patch_size)
         info = landmark_info_from_dataset_json(dataset_json, self.label_manager.foreground_labels)
         self.landmark_names: List[str] = info["names"]
         self.landmark_pairs = info["pairs"]
@@ -173,6 +175,10 @@ class nnLandmarkTrainer(nnUNetTrainer):
         if not mirror_axes:
             return tuple(mirror_axes or ()), None
         lr_axes = dataset_left_right_axes(self._training_case_properties(), self.plans_manager.transpose_forward)
+        if None not in lr_axes:  # array axes -> patch axes; a 2D configuration's slice axis is never mirrored
+            lr_axes = tuple(a - self.patch_axis_offset for a in lr_axes)  # -1: left/right across slices
+            if all(a < 0 for a in lr_axes):
+                return tuple(mirror_axes), None
         if None in lr_axes:
             self.print_to_log_file("Mirroring disabled: the left/right axis of some training case is unknown "
                                    "(no SimpleITK geometry or an oblique direction)")
@@ -246,6 +252,7 @@ class nnLandmarkTrainer(nnUNetTrainer):
         jitter = None
         if self.local_patch_jitter_mm is not None and self.exact_points is not None:
             jitter = self.local_patch_jitter_mm / np.asarray(self.configuration_manager.spacing, dtype=np.float64)
+            jitter = np.concatenate([np.zeros(self.patch_axis_offset), jitter])  # a 2D patch's slice: no jitter
             self.print_to_log_file(f"local-stage patches: {self.oversample_foreground_percent:.0%} centred on a "
                                    f"landmark +- {self.local_patch_jitter_mm} mm")
         with loaders_built_as(self.exact_points, jitter):
