@@ -215,6 +215,28 @@ def test_report_shows_the_evaluator_numbers_and_links(tmp_path):
     assert "4 epochs" in text and "99 s" in text
 
 
+def test_2d_settings_and_report(tmp_path):
+    """--2d: nnU-Net's 2d configuration under the small one, no global stage, errors in pixels reported."""
+    from nnlandmark_h3de.demo.report import write_report
+    from nnlandmark_h3de.evaluation.summary import evaluate_landmarks
+
+    s = DemoSettings.make(tmp_path, two_d=True)
+    assert (s.base_configuration, s.configuration, len(s.shape_zyx), s.minutes) == ("2d", "2d_small", 2, 6.0)
+    assert DemoSettings.make(tmp_path).base_configuration == "3d_fullres"
+    names = ["sella", "nasion"]
+    summary = evaluate_landmarks({"x": LandmarkSet(names, [[0, 0, 0], [10, 0, 0]])},
+                                 {"x": LandmarkSet(names, [[1, 0, 0], [10, 2, 0]])})
+    summary["pixel_errors"] = {"n_cases_with_image": 1, "n_cases": 1, "mean_radial_error_px": 1.5,
+                               "std_radial_error_px": 0.5, "median_radial_error_px": 1.5, "max_radial_error_px": 2.0}
+    result = DemoResult(settings=s, stages=[StageRecord("calibrate_global", 0.0, "skipped", note="2D")],
+                        cases={"train": ["a"], "val": ["b"], "test": ["x"]}, summary=summary,
+                        summary_file=str(tmp_path / "evaluation" / "summary.json"))
+    text = write_report(result, tmp_path / "report.md", total_seconds=10.0).read_text()
+    assert "2D X-ray-like phantoms" in text and "(96, 80) pixels (y, x)" in text
+    assert "In pixels (voxels) of each image (1 of 1 cases): MRE 1.50 +- 0.50" in text
+    assert "| calibrate_global | skipped |" in text and "## Two stages" not in text
+
+
 # ------------------------------------------------------------------------------ the real run
 @slow
 def test_quick_demo_end_to_end(tmp_path):

@@ -12,8 +12,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output_dir", default="nnLandmark_demo", help="output folder (default ./nnLandmark_demo)")
     p.add_argument("--quick", action="store_true", help="tiny run (10 phantoms of 32^3 voxels, a few minutes) for smoke tests")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-time budget of the whole demo in minutes (default 10, or 2.5 with --quick); "
+                   help="wall-time budget of the whole demo in minutes (default 10, 6 with --2d, 2.5 with --quick); "
                         "training gets what the other stages leave")
+    p.add_argument("--2d", dest="two_d", action="store_true",
+                   help="2D X-ray-like phantoms (cephalogram-like, 96 x 80 pixels at 1 mm) on nnU-Net's 2d configuration "
+                        "(default budget 6 minutes); errors in mm and pixels")
     p.add_argument("--trainer", default="nnLandmarkTrainer", help="trainer class (default nnLandmarkTrainer)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in OUTPUT_DIR")
@@ -25,7 +28,7 @@ def main(argv=None) -> int:
     from nnlandmark_h3de.demo.pipeline import DemoError, DemoSettings, run_demo
     try:
         settings = DemoSettings.make(args.output_dir, quick=args.quick, minutes=args.minutes, trainer=args.trainer,
-                                     seed=args.seed, overwrite=args.overwrite)
+                                     seed=args.seed, overwrite=args.overwrite, two_d=args.two_d)
         result = run_demo(settings)
     except (DemoError, ValueError) as e:
         print(f"nnLandmark_demo: error: {e}", file=sys.stderr)

@@ -112,6 +112,12 @@ def _structure_sd(p: np.ndarray, s: Structure) -> np.ndarray:
     raise ValueError(f"unknown structure kind {s.kind!r}")
 
 
+def _bias_field(p: np.ndarray, direction: np.ndarray, curvature: float, strength: float) -> np.ndarray:
+    """Smooth multiplicative bias at frame points p (..., d): a linear ramp along `direction` plus a
+    radial quadratic term (any dimension)."""
+    return 1.0 + strength * (p @ direction) + 0.5 * strength * curvature * np.einsum("...i,...i->...", p, p)
+
+
 def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     """Rotation about a uniformly random axis by an angle uniform in [-max_deg, max_deg]."""
     axis = rng.normal(size=3)
@@ -188,7 +194,7 @@ def render_phantom(case_id: str, geometry: ImageGeometry, seed: int, case_index:
         occ = _occupancy(_structure_sd(p, s), ramp)
         img = img * (1 - occ) + tissue[s.tissue] * occ
 
-    bias = 1.0 + bias_strength * (p @ bias_dir) + 0.5 * bias_strength * bias_curv * np.einsum("...i,...i->...", p, p)
+    bias = _bias_field(p, bias_dir, bias_curv, bias_strength)
     noise = _case_rng(seed, case_index, _NOISE).normal(0.0, noise_std, size=img.shape)
     array = (gain * (img * bias + noise)).astype(np.float32)
 
@@ -203,15 +209,31 @@ def render_phantom(case_id: str, geometry: ImageGeometry, seed: int, case_index:
 
 
 # --------------------------------------------------------------------------- many, on disk
-def _check_args(n_cases, shape, spacing, absent_fraction):
+def _check_args(n_cases, shape, spacing, absent_fraction, ndim: int = 3):
+    """The generators' common argument checks; `ndim` 3 (shape (z, y, x)) or 2 (shape (y, x))."""
+    array_axes, itk_axes, unit = ("(z, y, x)", "(x, y, z)", "voxels") if ndim == 3 else ("(y, x)", "(x, y)", "pixels")
     if int(n_cases) < 1:
         raise ValueError(f"n_cases must be >= 1, got {n_cases}")
-    if len(shape) != 3 or min(shape) < 16:
-        raise ValueError(f"shape must be 3 sizes (z, y, x) of at least 16 voxels, got {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive values (x, y, z) in mm, got {spacing}")
+    if len(shape) != ndim or min(shape) < 16:
+        raise ValueError(f"shape must be {ndim} sizes {array_axes} of at least 16 {unit}, got {shape}")
+    if len(spacing) != ndim or min(spacing) <= 0:
+        raise ValueError(f"spacing must be {ndim} positive values {itk_axes} in mm, got {spacing}")
     if not 0.0 <= absent_fraction <= 1.0:
         raise ValueError(f"absent_fraction must be in [0, 1], got {absent_fraction}")
+
+
+def _write_case(out: Path, case: PhantomCase) -> Tuple[Path, Path]:
+    """`out/images/<case>.nii.gz` (the geometry's 2D or 3D image) + `out/landmarks/<case>.mrk.json`, atomically."""
+    import SimpleITK as sitk
+
+    from nnlandmark_h3de.landmarks import write_landmarks
+
+    image_path = out / "images" / f"{case.case_id}.nii.gz"
+    landmark_path = out / "landmarks" / f"{case.case_id}.mrk.json"
+    with atomic_path(image_path) as tmp:
+        sitk.WriteImage(case.geometry.to_sitk_image(case.array_zyx), str(tmp), True)
+    write_landmarks(case.landmarks, landmark_path)
+    return image_path, landmark_path
 
 
 def generate_phantom_cases(output_dir, n_cases: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0),
@@ -228,10 +250,7 @@ def generate_phantom_cases(output_dir, n_cases: int, shape=(64, 64, 64), spacing
     direction matrix. Also writes `phantoms.json` (the parameters, for reproducibility).
     Returns {case_id: (image_path, landmark_path)}; the same seed gives the same files.
     """
-    import SimpleITK as sitk
     from tqdm import tqdm
-
-    from nnlandmark_h3de.landmarks import write_landmarks
 
     _check_args(n_cases, shape, spacing, absent_fraction)
     out = Path(output_dir)
@@ -243,12 +262,7 @@ def generate_phantom_cases(output_dir, n_cases: int, shape=(64, 64, 64), spacing
         geometry = make_geometry(shape, spacing, oblique_deg, _case_rng(seed, i, _GEOMETRY))
         case = render_phantom(case_id, geometry, seed, i, absent_fraction, max_rotation_deg,
                               max_translation_fraction, scale_range, noise_std, bias_strength)
-        image_path = out / "images" / f"{case_id}.nii.gz"
-        landmark_path = out / "landmarks" / f"{case_id}.mrk.json"
-        with atomic_path(image_path) as tmp:
-            sitk.WriteImage(geometry.to_sitk_image(case.array_zyx), str(tmp), True)
-        write_landmarks(case.landmarks, landmark_path)
-        cases[case_id] = (image_path, landmark_path)
+        cases[case_id] = _write_case(out, case)
     params = {"generator": "nnlandmark_h3de.demo.phantoms", "n_cases": int(n_cases),
               "shape_zyx": [int(s) for s in shape], "spacing_xyz": [float(s) for s in spacing],
               "seed": int(seed), "absent_fraction": float(absent_fraction), "oblique_deg": float(oblique_deg),

@@ -2,6 +2,10 @@
 -> budgeted training -> nnLandmark_calibrate_global (atlas) -> two-stage nnLandmark_predict ->
 nnLandmark_evaluate (two stages, and the global stage alone) -> report.md.
 
+`two_d` (`nnLandmark_demo --2d`): the same commands on 2D X-ray-like phantoms (phantoms_2d.py) with
+nnU-Net's `2d` configuration; the whole image is one patch, so there is no global stage, and the
+errors are reported in mm and in pixels.
+
 The phantoms are larger than one network patch, so the network alone cannot tell look-alike
 structures apart (left/right eyes, ears, ventricles); the atlas global stage says which is which and
 the network refines each landmark on the tiles around it. Some structures are absent in every split
@@ -83,16 +87,26 @@ class DemoSettings:
     iterations_per_epoch: int = 50
     val_iterations_per_epoch: int = 4
     n_atlases: int = 4  # training cases registered per case by the atlas global stage
+    two_d: bool = False  # 2D X-ray phantoms, nnU-Net's 2d configuration, no global stage
     overwrite: bool = False
 
     @classmethod
     def make(cls, output_dir, quick: bool = False, minutes: Optional[float] = None, **kw) -> "DemoSettings":
         """Defaults sized for about 10 minutes on 2 CPU cores, or ~2-3 minutes with `quick`."""
-        if quick:
+        if kw.get("two_d"):
+            # 96 x 80 pixels at 1 mm, the whole image in one 2D patch; 2D steps are cheap, so a wider U-Net
+            kw = {"shape_zyx": (96, 80), "spacing_xyz": (1.0, 1.0), "patch_size": (96, 80), "oblique_deg": 0.0,
+                  "dataset_id": 988, "dataset_name": "DemoXrays", "configuration": "2d_small", "max_features": 128,
+                  "base_features": 16, **kw}
+            if quick:
+                kw = {"n_train": 8, "n_test": 2, "n_val": 2, "iterations_per_epoch": 5, "val_iterations_per_epoch": 1,
+                      **kw}
+        elif quick:
             kw = {"n_train": 8, "n_test": 2, "n_val": 2, "shape_zyx": (32, 32, 32), "patch_size": (24, 24, 24),
                   "spacing_xyz": (4.0, 4.0, 4.0), "iterations_per_epoch": 5, "val_iterations_per_epoch": 1,
                   "n_atlases": 2, **kw}
-        s = cls(Path(output_dir).resolve(), minutes=(2.5 if quick else 10.0) if minutes is None else float(minutes),
+        default_minutes = (2.5 if quick else 6.0) if kw.get("two_d") else (2.5 if quick else 10.0)
+        s = cls(Path(output_dir).resolve(), minutes=default_minutes if minutes is None else float(minutes),
                 quick=quick, **kw)
         if s.minutes <= 0:
             raise ValueError(f"--minutes must be positive, got {s.minutes}")
@@ -100,6 +114,10 @@ class DemoSettings:
             raise ValueError(f"need >= 1 validation, >= 1 training and >= 1 test case "
                              f"(n_train={s.n_train}, n_val={s.n_val}, n_test={s.n_test})")
         return s
+
+    @property
+    def base_configuration(self) -> str:
+        return "2d" if self.two_d else "3d_fullres"
 
     @property
     def dataset_folder_name(self) -> str:
@@ -110,7 +128,7 @@ class DemoSettings:
 class StageRecord:
     name: str
     seconds: float = 0.0
-    status: str = "not run"  # ok | failed | not run
+    status: str = "not run"  # ok | failed | skipped | not run
     command: Optional[str] = None
     log: Optional[str] = None
     note: str = ""
@@ -250,11 +268,17 @@ def _split_cases(s: DemoSettings, case_ids: List[str], has_absent: Dict[str, boo
 
 
 def stage_generate(s: DemoSettings, result: DemoResult, show_progress: bool):
-    from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
     from nnlandmark_h3de.landmarks import read_landmarks
-    cases = generate_phantom_cases(s.output_dir / "phantoms", s.n_train + s.n_test, shape=s.shape_zyx,
-                                   spacing=s.spacing_xyz, seed=s.seed, absent_fraction=s.absent_fraction,
-                                   oblique_deg=s.oblique_deg, progress=show_progress)
+    if s.two_d:
+        from nnlandmark_h3de.demo.phantoms_2d import generate_phantom_cases_2d
+        cases = generate_phantom_cases_2d(s.output_dir / "phantoms", s.n_train + s.n_test, shape=s.shape_zyx,
+                                          spacing=s.spacing_xyz, seed=s.seed, absent_fraction=s.absent_fraction,
+                                          progress=show_progress)
+    else:
+        from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
+        cases = generate_phantom_cases(s.output_dir / "phantoms", s.n_train + s.n_test, shape=s.shape_zyx,
+                                       spacing=s.spacing_xyz, seed=s.seed, absent_fraction=s.absent_fraction,
+                                       oblique_deg=s.oblique_deg, progress=show_progress)
     has_absent = {c: not read_landmarks(lm).present.all() for c, (_, lm) in cases.items()}
     result.cases = _split_cases(s, sorted(cases), has_absent)
     return cases
@@ -277,7 +301,8 @@ def _training_budget(s: DemoSettings, elapsed: float) -> float:
     validates again, in two stages), prediction and evaluation. Measured on 2 cores in a 10-minute run:
     ~110 s trainer start-up and final validation, ~150 s calibration, ~70 s prediction, ~10 s evaluation."""
     total = 60.0 * s.minutes
-    reserve = 120.0 + 0.4 * total
+    # 2D: no global-stage calibration, and validation / prediction of a 96 x 80 image take a second or two
+    reserve = (60.0 + 0.15 * total) if s.two_d else (120.0 + 0.4 * total)
     return max(20.0, total - elapsed - reserve)
 
 
@@ -313,9 +338,10 @@ class _Stages:
 
 
 def stage_plan_and_preprocess(st: _Stages) -> None:
-    with st.stage("plan_and_preprocess", "nnUNetv2_plan_and_preprocess (3d_fullres)"):
+    base = st.s.base_configuration
+    with st.stage("plan_and_preprocess", f"nnUNetv2_plan_and_preprocess ({base})"):
         st.command("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(st.s.dataset_id),
-                                           "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
+                                           "-c", base, "-np", "1", "--verify_dataset_integrity"],
                    nnUNet_n_proc_DA=str(max(1, int(st.env["nnUNet_n_proc_DA"]))))
 
 
@@ -323,7 +349,8 @@ def stage_small_configuration(st: _Stages) -> None:
     s = st.s
     with st.stage("small_configuration", f"nnLandmark_add_small_config -> {s.configuration}"):
         st.command("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(s.dataset_id),
-                                           "--name", s.configuration, "--base_features", str(s.base_features),
+                                           "--name", s.configuration, "--base", s.base_configuration,
+                                           "--base_features", str(s.base_features),
                                            "--max_features", str(s.max_features),
                                            "--patch_size", *(str(v) for v in s.patch_size)])
 
@@ -354,6 +381,12 @@ def stage_train(st: _Stages, elapsed: float) -> str:
 def stage_calibrate_global(st: _Stages, trainer_name: str) -> None:
     """The atlas global stage, measured on the validation cases; the fold is re-validated in two stages."""
     s = st.s
+    if s.two_d:
+        with st.stage("calibrate_global", "skipped: a 2D image is one patch, the network sees every landmark at once") \
+                as rec:
+            rec.note = "2D: the whole image is one patch"
+        rec.status = "skipped"
+        return
     with st.stage("calibrate_global", f"nnLandmark_calibrate_global: atlas global stage ({s.n_atlases} training "
                                       f"images registered per case), re-validation in two stages") as rec:
         lines = st.command("calibrate_global", [find_command("nnLandmark_calibrate_global"), "-d", str(s.dataset_id),
@@ -365,12 +398,14 @@ def stage_calibrate_global(st: _Stages, trainer_name: str) -> None:
 def stage_predict(st: _Stages, folder: Path, trainer_name: str) -> Path:
     from nnlandmark_h3de.inference.landmark_predictor import GLOBAL_ESTIMATES_FOLDER
     s, result = st.s, st.result
-    with st.stage("predict", f"nnLandmark_predict in two stages on {len(result.cases['test'])} held-out test cases"):
+    how = "on the whole image" if s.two_d else "in two stages"
+    with st.stage("predict", f"nnLandmark_predict {how} on {len(result.cases['test'])} held-out test cases"):
         pred = s.output_dir / "predictions"
+        stages = ["--global", "none"] if s.two_d else ["--global", "atlas", "--save_global_estimates"]
         st.command("predict", [find_command("nnLandmark_predict"), "-i", str(folder / "imagesTs"), "-o", str(pred),
                                "-d", str(s.dataset_id), "-c", s.configuration, "-tr", trainer_name, "-f", "0",
-                               "-device", "cpu", "-npp", "1", "--global", "atlas", "--save_global_estimates"])
-        for where in (pred, pred / GLOBAL_ESTIMATES_FOLDER):
+                               "-device", "cpu", "-npp", "1", *stages])
+        for where in (pred,) if s.two_d else (pred, pred / GLOBAL_ESTIMATES_FOLDER):
             missing_pred = [c for c in result.cases["test"] if not any(where.glob(f"{c}.*"))]
             if missing_pred:
                 raise DemoError("predict", f"no landmark file in {where} for test cases {missing_pred}")
@@ -382,12 +417,14 @@ def stage_evaluate(st: _Stages, folder: Path, pred: Path) -> None:
     """Both stages together (with plots) and the global stage alone, against the exact landmarks."""
     from nnlandmark_h3de.inference.landmark_predictor import GLOBAL_ESTIMATES_FOLDER
     s, result = st.s, st.result
-    with st.stage("evaluate", "nnLandmark_evaluate against the exact phantom landmarks (two stages, with plots; "
-                              "the global stage alone)"):
+    what = "in mm and pixels, with plots" if s.two_d else "two stages, with plots; the global stage alone"
+    with st.stage("evaluate", f"nnLandmark_evaluate against the exact phantom landmarks ({what})"):
         first = result.cases["test"][0]
         result.summary_file, result.summary = _evaluate(
             st, "evaluate", folder, pred, s.output_dir / "evaluation",
             ["--plots", "--case", first, "--image", str(folder / "imagesTs" / f"{first}_0000.nii.gz")])
+        if s.two_d:
+            return
         result.global_summary_file, result.global_summary = _evaluate(
             st, "evaluate_global_stage", folder, pred / GLOBAL_ESTIMATES_FOLDER,
             s.output_dir / "evaluation" / GLOBAL_ESTIMATES_FOLDER, [])
@@ -434,8 +471,9 @@ def run_demo(s: DemoSettings, show_progress: bool = True, log=print) -> DemoResu
     st = _Stages(s, result, env, show_progress, log)
     t_start = time.monotonic()
     try:
-        with st.stage("generate", f"{s.n_train + s.n_test} phantom heads {s.shape_zyx} voxels (z, y, x) at "
-                                  f"{s.spacing_xyz} mm, seed {s.seed}"):
+        kind, axes = ("2D X-ray phantoms", "pixels (y, x)") if s.two_d else ("phantom heads", "voxels (z, y, x)")
+        with st.stage("generate", f"{s.n_train + s.n_test} {kind} {s.shape_zyx} {axes} at {s.spacing_xyz} mm, "
+                                  f"seed {s.seed}"):
             cases = stage_generate(s, result, show_progress)
         with st.stage("convert", f"nnU-Net raw dataset {s.dataset_folder_name} ({len(result.cases['train'])} train, "
                                  f"{len(result.cases['val'])} val, {len(result.cases['test'])} test)"):

@@ -108,8 +108,10 @@ def plot_case_slices(summary: dict, case: str, image_path, folder, per_page: int
     if entry is None:
         raise ValueError(f"case {case!r} is not among the evaluated cases {[e['case'] for e in summary['metric_per_case']]}")
     image = read_image(image_path)
+    if image.GetDimension() == 2:
+        return [plot_case_image_2d(entry, case, image, folder)]
     if image.GetDimension() != 3:
-        raise ValueError(f"{image_path}: expected a 3D image, got {image.GetDimension()}D")
+        raise ValueError(f"{image_path}: expected a 2D or 3D image, got {image.GetDimension()}D")
     geometry = ImageGeometry.from_sitk(image)
     array = sitk.GetArrayFromImage(image).astype(np.float32)  # (z, y, x)
     vmin, vmax = _window(array)
@@ -153,6 +155,41 @@ def plot_case_slices(summary: dict, case: str, image_path, folder, per_page: int
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(rows) / 3.2))  # room for the suptitle
         paths.append(_save(fig, Path(folder) / f"{case}_slices_{page + 1:02d}.png"))
     return paths
+
+
+def plot_case_image_2d(entry: dict, case: str, image, folder) -> Path:
+    """A 2D image (X-ray) whole, every landmark's reference and prediction on it, joined by a line."""
+    from nnlandmark_h3de.landmarks.geometry import ImageGeometry
+    import SimpleITK as sitk
+
+    geometry = ImageGeometry.from_sitk(image)
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if array.ndim == 3:  # a vector (RGB) image: its mean
+        array = array.mean(-1)
+    vmin, vmax = _window(array)
+    sy, sx = geometry.spacing_zyx[1:]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 7 * array.shape[0] * sy / max(1.0, array.shape[1] * sx)))
+    ax.imshow(array, cmap="gray", vmin=vmin, vmax=vmax, aspect=sy / sx, interpolation="nearest")
+    for i, (name, m) in enumerate(entry["metrics"].items()):
+        pts = [None if m[k] is None else geometry.world_to_array_index(np.array(m[k]))
+               for k in ("reference_lps", "prediction_lps")]
+        if pts[0] is not None and pts[1] is not None:
+            ax.plot([pts[0][2], pts[1][2]], [pts[0][1], pts[1][1]], color="yellow", lw=0.8)
+        for point, style in zip(pts, (dict(marker="+", color="lime", ms=10, mew=2),
+                                      dict(marker="x", color="red", ms=8, mew=2))):
+            if point is not None:
+                ax.plot(point[2], point[1], ls="none", **style, label=None if i else
+                        ("reference" if style["color"] == "lime" else "prediction"))
+        anchor = pts[0] if pts[0] is not None else pts[1]
+        if anchor is not None:
+            ax.annotate(f"{name} [{m['status']}]", (anchor[2], anchor[1]), color="cyan", fontsize=6,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_title(f"{case}: reference (+ green) vs prediction (x red)", fontsize=9)
+    ax.set_xlabel("array x", fontsize=7)
+    ax.set_ylabel("array y", fontsize=7)
+    ax.legend(fontsize=6, loc="upper right")
+    return _save(fig, Path(folder) / f"{case}_image.png")
 
 
 def write_plots(summary: dict, folder, case: Optional[str] = None, image=None) -> List[Path]:

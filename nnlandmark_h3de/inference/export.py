@@ -66,8 +66,10 @@ def landmarks_from_heatmap_nifti(path, names: Sequence[str]) -> Tuple[LandmarkSe
     import SimpleITK as sitk
     from nnlandmark_h3de.landmarks import read_image
     img = read_image(path)
-    arr = sitk.GetArrayViewFromImage(img)  # (z, y, x, L) for a vector image, (z, y, x) for L = 1
-    arr = arr[None] if arr.ndim == 3 else np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+    arr = sitk.GetArrayViewFromImage(img)  # (z, y, x, L) for a vector image, (z, y, x) for L = 1; 2D: no z
+    arr = np.ascontiguousarray(np.moveaxis(arr, -1, 0)) if img.GetNumberOfComponentsPerPixel() > 1 else arr[None]
+    if img.GetDimension() == 2:
+        arr = arr[:, None]  # (L, 1, y, x): nnU-Net's form of a 2D image, as ImageGeometry maps it
     return decode_to_landmarks(arr, ImageGeometry.from_sitk(img), names, str(path))
 
 

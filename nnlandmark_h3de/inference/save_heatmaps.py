@@ -41,10 +41,16 @@ def write_heatmaps_nifti(heatmaps, properties: dict, plans_manager, configuratio
     import SimpleITK as sitk
     full = heatmaps_to_original_grid(heatmaps, properties, plans_manager, configuration_manager, logits)
     geo = original_geometry(properties)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(full, 0, -1)), isVector=True)
-    img.SetSpacing(geo.spacing)
-    img.SetOrigin(geo.origin)
-    img.SetDirection(geo.direction)
+    if geo.ndim == 2:  # a 2D image's heatmaps: a 2D L-component image on the same grid
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(full[:, 0], 0, -1)), isVector=True)
+        img.SetSpacing(geo.spacing[:2])
+        img.SetOrigin(geo.origin[:2])
+        img.SetDirection(tuple(geo.direction_matrix[:2, :2].ravel()))
+    else:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(full, 0, -1)), isVector=True)
+        img.SetSpacing(geo.spacing)
+        img.SetOrigin(geo.origin)
+        img.SetDirection(geo.direction)
     with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), True)
     return path
