@@ -152,3 +152,10 @@ def test_linear_ball_target_of_the_public_default():
     assert not outs[0][1].any()
     # half resolution: centre (20 + 0.5) / 2 - 0.5 = 9.75, radius 7.5
     assert outs[1][0, 9, 9, 9].item() == pytest.approx(1 - np.sqrt(3) * 0.75 / 7.5, abs=1e-6)
+
+
+def test_expected_ball_voxels_counts_a_disk_on_a_2d_grid():
+    """2D datasets draw disks: pi r^2 / (sx sy) pixels, not the 3D ball's volume over an area."""
+    assert expected_ball_voxels(1.5, (0.1, 0.1)) == pytest.approx(np.pi * 1.5 ** 2 / 0.01)
+    assert expected_ball_voxels(1.5, (1.0, 1.0, 2.0)) == pytest.approx(4 / 3 * np.pi * 1.5 ** 3 / 2.0)
+    assert expected_ball_voxels(None, (1.0, 1.0)) is None

@@ -1,4 +1,9 @@
-"""nnLandmark_convert: a folder of images + a folder of landmark files -> nnU-Net raw dataset."""
+"""nnLandmark_convert: a folder of images + a folder of landmark files -> nnU-Net raw dataset.
+
+3D images (NIfTI, NRRD, MHA) and 2D images (X-rays: 2D NIfTI/NRRD/MHA, or PNG/BMP/TIFF/JPEG with
+`--spacing`) convert the same way; a 2D dataset is written as 2D NIfTI images and label maps so that
+nnU-Net plans its `2d` configuration (see conversion/images_2d.py and conversion/raw_dataset.py).
+"""
 from __future__ import annotations
 
 import argparse
@@ -34,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert images + landmark files (matched by file name) into an nnU-Net raw dataset "
                     "DatasetXXX_NAME in $nnUNet_raw: each landmark becomes a small ball of its own label, "
                     "exact world coordinates go to landmarks.json.")
-    p.add_argument("-i", "--images", required=True, help="folder of images (.nii.gz .nii .nrrd .mha .mhd)")
-    p.add_argument("-l", "--landmarks", required=True, help="folder of landmark files (.mrk.json .fcsv .csv .json)")
+    p.add_argument("-i", "--images", required=True,
+                   help="folder of images: 3D or 2D .nii.gz .nii .nrrd .mha .mhd, or 2D pictures .png .bmp .tif "
+                        ".tiff .jpg .jpeg (need --spacing; colour pictures become grey)")
+    p.add_argument("-l", "--landmarks", required=True,
+                   help="folder of landmark files (.mrk.json .fcsv .csv .json), world coordinates in mm (a 2D "
+                        "image's landmarks have z = 0; a CSV file may leave out the s column). A CSV file with "
+                        "x_px,y_px columns instead gives pixel coordinates: 0-based, column then row, an "
+                        "integer at a pixel's centre (3D images: add z_px)")
     p.add_argument("-d", "--dataset_id", required=True, type=int, help="nnU-Net dataset id (1..999)")
     p.add_argument("-n", "--dataset_name", required=True, help="dataset name (letters, digits, _ or -)")
     p.add_argument("-o", "--output_root", default=None, help="parent folder of the dataset (default: $nnUNet_raw)")
@@ -58,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a landmark outside the image (cut off by the field of view): 'absent' makes it absent "
                         "with a warning, though most of a case's landmarks outside stays an error (RAS vs LPS?); "
                         "'error' makes any landmark outside the image an error (default: absent)")
+    p.add_argument("--spacing", nargs="+", type=float, default=None, metavar=("SX", "SY"),
+                   help="2D images: pixel spacing in mm (x, then y; one value for square pixels). Required for "
+                        ".png/.bmp/.tif/.jpg pictures, which carry none; for 2D NIfTI/NRRD/MHA files it overrides "
+                        "the file's spacing, with a warning; an error for 3D images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     return p
 
@@ -84,6 +99,8 @@ def _run(args) -> int:
     warnings.simplefilter("always", ConversionWarning)
     if (args.test_images is None) != (args.test_landmarks is None):
         raise SystemExit("nnLandmark_convert: error: give both --test_images and --test_landmarks, or neither")
+    if args.spacing is not None and len(args.spacing) not in (1, 2):
+        raise SystemExit(f"nnLandmark_convert: error: --spacing takes 1 or 2 values (SX [SY] mm), got {args.spacing}")
     names = _read_names_file(args.names_file) if args.names_file else args.names
     pairs = _parse_pairs(args.pairs)
     try:
@@ -103,7 +120,8 @@ def _run(args) -> int:
         folder = convert_dataset(cases, out, names=names, pairs=pairs, test_cases=test_cases,
                                  ball_radius_mm=args.ball_radius_mm, on_error="drop" if args.drop_bad_cases else "raise",
                                  channel_name=args.channel_name, overwrite=args.overwrite,
-                                 exclude_names=args.exclude_names, outside_fov=args.outside_fov)
+                                 exclude_names=args.exclude_names, outside_fov=args.outside_fov,
+                                 spacing=args.spacing)
     except (ConversionError, LandmarkError) as e:
         print(f"nnLandmark_convert: error: {e}", file=sys.stderr)
         return 1

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="image of --case for the three-slice plots")
     p.add_argument("--images", default=None, help="folder of the cases' images (<case>_0000.*) for errors in pixels "
                                                   "(default: imagesTs/ and imagesTr/ beside a dataset's landmarks.json)")
+    p.add_argument("--test_set", default=None, metavar="NAME",
+                   help="evaluate only the cases of this group of the dataset's landmarks.json `test_sets` (e.g. "
+                        "ISBI 2015's test1 / test2); every case of the group needs a prediction")
     p.add_argument("--chill", action="store_true", help="skip missing/unreadable cases and unknown landmark "
                                                         "names instead of failing; they are listed in the summary")
     return p
@@ -43,9 +46,10 @@ def main(argv=None) -> int:
         print("nnLandmark_evaluate: --case/--image draw slice plots and need --plots", file=sys.stderr)
         return 2
     try:
+        cases = None if args.test_set is None else _test_set_cases(args.ref, args.test_set)
         summary = evaluate_folders(args.ref, args.pred, output, sdr_radii=args.sdr, chill=args.chill,
                                    plots=args.plots, plot_case=args.case, plot_image=args.image,
-                                   images=args.images)
+                                   images=args.images, cases=cases)
     except (LandmarkError, ValueError, FileNotFoundError) as e:
         print(f"nnLandmark_evaluate: error: {e}", file=sys.stderr)
         return 1
@@ -54,6 +58,18 @@ def main(argv=None) -> int:
         print(f"skipped: {item}", file=sys.stderr)
     print(f"wrote {output} and {summary['per_case_csv']}" + (f" and {len(summary['plots'])} plots" if args.plots else ""))
     return 0
+
+
+def _test_set_cases(reference, name: str) -> list:
+    """The case ids of test set `name` in the reference dataset's landmarks.json."""
+    from nnlandmark_h3de.conversion import load_dataset_test_sets
+    from nnlandmark_h3de.evaluation.landmark_files import reference_kind
+    if reference_kind(reference) != "dataset_json":
+        raise ValueError(f"--test_set needs a dataset's landmarks.json as -ref, got the folder {reference}")
+    sets = load_dataset_test_sets(reference)
+    if name not in sets:
+        raise ValueError(f"{reference}: no test set {name!r} (test_sets: {sorted(sets) or 'none'})")
+    return sets[name]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from typing import Dict, List, Optional, Tuple
 
 from nnlandmark_h3de.conversion.errors import ConversionError, ConversionWarning
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# 3D or 2D medical image files, then 2D pictures (PNG/BMP/TIFF/JPEG: the conversion needs a pixel spacing)
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".bmp", ".tiff", ".tif", ".jpeg", ".jpg")
 
 
 def _landmark_suffixes() -> Tuple[str, ...]:

@@ -14,11 +14,16 @@ from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 LANDMARKS_FILE = "landmarks.json"
 
 
-def landmarks_json_dict(landmarks: Dict[str, LandmarkSet], names: Sequence[str], test_cases: Iterable[str] = ()) -> dict:
-    """The landmarks.json content: LPS mm per case and name, null when absent."""
-    return {"coordinate_system": "LPS", "units": "mm", "names": list(names),
-            "cases": {case: ls.reordered(list(names)).as_dict() for case, ls in landmarks.items()},
-            "test_cases": [c for c in test_cases]}
+def landmarks_json_dict(landmarks: Dict[str, LandmarkSet], names: Sequence[str], test_cases: Iterable[str] = (),
+                        test_sets: Optional[Dict[str, Sequence[str]]] = None) -> dict:
+    """The landmarks.json content: LPS mm per case and name, null when absent; `test_sets` (named groups
+    of test cases, e.g. a challenge's two test sets) only when given."""
+    d = {"coordinate_system": "LPS", "units": "mm", "names": list(names),
+         "cases": {case: ls.reordered(list(names)).as_dict() for case, ls in landmarks.items()},
+         "test_cases": [c for c in test_cases]}
+    if test_sets:
+        d["test_sets"] = {str(k): [str(c) for c in v] for k, v in test_sets.items()}
+    return d
 
 
 def landmark_info_dict(names: Sequence[str], pairs: Sequence[Tuple[str, str]], ball_radius_mm: float) -> dict:
@@ -79,6 +84,16 @@ def load_dataset_test_cases(path) -> List[str]:
     path = Path(path)
     file = path / LANDMARKS_FILE if path.is_dir() else path
     return [str(c) for c in _load_json(file, "landmarks file").get("test_cases", [])]
+
+
+def load_dataset_test_sets(path) -> Dict[str, List[str]]:
+    """The `test_sets` of landmarks.json (name -> case ids, each a group of `test_cases`); {} when absent."""
+    path = Path(path)
+    file = path / LANDMARKS_FILE if path.is_dir() else path
+    sets = _load_json(file, "landmarks file").get("test_sets") or {}
+    if not isinstance(sets, dict) or not all(isinstance(v, list) for v in sets.values()):
+        raise ConversionError(f"{file}: 'test_sets' must map a name to a list of case ids")
+    return {str(k): [str(c) for c in v] for k, v in sets.items()}
 
 
 def read_dataset_landmark_info(dataset_json) -> dict:

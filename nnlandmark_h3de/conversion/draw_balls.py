@@ -4,7 +4,8 @@ A voxel belongs to landmark k's ball when its centre lies within `radius_mm` of 
 point, so anisotropic spacing and rotated directions need no special case. Where balls meet, a
 voxel goes to the nearest landmark. The balls only steer nnU-Net's planning and foreground-
 oversampled patch positions: training targets come from the exact points (landmarks.json), so
-landmarks may lie at any distance from each other and from the image border.
+landmarks may lie at any distance from each other and from the image border. On a 2D image (the
+plane z = 0 of a 2D `ImageGeometry`, landmarks with z = 0) a ball is the disk it cuts from the plane.
 """
 from __future__ import annotations
 

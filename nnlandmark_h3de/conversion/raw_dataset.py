@@ -20,6 +20,16 @@ a voxel beyond the outermost voxel centres (`ImageGeometry.contains_array_index`
 the landmarks. But when MOST of a case's present landmarks are outside (more than half of them, and
 at least 2), the case is an error all the same: that is almost surely a RAS/LPS mix-up or the wrong
 image, not a cut-off view. `outside_fov="error"` makes any landmark outside the image an error.
+
+2D images (X-rays; images_2d.py): the image is the plane z = 0 of a 2D `ImageGeometry`, written as a
+2D NIfTI with a 2D label map (each present landmark a disk of its own label value) so that nnU-Net
+plans a `2d` configuration. PNG/BMP/TIFF/JPEG files need `spacing=` (mm per pixel; colour pictures
+become grey); `spacing=` overrides a 2D NIfTI/NRRD/MHA file's own spacing with a warning and is an
+error for a 3D image. A dataset is all 2D or all 3D. The 2D field of view is the image plane: a
+landmark is inside when it lies within half a pixel of the outermost pixel centres in-plane AND on
+the plane (|z| <= `PLANE_TOLERANCE_MM`; such a z is then set to exactly 0), so a landmark with z != 0
+follows the rule above like any other landmark outside the image. The ball radius rule looks at the
+in-plane spacings only (nnU-Net's 2d configuration never resamples along z; see ball_radius.py).
 """
 from __future__ import annotations
 
@@ -41,6 +51,8 @@ from nnlandmark_h3de.conversion.ball_radius import (MIN_RADIUS_VOXELS, ball_radi
 from nnlandmark_h3de.conversion.dataset_landmarks import LANDMARKS_FILE, landmark_info_dict, landmarks_json_dict
 from nnlandmark_h3de.conversion.draw_balls import draw_balls, label_dtype
 from nnlandmark_h3de.conversion.errors import ConversionError, ConversionWarning
+from nnlandmark_h3de.conversion.images_2d import ImageInputError, is_picture_file, open_picture, open_with_spacing, \
+    parse_spacing
 from nnlandmark_h3de.conversion.lazy_image import LazyImage
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry, read_image_header
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
@@ -49,6 +61,7 @@ FILE_ENDING = ".nii.gz"
 RESERVED_NAMES = ("background", "ignore")
 OUTSIDE_FOV_CHOICES = ("absent", "error")
 FOV_MARGIN_VOXELS = 0.5  # field of view: outermost voxel centres widened by half a voxel
+PLANE_TOLERANCE_MM = 1e-3  # a 2D image's landmark lies on the image plane when |z| <= this
 ImageLike = Union[str, os.PathLike, "SimpleITK.Image", LazyImage]  # noqa: F821
 LandmarksLike = Union[str, os.PathLike, LandmarkSet]
 
@@ -122,16 +135,19 @@ def _image_header(c: _Case) -> ImageGeometry:
         except ValueError as e:
             raise CaseError(str(e)) from None
         dim, comps, size = reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize()
-    if dim != 3 or comps != 1:
+    if dim not in (2, 3) or comps != 1:
         raise CaseError(f"{c.image_label}: expected a 3D single-component image, got {dim}D with {comps} "
-                        f"component(s) per voxel (size {tuple(size)}); split 4D/multi-channel images first")
+                        f"component(s) per voxel (size {tuple(size)}); split 4D/multi-channel images first "
+                        "(2D single-component images convert too)")
     geo = ImageGeometry.from_sitk(c.image) if isinstance(c.image, sitk.Image) else ImageGeometry.from_file(c.image)
     if min(geo.shape_ijk) < 1 or not np.all(np.asarray(geo.spacing) > 0):
         raise CaseError(f"{c.image_label}: degenerate geometry (size {geo.shape_ijk}, spacing {geo.spacing})")
     return geo
 
 
-def _read_case_landmarks(lm: LandmarksLike, exclude: Sequence[str]) -> Tuple[LandmarkSet, Tuple[str, ...]]:
+def _read_case_landmarks(lm: LandmarksLike, exclude: Sequence[str],
+                         geometry: Optional[ImageGeometry] = None) -> Tuple[LandmarkSet, Tuple[str, ...]]:
+    """The case's landmarks (a CSV file in pixel coordinates is mapped to world through `geometry`)."""
     if isinstance(lm, LandmarkSet):
         ls = lm
     else:
@@ -140,7 +156,7 @@ def _read_case_landmarks(lm: LandmarksLike, exclude: Sequence[str]) -> Tuple[Lan
         if not path.is_file():
             raise CaseError(f"{path}: landmark file not found")
         try:
-            ls = read_landmarks(path)
+            ls = read_landmarks(path, geometry=geometry)
         except (LandmarkError, OSError, ValueError, KeyError) as e:
             msg = str(e)
             raise CaseError(msg if str(path) in msg else f"{path}: {msg}") from None
@@ -160,8 +176,9 @@ def _read_image(c: _Case):
             image = c.image.load()
         except (LandmarkError, OSError, ValueError, RuntimeError) as e:
             raise CaseError(f"{c.image_label}: unreadable image ({e})") from None
-        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-            raise CaseError(f"{c.image_label}: expected a 3D single-component image")
+        if image.GetDimension() != c.image.geometry.ndim or image.GetNumberOfComponentsPerPixel() != 1:
+            raise CaseError(f"{c.image_label}: expected a {c.image.geometry.ndim}D single-component image, got "
+                            f"{image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} component(s)")
         if ImageGeometry.from_sitk(image) != c.image.geometry:
             raise CaseError(f"{c.image_label}: loaded image geometry differs from its header geometry")
         return image
@@ -173,14 +190,27 @@ def _read_image(c: _Case):
 
 # ---------------------------------------------------------------------------------- checking
 def _outside_fov(c: _Case) -> np.ndarray:
-    """Mask of present landmarks beyond the image's field of view (voxel centres +- half a voxel)."""
+    """Mask of present landmarks beyond the image's field of view (voxel centres +- half a voxel; for a
+    2D image also off the image plane, |z| > PLANE_TOLERANCE_MM)."""
     ls, geo = c.landmarks, c.geometry
     outside = np.zeros(len(ls.names), bool)
     present = ls.present
     if present.any():
         idx = geo.world_to_array_index(ls.points_lps[present])
         outside[present] = ~geo.contains_array_index(idx, margin=FOV_MARGIN_VOXELS)
+        if geo.ndim == 2:  # the plane's normal is the k axis, of spacing 1: idx z is the distance in mm
+            outside[present] |= np.abs(idx[:, 0]) > PLANE_TOLERANCE_MM
     return outside
+
+
+def _onto_plane(ls: LandmarkSet) -> LandmarkSet:
+    """A 2D image's landmarks (all on the plane, within PLANE_TOLERANCE_MM) with z exactly 0."""
+    present = ls.present
+    if not present.any() or np.all(ls.points_lps[present, 2] == 0):
+        return ls
+    pts = ls.points_lps.copy()
+    pts[present, 2] = 0.0
+    return LandmarkSet(list(ls.names), pts, ls.confidence, ls.uncertainty_mm, ls.descriptions, ls.source)
 
 
 def _looks_like_wrong_frame(n_outside: int, n_present: int) -> bool:
@@ -204,16 +234,19 @@ def _check_inside(c: _Case, outside_fov: str = "absent") -> None:
     """Landmarks cut off by the field of view become absent (warned); most of them outside is an error."""
     outside = _outside_fov(c)
     n_out, n_present = int(outside.sum()), int(c.landmarks.present.sum())
-    if not n_out:
-        return
-    if outside_fov == "error" or _looks_like_wrong_frame(n_out, n_present):
-        raise CaseError(f"{c.landmarks.source}: {n_out} of {n_present} landmark(s) outside the image {c.image_label} "
-                        f"(shape zyx {c.geometry.shape_zyx}): {_describe(c, outside)}. "
-                        "Wrong coordinate system (RAS vs LPS) or wrong image?")
-    warnings.warn(f"case {c.case}: {c.landmarks.source}: landmark(s) {_describe(c, outside)} lie outside the image "
-                  f"{c.image_label} (shape zyx {c.geometry.shape_zyx}), cut off by the field of view -> absent "
-                  "(null in landmarks.json, no label ball)", ConversionWarning, stacklevel=4)
-    c.landmarks = _without(c.landmarks, outside)
+    plane = (f"; a 2D image's landmarks lie in its plane z = 0 (within {PLANE_TOLERANCE_MM} mm)"
+             if c.geometry.ndim == 2 else "")
+    if n_out:
+        if outside_fov == "error" or _looks_like_wrong_frame(n_out, n_present):
+            raise CaseError(f"{c.landmarks.source}: {n_out} of {n_present} landmark(s) outside the image "
+                            f"{c.image_label} (shape zyx {c.geometry.shape_zyx}{plane}): {_describe(c, outside)}. "
+                            "Wrong coordinate system (RAS vs LPS) or wrong image?")
+        warnings.warn(f"case {c.case}: {c.landmarks.source}: landmark(s) {_describe(c, outside)} lie outside the image "
+                      f"{c.image_label} (shape zyx {c.geometry.shape_zyx}{plane}), cut off by the field of view -> "
+                      "absent (null in landmarks.json, no label ball)", ConversionWarning, stacklevel=4)
+        c.landmarks = _without(c.landmarks, outside)
+    if c.geometry.ndim == 2:
+        c.landmarks = _onto_plane(c.landmarks)
 
 
 def _validate_pairs(pairs, names: Sequence[str]) -> List[Tuple[str, str]]:
@@ -258,7 +291,7 @@ def _write_case(c: _Case, out: Path, names: Sequence[str], radius: float) -> Non
         sitk.WriteImage(image, str(out / "imagesTs" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
         return
     labels, _ = draw_balls(c.geometry, c.landmarks.points_lps, radius, label_dtype(len(names)))
-    label_img = sitk.GetImageFromArray(labels)
+    label_img = sitk.GetImageFromArray(labels[0] if c.geometry.ndim == 2 else labels)  # 2D: disks, a 2D map
     label_img.CopyInformation(image)
     sitk.WriteImage(image, str(out / "imagesTr" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
     sitk.WriteImage(label_img, str(out / "labelsTr" / f"{c.case}{FILE_ENDING}"), useCompression=True)
@@ -329,22 +362,62 @@ def _check_case_ids(cases: Mapping, test_cases: Sequence[str]) -> set:
     return test_set
 
 
+def _open_2d(c: _Case, spacing: Optional[Tuple[float, float]], notes: Dict[str, List[str]]) -> None:
+    """Picture files, and image files whose spacing is overridden, become LazyImages (images_2d.py).
+
+    In-memory images and LazyImages keep their own geometry.
+    """
+    import SimpleITK as sitk
+    if isinstance(c.image, (sitk.Image, LazyImage)):
+        return
+    path = Path(c.image)
+    try:
+        if is_picture_file(path):
+            c.image, n_components = open_picture(path, spacing, c.image_label)
+            if n_components > 1:
+                notes["grey"].append(str(path))
+        elif spacing is not None:
+            c.image, own = open_with_spacing(path, spacing, c.image_label)
+            if not np.allclose(own, spacing, rtol=1e-9, atol=0):
+                notes["spacing"].append(f"{path} (file: {list(own)})")
+    except ImageInputError as e:
+        raise CaseError(str(e)) from None
+
+
+def _some(items: List[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def _read_cases(cases: Mapping, test_set: set, exclude: Sequence[str], problems: _Problems,
-                progress: bool) -> List[_Case]:
+                progress: bool, spacing: Optional[Tuple[float, float]] = None) -> List[_Case]:
     """Pass 1: image headers and landmark files (no voxel data read)."""
     import SimpleITK as sitk
     items: List[_Case] = []
+    notes: Dict[str, List[str]] = {"grey": [], "spacing": []}
     for case, (image, lm) in tqdm(list(cases.items()), desc="Reading cases", unit="case", disable=not progress):
         case = str(case)
         label = f"{case} (in-memory image)" if isinstance(image, sitk.Image) else str(image)
         c = _Case(case, image, label, is_test=case in test_set)
         try:
+            _open_2d(c, spacing, notes)
             c.geometry = _image_header(c)
-            c.landmarks, c.file_names = _read_case_landmarks(lm, exclude)
+            c.landmarks, c.file_names = _read_case_landmarks(lm, exclude, c.geometry)
         except CaseError as e:
             problems.fail(case, str(e))
             continue
         items.append(c)
+    if notes["grey"]:
+        warnings.warn(f"{len(notes['grey'])} colour picture(s) converted to one grey channel (0.299 R + 0.587 G + "
+                      "0.114 B, alpha ignored; exact for grey pictures stored as colour, such as palette BMPs): "
+                      f"{_some(notes['grey'])}", ConversionWarning, stacklevel=3)
+    if notes["spacing"]:
+        warnings.warn(f"spacing {list(spacing)} mm per pixel (x, y) overrides the spacing of {len(notes['spacing'])} "
+                      f"2D image file(s): {_some(notes['spacing'])}", ConversionWarning, stacklevel=3)
+    dims = {c.geometry.ndim for c in items}
+    if len(dims) > 1:
+        by_dim = {d: [c.image_label for c in items if c.geometry.ndim == d] for d in sorted(dims)}
+        raise ConversionError("a dataset holds 2D or 3D images, not both (nnU-Net plans one kind): "
+                              + "; ".join(f"{d}D: {_some(v, 3)}" for d, v in by_dim.items()))
     return items
 
 
@@ -383,13 +456,22 @@ def _reorder_and_check(items: List[_Case], names: Sequence[str], problems: _Prob
 
 def _ball_radius(train: List[_Case], kept: List[_Case], target_spacing, ball_radius_mm: Optional[float],
                  min_radius_voxels: float) -> float:
-    """The given radius (a warning under the rule), else the rule over the training cases' spacings."""
-    spacings = [c.geometry.spacing for c in train] or [c.geometry.spacing for c in kept]
-    shapes = [c.geometry.shape_ijk for c in train] or [c.geometry.shape_ijk for c in kept]
-    target_sp = (np.asarray(target_spacing, dtype=np.float64) if target_spacing is not None
-                 else nnunet_target_spacing(spacings, shapes) if spacings else np.ones(3))
-    if target_sp.shape != (3,) or not np.all(target_sp > 0):
-        raise ConversionError(f"target spacing must be 3 positive numbers, got {target_spacing!r}")
+    """The given radius (a warning under the rule), else the rule over the training cases' spacings.
+
+    2D images: in-plane spacings (x, y) only, and `target_spacing` is 2 numbers (x, y).
+    """
+    ref = train or kept
+    ndim = ref[0].geometry.ndim if ref else 3
+    spacings = [c.geometry.spacing[:ndim] for c in ref]
+    shapes = [c.geometry.shape_ijk[:ndim] for c in ref]
+    try:
+        target_sp = (np.asarray(target_spacing, dtype=np.float64) if target_spacing is not None
+                     else nnunet_target_spacing(spacings, shapes) if spacings else np.ones(ndim))
+    except (TypeError, ValueError):
+        target_sp = np.zeros(0)
+    if target_sp.shape != (ndim,) or not np.all(target_sp > 0):
+        raise ConversionError(f"target spacing must be {ndim} positive numbers"
+                              f"{' (x, y) for 2D images' if ndim == 2 else ''}, got {target_spacing!r}")
     advised = radius_rule(spacings, target_sp, min_voxels=min_radius_voxels) if spacings else 1.0
     if ball_radius_mm is None:
         return advised
@@ -424,10 +506,13 @@ def _write_cases(cases: List[_Case], tmp: Path, names: Sequence[str], radius: fl
     return written
 
 
-def _dataset_json(target: Path, names: Sequence[str], pairs, radius: float, channel_name: str, n_train: int) -> dict:
+def _dataset_json(target: Path, names: Sequence[str], pairs, radius: float, channel_name: str, n_train: int,
+                  ndim: int = 3) -> dict:
+    balls = "label disks" if ndim == 2 else "label balls"
     return {
         "name": target.name.split("_", 1)[-1] if target.name.startswith("Dataset") else target.name,
-        "description": "3D anatomical landmarks: exact points in landmarks.json, label balls for sampling (nnlandmark_h3de)",
+        "description": f"{ndim}D anatomical landmarks: exact points in landmarks.json, {balls} for sampling "
+                       "(nnlandmark_h3de)",
         "channel_names": {"0": channel_name},
         "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(names)}},
         "numTraining": n_train,
@@ -457,10 +542,14 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
                     target_spacing: Optional[Sequence[float]] = None, on_error: str = "raise",
                     channel_name: str = "image", overwrite: bool = False, exclude_names: Sequence[str] = (),
                     splits: Optional[List[dict]] = None, min_radius_voxels: float = MIN_RADIUS_VOXELS,
-                    outside_fov: str = "absent", progress: bool = True) -> Path:
+                    outside_fov: str = "absent", progress: bool = True,
+                    spacing: Optional[Sequence[float]] = None,
+                    test_sets: Optional[Mapping[str, Sequence[str]]] = None) -> Path:
     """Write `DatasetXXX_Name/` (imagesTr, labelsTr, imagesTs, dataset.json, landmarks.json) and return it.
 
     cases: case id -> (image path, SimpleITK image or LazyImage, landmark file path or LandmarkSet).
+        Image files: 3D or 2D NIfTI/NRRD/MHA, or 2D PNG/BMP/TIFF/JPEG pictures (these need `spacing`);
+        a CSV landmark file may give pixel coordinates (`x_px,y_px` columns, see io_csv.py).
     output_folder: the dataset folder itself, or (dataset_id, dataset_name) under $nnUNet_raw
         (the keyword arguments `dataset_id`/`dataset_name` do the same).
     names: landmark (channel) order; default: the first case's order. Every case is reordered to it;
@@ -479,17 +568,27 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
     splits: optional nnU-Net splits (list of {"train": [...], "val": [...]}) written to
         splits_final.json beside dataset.json (dropped cases removed) and copied to
         $nnUNet_preprocessed/<dataset>/ when that is set.
+    spacing: (sx, sy) or one value, mm per pixel, for 2D images given as files: required for
+        PNG/BMP/TIFF/JPEG pictures; overrides a 2D NIfTI/NRRD/MHA file's spacing with a
+        ConversionWarning; an error for 3D images (see images_2d.py).
+    test_sets: optional named groups of test cases (e.g. {"test1": [...], "test2": [...]}), each a
+        subset of `test_cases` (default `test_cases`: their union), written to landmarks.json
+        (`test_sets`, dropped cases removed) so each group can be evaluated on its own.
     """
     problems = _Problems(on_error)
     if outside_fov not in OUTSIDE_FOV_CHOICES:
         raise ConversionError(f"outside_fov must be one of {OUTSIDE_FOV_CHOICES}, got {outside_fov!r}")
     target = _output_folder(output_folder, dataset_id, dataset_name, overwrite)
+    test_sets = _check_test_sets(test_sets, test_cases)
+    if test_sets and not test_cases:
+        test_cases = sorted({c for group in test_sets.values() for c in group})
     test_set = _check_case_ids(cases, test_cases)
+    spacing = parse_spacing(spacing)
     if ball_radius_mm is not None and not (np.isfinite(ball_radius_mm) and ball_radius_mm > 0):
         raise ConversionError(f"ball radius must be a positive number of mm, got {ball_radius_mm!r}")
     exclude = [str(n) for n in exclude_names]
 
-    items = _read_cases(cases, test_set, exclude, problems, progress)
+    items = _read_cases(cases, test_set, exclude, problems, progress, spacing)
     names = _channel_names(items, names, exclude, problems)
     if pairs is None:
         from nnlandmark_h3de.landmarks.pairs import find_lr_pairs
@@ -507,9 +606,14 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
     try:
         written = _write_cases(train + [c for c in kept if c.is_test], tmp, names, radius, problems, progress)
         n_train = sum(not c.is_test for c in written)
-        _dump_json(_dataset_json(target, names, pairs, radius, channel_name, n_train), tmp / "dataset.json")
+        ndim = written[0].geometry.ndim
+        _dump_json(_dataset_json(target, names, pairs, radius, channel_name, n_train, ndim), tmp / "dataset.json")
+        done = {c.case for c in written}
         _dump_json(landmarks_json_dict({c.case: c.landmarks for c in written}, names,
-                                       [c.case for c in written if c.is_test]), tmp / LANDMARKS_FILE)
+                                       [c.case for c in written if c.is_test],
+                                       None if not test_sets else
+                                       {k: [x for x in v if x in done] for k, v in test_sets.items()}),
+                   tmp / LANDMARKS_FILE)
         if splits is not None:
             _dump_json(_filter_splits(splits, {c.case for c in written if not c.is_test}, {str(k) for k in cases}),
                        tmp / "splits_final.json")
@@ -520,6 +624,29 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
     if splits is not None:
         install_splits(target)
     return target
+
+
+def _check_test_sets(test_sets, test_cases: Sequence[str]) -> Dict[str, List[str]]:
+    """Named test groups as {name: [case ids]}: disjoint, and within `test_cases` when that is given."""
+    if test_sets is None:
+        return {}
+    if not isinstance(test_sets, Mapping):
+        raise ConversionError(f"test_sets must map a name to case ids, got {type(test_sets).__name__}")
+    out: Dict[str, List[str]] = {}
+    owner: Dict[str, str] = {}
+    given = {str(t) for t in test_cases}
+    for name, ids in test_sets.items():
+        if isinstance(ids, str):
+            raise ConversionError(f"test set {name!r}: expected a list of case ids, got the string {ids!r}")
+        ids = [str(x) for x in ids]
+        twice = sorted({x for x in ids if x in owner})
+        if twice:
+            raise ConversionError(f"test set {name!r}: case(s) {twice[:10]} also in test set {owner[twice[0]]!r}")
+        if given and not set(ids) <= given:
+            raise ConversionError(f"test set {name!r}: case(s) {sorted(set(ids) - given)[:10]} are not test cases")
+        owner.update({x: str(name) for x in ids})
+        out[str(name)] = ids
+    return out
 
 
 def _filter_splits(splits: List[dict], train_cases: set, all_cases: set) -> List[dict]:

@@ -35,10 +35,11 @@ __all__ = ["LandmarkHeatmapTransform", "ball_centres", "keypoint_centres", "gaus
 
 
 def expected_ball_voxels(radius_mm: Optional[float], spacing: Sequence[float]) -> Optional[float]:
-    """Voxel count of a ball of `radius_mm` on a grid of `spacing` (mm per axis); None if unknown."""
+    """Voxel count of a ball of `radius_mm` on a grid of `spacing` (mm per axis); None if unknown.
+    A 2D grid (two spacings) holds the ball's disk (2D datasets draw disks)."""
     if radius_mm is None or radius_mm <= 0:
         return None
-    vol = 4.0 / 3.0 * math.pi * radius_mm ** 3
+    vol = math.pi * radius_mm ** 2 if len(spacing) == 2 else 4.0 / 3.0 * math.pi * radius_mm ** 3
     return vol / math.prod(float(s) for s in spacing)
 
 

@@ -27,15 +27,17 @@ def is_landmark_file(path) -> bool:
     return landmark_format(path) is not None
 
 
-def read_landmarks(path, names: Optional[Sequence[str]] = None) -> LandmarkSet:
+def read_landmarks(path, names: Optional[Sequence[str]] = None, geometry=None) -> LandmarkSet:
     """Read any supported landmark file as LPS mm; with `names`, reorder to that order.
 
     Names in the file but not in `names` are an error; names missing from the file become absent.
+    `geometry` (the image's `ImageGeometry`) maps a CSV file's pixel columns (`x_px,y_px`) to world;
+    other files ignore it.
     """
     fmt = landmark_format(path)
     if fmt is None:
         raise LandmarkError(f"{path}: unknown landmark file type (expected one of {', '.join(LANDMARK_SUFFIXES)})")
-    ls = LANDMARK_FORMATS[fmt][0](path)
+    ls = read_csv(path, geometry=geometry) if fmt == ".csv" else LANDMARK_FORMATS[fmt][0](path)
     return ls if names is None else ls.reordered(list(names))
 
 
