@@ -1,4 +1,4 @@
-"""Anchor head (H3DE-Net): target encoding/decoding, absent landmarks, loss, shapes."""
+"""Anchor head (H3DE-Net): target encoding/decoding, absent landmarks, loss, shapes; 3D and 2D grids."""
 import math
 
 import pytest
@@ -18,11 +18,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PATCH = (28, 20, 12)
 GRID = (7, 5, 3)  # stride 4, odd sizes
 RADII = torch.tensor([1.0, 2.0])
+GEOMETRY = {3: (PATCH, GRID, nn.Conv3d), 2: ((28, 20), (7, 5), nn.Conv2d)}  # ndim -> patch, grid, conv op
 
 
-def _centres(seed=0, b=2, n_l=4):
+def _centres(seed=0, b=2, n_l=4, patch=PATCH):
     g = torch.Generator().manual_seed(seed)
-    c = torch.rand(b, n_l, 3, generator=g) * (torch.tensor(PATCH) - 1)
+    c = torch.rand(b, n_l, len(patch), generator=g) * (torch.tensor(patch) - 1)
     present = torch.ones(b, n_l, dtype=torch.bool)
     present[0, 1] = False
     present[1, 3] = False
@@ -30,11 +31,11 @@ def _centres(seed=0, b=2, n_l=4):
     return c, present
 
 
-def _perfect_outputs(c, present):
+def _perfect_outputs(c, present, patch=PATCH, grid=GRID):
     """Offsets = the exact targets on positives (garbage elsewhere), logits +-12 by positivity."""
-    tg = build_anchor_targets(c, present, PATCH, GRID, RADII)
+    tg = build_anchor_targets(c, present, patch, grid, RADII)
     b, n_l = present.shape
-    offsets = torch.randn(b, len(RADII), n_l, 3, *GRID) * 5
+    offsets = torch.randn(b, len(RADII), n_l, len(grid), *grid) * 5
     offsets.movedim(3, -1)[tg.positive] = tg.offsets
     logits = torch.where(tg.positive, 12.0, -12.0)
     return tg, offsets, logits
@@ -51,16 +52,20 @@ def test_grid_convention_round_trip_and_mirror_symmetry():
     assert torch.allclose(voxel_to_grid(flipped, s), torch.tensor(GRID) - 1 - voxel_to_grid(c, s))
 
 
-def test_offsets_decode_back_to_the_exact_landmark():
-    c, present = _centres()
-    tg, offsets, logits = _perfect_outputs(c, present)
-    cells = cell_coordinates(GRID).movedim(0, -1)  # (*grid, 3)
+@pytest.mark.parametrize("nd", [3, 2])
+def test_offsets_decode_back_to_the_exact_landmark(nd):
+    patch, grid, _ = GEOMETRY[nd]
+    c, present = _centres(patch=patch)
+    tg, offsets, logits = _perfect_outputs(c, present, patch, grid)
+    assert tg.offsets.shape[1] == nd
+    cells = cell_coordinates(grid).movedim(0, -1)  # (*grid, nd)
     bi, ai, li, *cell = tg.positive.nonzero(as_tuple=True)
-    f = cells[cell[0], cell[1], cell[2]]
+    f = cells[tuple(cell)]
     g = decode_offsets(tg.offsets, f, RADII[ai][:, None])
-    assert torch.allclose(grid_to_voxel(g, grid_stride(PATCH, GRID)), c[bi, li], atol=1e-5)
+    assert torch.allclose(grid_to_voxel(g, grid_stride(patch, grid)), c[bi, li], atol=1e-5)
     for location in ("weighted", "medoid", "best"):
-        pos, prob = decode_anchors(offsets, logits, RADII, PATCH, top_k=5, location=location)
+        pos, prob = decode_anchors(offsets, logits, RADII, patch, top_k=5, location=location)
+        assert pos.shape == (2, 4, nd)
         assert torch.allclose(pos[present], c[present], atol=1e-4), location
         assert (prob[present] > 0.99).all() and (prob[~present] < 0.01).all()
 
@@ -91,18 +96,20 @@ def test_centres_from_heatmaps_recover_the_gaussian_centre_exactly():
     assert torch.isnan(got[0, 3]).all()
 
 
-def test_loss_finite_and_decreasing_on_a_toy_problem():
+@pytest.mark.parametrize("nd", [3, 2])
+def test_loss_finite_and_decreasing_on_a_toy_problem(nd):
+    patch, grid, conv_op = GEOMETRY[nd]
     torch.manual_seed(0)
-    c, present = _centres(seed=2)
-    feats = torch.randn(2, 16, *GRID)
-    head = AnchorHead(nn.Conv3d, 16, 4, RADII.tolist(), norm_op=nn.InstanceNorm3d,
+    c, present = _centres(seed=2, patch=patch)
+    feats = torch.randn(2, 16, *grid)
+    head = AnchorHead(conv_op, 16, 4, RADII.tolist(), norm_op=nn.InstanceNorm3d if nd == 3 else nn.InstanceNorm2d,
                       norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU)
     loss_fn = AnchorLoss(RADII.tolist())
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     losses = []
     for _ in range(150):
         out = head(feats)
-        loss, parts = loss_fn(out.offsets, out.logits, c, present, PATCH)
+        loss, parts = loss_fn(out.offsets, out.logits, c, present, patch)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
         opt.zero_grad()
         loss.backward()
@@ -112,7 +119,7 @@ def test_loss_finite_and_decreasing_on_a_toy_problem():
     # after fitting, decoding finds the landmarks and rejects the absent ones
     with torch.no_grad():
         out = head(feats)
-        pos, prob = decode_anchors(out.offsets, out.logits, RADII, PATCH, location="medoid")
+        pos, prob = decode_anchors(out.offsets, out.logits, RADII, patch, location="medoid")
     assert (prob[present] > 0.9).all() and (prob[~present] < 0.5).all()
     assert (pos[present] - c[present]).norm(dim=-1).max() < 1.0
 
@@ -127,21 +134,23 @@ def test_loss_without_any_present_landmark_reaches_every_parameter():
     assert all(p.grad is not None for p in head.parameters())
 
 
-@pytest.mark.parametrize("spatial", [(7, 5, 3), (1, 9, 4), (6, 6, 6)])
+@pytest.mark.parametrize("spatial", [(7, 5, 3), (1, 9, 4), (6, 6, 6), (7, 5), (1, 9)])
 def test_head_shapes_with_odd_feature_sizes(spatial):
-    head = AnchorHead(nn.Conv3d, 6, 5, (1.0, 2.0, 4.0))
+    nd = len(spatial)
+    head = AnchorHead(nn.Conv3d if nd == 3 else nn.Conv2d, 6, 5, (1.0, 2.0, 4.0))
     out = head(torch.randn(2, 6, *spatial))
-    assert out.offsets.shape == (2, 3, 5, 3, *spatial)
+    assert out.offsets.shape == (2, 3, 5, nd, *spatial)
     assert out.logits.shape == (2, 3, 5, *spatial)
     # the initial existence prior: nearly everything absent
     assert torch.sigmoid(out.logits).mean() < 0.05
     pos, prob = decode_anchors(out.offsets, out.logits, head.radii, [4 * s for s in spatial], top_k=100)
-    assert pos.shape == (2, 5, 3) and prob.shape == (2, 5)
+    assert pos.shape == (2, 5, nd) and prob.shape == (2, 5)
 
 
-def _unet(L=3, deep_supervision=True):
+def _unet(L=3, deep_supervision=True, nd=3):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
-    return PlainConvUNet(1, 4, [4, 8, 8, 8], nn.Conv3d, 3, [1, 2, 2, 2], 1, L, 1, norm_op=nn.InstanceNorm3d,
+    conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if nd == 3 else (nn.Conv2d, nn.InstanceNorm2d)
+    return PlainConvUNet(1, 4, [4, 8, 8, 8], conv, 3, [1, 2, 2, 2], 1, L, 1, norm_op=norm,
                          norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU, deep_supervision=deep_supervision)
 
 
@@ -211,3 +220,56 @@ def test_anchor_network_heatmaps_equal_the_plain_wrapper_output():
         anchored.record_existence = True
         for o_p, o_a in zip(plain(x), anchored(x)):
             assert torch.equal(o_p, o_a)
+
+
+def test_2d_absent_landmark_is_negative_everywhere_and_positives_are_the_cells_within_the_radius():
+    patch, grid, _ = GEOMETRY[2]
+    c, present = _centres(seed=1, patch=patch)
+    pos = anchor_positives(voxel_to_grid(c, grid_stride(patch, grid)), present, grid, torch.tensor([0.3, 0.6]))
+    assert pos.shape == (2, 2, 4, *grid)
+    assert not pos[0, :, 1].any() and not pos[1, :, 3].any()
+    assert pos.flatten(3).any(-1).any(1)[present].all()  # the nearest cell makes every present landmark positive
+    g = torch.tensor([[[2.5, 2.0]]])
+    p = anchor_positives(g, torch.ones(1, 1, dtype=torch.bool), grid, torch.tensor([1.0]))[0, 0, 0]
+    assert {tuple(i.tolist()) for i in p.nonzero()} == {(2, 2), (3, 2)}
+    # mirror symmetry of the grid convention holds per axis in 2D too
+    s = grid_stride(patch, grid)
+    flipped = torch.tensor(patch) - 1 - c[present]
+    assert torch.allclose(voxel_to_grid(flipped, s), torch.tensor(grid) - 1 - voxel_to_grid(c[present], s), atol=1e-5)
+
+
+def test_2d_centres_from_heatmaps_recover_the_gaussian_centre_exactly():
+    shape = (24, 18)
+    centres = torch.tensor([[3.3, 9.71], [0.2, 17.4], [12.0, 0.49], [float("nan")] * 2], dtype=torch.float64)
+    present = torch.tensor([True, True, True, False])
+    hm = gaussian_heatmaps(centres, present, shape, (4.0, 2.5))[None]
+    got, got_present = centres_from_heatmaps(hm)
+    assert got.shape == (1, 4, 2) and got_present[0].tolist() == present.tolist()
+    assert torch.allclose(got[0, :3], centres[:3].float(), atol=2e-3)
+    assert torch.isnan(got[0, 3]).all()
+
+
+def test_2d_anchor_network_train_eval_outputs_and_existence_recorder():
+    from nnlandmark_h3de.training.nnH3DETrainerAnchor import AnchorHeatmapNetwork, HeatmapAnchorLoss
+    from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
+    torch.manual_seed(0)
+    net = AnchorHeatmapNetwork(_unet(nd=2), 3, (1.0, 2.0), anchor_stride=4)
+    assert net.anchor_stage == 0 and net.anchor_grid_stride == (4, 4)
+    x = torch.randn(2, 1, 16, 24)
+    heat, anchors = net(x)
+    assert [tuple(h.shape) for h in heat] == [(2, 4, 16, 24), (2, 4, 8, 12), (2, 4, 4, 6)]
+    assert anchors.offsets.shape == (2, 2, 3, 2, 4, 6) and anchors.logits.shape == (2, 2, 3, 4, 6)
+    target = gaussian_heatmaps(torch.tensor([[5.2, 7.7], [float("nan")] * 2, [13.0, 2.4]], dtype=torch.float64),
+                               torch.tensor([True, False, True]), (16, 24), (2.0, 2.0))[None].repeat(2, 1, 1, 1)
+    l = HeatmapAnchorLoss(HeatmapMSELoss(), AnchorLoss((1.0, 2.0)))((heat[0], anchors), target)
+    l.backward()
+    assert torch.isfinite(l) and net.anchor_head.out.weight.grad.abs().sum() > 0
+    net.eval()
+    net.set_deep_supervision(False)
+    with torch.no_grad():
+        net.record_existence = True
+        net.reset_existence()
+        plain = net(x)
+        _, a = net.forward_with_anchors(x)
+    assert plain.shape == (2, 4, 16, 24)
+    assert torch.allclose(net.anchor_existence, torch.sigmoid(a.logits.transpose(0, 2).flatten(1).amax(1)))

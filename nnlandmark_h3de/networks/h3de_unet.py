@@ -1,6 +1,9 @@
 """H3DE-Net as an nnU-Net network: the planned conv U-Net with V-BRA blocks in the coarse encoder stages,
 an interpolating decoder (any patch size), multi-scale fusion and a full-resolution refinement branch.
 
+2D or 3D from the plans' `conv_op`, like dynamic_network_architectures: with nn.Conv2d (nnU-Net's `2d`
+configuration) the blocks are BiFormer's 2D BRA (HYATT-Net's attention), with nn.Conv3d H3DE-Net's V-BRA.
+
 It accepts PlainConvUNet's keyword arguments, so a plans file can name it by dotted path
 (``"network_class_name": "nnlandmark_h3de.networks.h3de_unet.H3DEUNet"``) and nnU-Net's
 ``get_network_from_plans`` builds it; the extra ``vbra_*`` keyword arguments are optional.
@@ -24,7 +27,7 @@ IntOrList = Union[int, List[int], Tuple[int, ...]]
 
 def _per_stage(value, stages: Sequence[int], name: str, per_axis: bool = False) -> dict:
     """One value for every V-BRA stage, or a list with one entry per V-BRA stage. With `per_axis` a value
-    is an int or a (D, H, W) triple, so only a list of lists/triples is per stage."""
+    is an int or one int per spatial axis, so only a list of lists is per stage."""
     is_list = isinstance(value, (list, tuple))
     if is_list and (not per_axis or isinstance(value[0], (list, tuple))):
         if len(value) != len(stages):
@@ -74,7 +77,7 @@ class H3DEUNet(AbstractDynamicNetworkArchitectures):
         patch_size: Optional[Sequence[int]] = None,
         vbra_max_tokens: int = 16384,
         vbra_blocks_per_stage: IntOrList = 2,
-        vbra_n_regions=4,
+        vbra_n_regions=None,
         vbra_region_size=None,
         vbra_topk: Optional[IntOrList] = None,
         vbra_head_dim: int = 32,
@@ -84,10 +87,12 @@ class H3DEUNet(AbstractDynamicNetworkArchitectures):
         """Beyond PlainConvUNet's arguments:
         vbra_stages: encoder stages that get H3DE blocks; default: with `patch_size` every stage (but the
             first) with at most `vbra_max_tokens` tokens, without it the deepest two.
-            (16384 puts V-BRA at H3DE-Net's stages for its 128x128x64 crop: 32x32x16 tokens and deeper).
+            (16384 puts V-BRA at H3DE-Net's stages for its 128x128x64 crop: 32x32x16 tokens and deeper;
+            in 2D at 128x128 tokens and deeper, e.g. from stage 2 of a 512x512 patch).
         vbra_blocks_per_stage, vbra_topk, vbra_n_regions | vbra_region_size: a value for all V-BRA stages or
-            one per V-BRA stage (regions: int or per-axis triple; region_size wins when given). Default top-k
-            is H3DE-Net's 1, 4, 16, 16, ... from the finest V-BRA stage on (capped at the region count).
+            one per V-BRA stage (regions: int or one per spatial axis; region_size wins when given). Default
+            regions: 64 per map (4 per axis in 3D, 8 in 2D). Default top-k is H3DE-Net's 1, 4, 16, 16, ...
+            from the finest V-BRA stage on (capped at the region count).
         vbra_head_dim: channels per attention head (heads = features // head_dim, at least 1).
         """
         super().__init__()
@@ -102,8 +107,6 @@ class H3DEUNet(AbstractDynamicNetworkArchitectures):
         strides_l = [maybe_convert_scalar_to_list(conv_op, s) for s in
                      (strides if isinstance(strides, (list, tuple)) else [strides] * n_stages)]
         stages = select_vbra_stages(n_stages, strides_l, vbra_stages, patch_size, vbra_max_tokens)
-        if stages:
-            assert convert_conv_op_to_dim(conv_op) == 3, "V-BRA is volumetric: conv_op must be 3D"
         blocks = _per_stage(vbra_blocks_per_stage, stages, "vbra_blocks_per_stage")
         if vbra_topk is None:
             vbra_topk = [(1, 4, 16)[min(i, 2)] for i in range(len(stages))]

@@ -41,7 +41,7 @@ def centres_from_heatmaps(heatmaps: torch.Tensor, eps: float = 1e-30) -> Tuple[t
     idx = torch.stack(torch.unravel_index(flat, tuple(shape)), -1)  # (B, L, ndim)
     strides = torch.tensor([int(torch.tensor(shape[d + 1:]).prod()) for d in range(len(shape))], device=h.device)
     centres = []
-    for d, n in enumerate(shape):  # loop over the 3 axes, not over landmarks
+    for d, n in enumerate(shape):  # loop over the spatial axes, not over landmarks
         start = (idx[..., d] - 1).clamp(0, n - 3)
         base = flat - idx[..., d] * strides[d] + start * strides[d]
         samples = torch.stack([h.gather(-1, (base + j * strides[d])[..., None])[..., 0] for j in range(3)], -1)
@@ -56,10 +56,10 @@ def centres_from_heatmaps(heatmaps: torch.Tensor, eps: float = 1e-30) -> Tuple[t
 
 def anchor_positives(g: torch.Tensor, present: torch.Tensor, grid_shape: Sequence[int],
                      radii: torch.Tensor) -> torch.Tensor:
-    """(B, A, L, *grid) bool: g (B, L, 3) landmark positions in grid units, radii (A,) grid units."""
-    cells = cell_coordinates(grid_shape, g.device, g.dtype)  # (3, *grid)
+    """(B, A, L, *grid) bool: g (B, L, ndim) landmark positions in grid units, radii (A,) grid units."""
+    cells = cell_coordinates(grid_shape, g.device, g.dtype)  # (ndim, *grid)
     nd = len(grid_shape)
-    gg = torch.nan_to_num(g, nan=-1e6).view(*g.shape, *([1] * nd))  # (B, L, 3, 1, 1, 1)
+    gg = torch.nan_to_num(g, nan=-1e6).view(*g.shape, *([1] * nd))  # (B, L, ndim, 1, ..., 1)
     dist = (gg - cells).square().sum(2).sqrt()  # (B, L, *grid)
     near = torch.nan_to_num(g, nan=0.0).round()
     hi = torch.tensor(grid_shape, device=g.device, dtype=g.dtype) - 1
@@ -71,13 +71,13 @@ def anchor_positives(g: torch.Tensor, present: torch.Tensor, grid_shape: Sequenc
 
 class AnchorTargets(NamedTuple):
     positive: torch.Tensor  # (B, A, L, *grid) bool
-    offsets: torch.Tensor  # (P, 3) offset targets of the positives, in `positive.nonzero()` order
+    offsets: torch.Tensor  # (P, ndim) offset targets of the positives, in `positive.nonzero()` order
     present: torch.Tensor  # (B, L) bool
 
 
 def build_anchor_targets(centres_vox: torch.Tensor, present: torch.Tensor, patch_shape: Sequence[int],
                          grid_shape: Sequence[int], radii: torch.Tensor) -> AnchorTargets:
-    """Targets from landmark centres (B, L, 3) in voxels of the patch; offsets only where positive."""
+    """Targets from landmark centres (B, L, ndim) in voxels of the patch; offsets only where positive."""
     radii = radii.to(device=centres_vox.device, dtype=torch.float32)
     g = voxel_to_grid(centres_vox.float(), grid_stride(patch_shape, grid_shape))
     pos = anchor_positives(g, present, grid_shape, radii)
@@ -103,7 +103,7 @@ class AnchorLoss(nn.Module):
         logits = logits.float()
         pos = tg.positive
         if tg.offsets.shape[0]:
-            pred = offsets.movedim(3, -1)[pos].float()  # (P, 3), same row-major order as pos.nonzero()
+            pred = offsets.movedim(3, -1)[pos].float()  # (P, ndim), same row-major order as pos.nonzero()
             l_off = F.smooth_l1_loss(pred, tg.offsets, beta=self.beta)
         else:
             l_off = offsets.sum() * 0.0  # keeps every parameter in the graph (DDP)

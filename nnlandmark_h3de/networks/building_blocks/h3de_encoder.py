@@ -1,8 +1,8 @@
-"""nnU-Net's plain conv encoder with H3DE blocks (DWConv + V-BRA + MLP) appended to chosen stages.
+"""nnU-Net's plain conv encoder with H3DE blocks (DWConv + BRA + MLP) appended to chosen stages.
 
 The conv stages stay exactly as nnU-Net plans them (same module names, so conv weights and the
 `encoder.stages` key keep working); each stage named in `vbra_stage_kwargs` gets its `n_blocks` H3DE
-blocks after its convs.
+blocks after its convs, built with the encoder's conv_op (V-BRA in 3D, BRA in 2D).
 """
 from typing import Dict
 
@@ -16,14 +16,14 @@ from nnlandmark_h3de.networks.building_blocks.h3de_block import H3DEBlock
 class H3DEEncoder(PlainConvEncoder):
     def __init__(self, *args, vbra_stage_kwargs: Dict[int, dict] = None, **kwargs):
         """args/kwargs: PlainConvEncoder's. vbra_stage_kwargs: {stage: dict(n_blocks=..., **H3DEBlock kwargs
-        except dim)}."""
+        except dim and conv_op)}."""
         super().__init__(*args, **kwargs)
         self.vbra_stage_kwargs = dict(vbra_stage_kwargs or {})
         for s, kw in self.vbra_stage_kwargs.items():
             kw = dict(kw)
             n_blocks = kw.pop("n_blocks")
             for _ in range(n_blocks):
-                self.stages[s].append(H3DEBlock(self.output_channels[s], **kw))
+                self.stages[s].append(H3DEBlock(self.output_channels[s], conv_op=self.conv_op, **kw))
 
     def compute_conv_feature_map_size(self, input_size):
         output = np.int64(0)

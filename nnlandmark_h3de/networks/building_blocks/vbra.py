@@ -1,112 +1,132 @@
-"""Volumetric bi-level routing attention (V-BRA), the attention of H3DE-Net (BiFormer's BRA in 3D).
+"""Bi-level routing attention on an N-d feature map: V-BRA (volumetric, H3DE-Net) with a 3D conv op,
+BiFormer's / HYATT-Net's BRA with a 2D one. One code path; the dimension comes from `conv_op`.
 
 1. the feature map is split into a grid of regions (derived from its size, any size works);
 2. region-level queries/keys are the means of each region's valid (non-padded) tokens;
 3. every query region keeps its top-k regions by affinity ``q_r @ k_r^T`` (non-differentiable routing);
 4. every token attends to all tokens of its k routed regions (multi-head, scale ``head_dim ** -0.5``,
    padded keys masked);
-5. LePE (depthwise conv3d on V) is added, then the output projection.
+5. LePE (depthwise conv of the feature map's dimension on V) is added, then the output projection.
 
 Unlike the public code, no attention matrix is materialised (``scaled_dot_product_attention``'s fused
 kernels keep memory linear in the number of tokens) and K/V are gathered by region index chunk by chunk
 (about one copy of K/V alive at a time for any top-k; chunks are recomputed in backward).
 """
-from typing import Optional, Sequence, Tuple, Union
+import math
+from typing import Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.utils.checkpoint import checkpoint
 
-IntOr3 = Union[int, Sequence[int]]
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+
+IntOrSeq = Union[int, Sequence[int]]
+
+# 64 regions in both dimensionalities (4^3, 8^2): the same tokens per region and the same routed fraction
+# for a given top-k and token count (BiFormer's 2D default is 7^2 = 49)
+DEFAULT_REGIONS = {2: 8, 3: 4}
 
 
-def _triple(v: IntOr3) -> Tuple[int, int, int]:
+def _per_axis(v: IntOrSeq, ndim: int) -> Tuple[int, ...]:
     if isinstance(v, int):
-        return (v, v, v)
+        return (v,) * ndim
     v = tuple(int(i) for i in v)
-    assert len(v) == 3, f"expected 3 values (D, H, W), got {v}"
+    assert len(v) == ndim, f"expected {ndim} values (one per spatial axis), got {v}"
     return v
 
 
-def region_grid(spatial: Sequence[int], n_regions: Optional[IntOr3] = None,
-                region_size: Optional[IntOr3] = None) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """(grid, region_size) per axis for a feature map of size `spatial`.
+def region_grid(spatial: Sequence[int], n_regions: Optional[IntOrSeq] = None,
+                region_size: Optional[IntOrSeq] = None) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(grid, region_size) per axis for a feature map of size `spatial` (2 or 3 axes).
 
     Give either a target number of regions per axis or the tokens per region per axis. The grid is
     ceil(size / region_size), so no region is made only of padding (its mean would be undefined);
     with `n_regions` the grid can therefore be smaller than asked (e.g. 5 tokens, 4 regions -> 3 x 2).
     """
     assert (n_regions is None) != (region_size is None), "give exactly one of n_regions, region_size"
+    nd = len(spatial)
     if region_size is None:
-        region_size = [-(-s // max(1, min(n, s))) for s, n in zip(spatial, _triple(n_regions))]
-    region_size = tuple(max(1, min(r, s)) for r, s in zip(_triple(region_size), spatial))
+        region_size = [-(-s // max(1, min(n, s))) for s, n in zip(spatial, _per_axis(n_regions, nd))]
+    region_size = tuple(max(1, min(r, s)) for r, s in zip(_per_axis(region_size, nd), spatial))
     grid = tuple(-(-s // r) for s, r in zip(spatial, region_size))
     return grid, region_size
 
 
 def _to_regions(t: torch.Tensor, grid, rsize) -> torch.Tensor:
-    """(B, gd*rd, gh*rh, gw*rw, C) -> (B, R, T, C), regions in raster order."""
-    b, c = t.shape[0], t.shape[-1]
-    t = t.view(b, grid[0], rsize[0], grid[1], rsize[1], grid[2], rsize[2], c)
-    return t.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, grid[0] * grid[1] * grid[2], -1, c)
+    """(B, g0*r0, ..., gn*rn, C) -> (B, R, T, C), regions and their tokens in raster order."""
+    b, c, nd = t.shape[0], t.shape[-1], len(grid)
+    t = t.reshape(b, *(i for g, r in zip(grid, rsize) for i in (g, r)), c)
+    perm = (0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1)  # grid axes, then region axes
+    return t.permute(perm).reshape(b, math.prod(grid), -1, c)
 
 
 def _from_regions(t: torch.Tensor, grid, rsize) -> torch.Tensor:
     """Inverse of `_to_regions`."""
-    b, c = t.shape[0], t.shape[-1]
-    t = t.view(b, grid[0], grid[1], grid[2], rsize[0], rsize[1], rsize[2], c)
-    return t.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, grid[0] * rsize[0], grid[1] * rsize[1], grid[2] * rsize[2], c)
+    b, c, nd = t.shape[0], t.shape[-1], len(grid)
+    t = t.reshape(b, *grid, *rsize, c)
+    perm = (0, *(i for a in range(1, nd + 1) for i in (a, a + nd)), 2 * nd + 1)  # interleave grid, region
+    return t.permute(perm).reshape(b, *(g * r for g, r in zip(grid, rsize)), c)
 
 
 class VBRA(nn.Module):
-    """Volumetric bi-level routing attention on (B, C, D, H, W) (or channels-last via `forward_tokens`).
+    """Bi-level routing attention on (B, C, *spatial) (or channels-last via `forward_tokens`).
 
     Args:
         dim: channels C.
         num_heads: attention heads (C must be divisible).
-        n_regions / region_size: region grid per axis (exactly one; default 4 regions per axis).
+        n_regions / region_size: region grid per axis (exactly one; default `DEFAULT_REGIONS` per axis).
         topk: routed regions per query region (capped at the number of regions).
         qkv_bias: bias of the q/k/v projection.
         lepe_kernel_size: kernel of the depthwise LePE conv on V (0 disables it).
         kv_chunks: query regions are processed in this many chunks (default: topk), so the gathered K/V
             alive at any time is about one copy of K/V however large topk is; with several chunks the
             chunks are recomputed in backward (activation checkpointing) instead of storing the copies.
+        conv_op: nn.Conv3d (V-BRA) or nn.Conv2d (BRA); sets the spatial dimension and the LePE conv.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, n_regions: Optional[IntOr3] = None,
-                 region_size: Optional[IntOr3] = None, topk: int = 4, qkv_bias: bool = True,
-                 lepe_kernel_size: int = 5, kv_chunks: Optional[int] = None):
+    def __init__(self, dim: int, num_heads: int = 8, n_regions: Optional[IntOrSeq] = None,
+                 region_size: Optional[IntOrSeq] = None, topk: int = 4, qkv_bias: bool = True,
+                 lepe_kernel_size: int = 5, kv_chunks: Optional[int] = None, conv_op: Type[_ConvNd] = nn.Conv3d):
         super().__init__()
         assert dim % num_heads == 0, f"dim {dim} not divisible by num_heads {num_heads}"
+        self.ndim = convert_conv_op_to_dim(conv_op)
+        assert self.ndim in DEFAULT_REGIONS, f"routing attention is 2D or 3D, got {conv_op.__name__}"
         if n_regions is None and region_size is None:
-            n_regions = 4
+            n_regions = DEFAULT_REGIONS[self.ndim]
+        for v in (n_regions, region_size):
+            if v is not None:
+                _per_axis(v, self.ndim)  # fail at construction, not at the first forward
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.n_regions, self.region_size, self.topk, self.kv_chunks = n_regions, region_size, topk, kv_chunks
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.lepe = (nn.Conv3d(dim, dim, lepe_kernel_size, padding=lepe_kernel_size // 2, groups=dim)
+        self.lepe = (conv_op(dim, dim, lepe_kernel_size, padding=lepe_kernel_size // 2, groups=dim)
                      if lepe_kernel_size else None)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+        return self.forward_tokens(x.movedim(1, -1)).movedim(-1, 1)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, D, H, W, C) channels-last; returns the same shape."""
+        """x: (B, *spatial, C) channels-last; returns the same shape."""
         b, *spatial, c = x.shape
+        assert len(spatial) == self.ndim, f"{self.ndim}D attention got spatial shape {tuple(spatial)}"
         grid, rsize = region_grid(spatial, self.n_regions, self.region_size)
         padded = [g * r for g, r in zip(grid, rsize)]
         pad = [p - s for p, s in zip(padded, spatial)]
-        n_reg = grid[0] * grid[1] * grid[2]
+        inside = tuple(slice(0, s) for s in spatial)
+        n_reg = math.prod(grid)
         topk = min(self.topk, n_reg)
 
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         # LePE on the unpadded V: zero padding at the true border, independent of the region padding
-        lepe = None if self.lepe is None else self.lepe(v.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        lepe = None if self.lepe is None else self.lepe(v.movedim(-1, 1)).movedim(1, -1)
 
-        if any(pad):  # pad the END of D, H, W (F.pad lists the last dim first: C, W, H, D)
-            padding = (0, 0, 0, pad[2], 0, pad[1], 0, pad[0])
+        if any(pad):  # pad the END of every spatial axis (F.pad lists the last dim first: C, then W, H, ...)
+            padding = (0, 0) + tuple(i for p in reversed(pad) for i in (0, p))
             q, k, v = (F.pad(t, padding) for t in (q, k, v))
         q, k, v = (_to_regions(t, grid, rsize) for t in (q, k, v))  # (B, R, T, C)
         n_tok = q.shape[2]
@@ -114,7 +134,7 @@ class VBRA(nn.Module):
         valid = None
         if any(pad):
             valid = torch.zeros(padded, dtype=torch.bool, device=x.device)
-            valid[:spatial[0], :spatial[1], :spatial[2]] = True
+            valid[inside] = True
             valid = _to_regions(valid[None, ..., None], grid, rsize)[0, ..., 0]  # (R, T)
 
         # routing on region means of valid tokens (padding is zero, so sum / count of valid tokens)
@@ -136,7 +156,7 @@ class VBRA(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)  # (B*R, T, C)
         out = _from_regions(out.view(b, n_reg, n_tok, c), grid, rsize)
         if any(pad):
-            out = out[:, :spatial[0], :spatial[1], :spatial[2]]
+            out = out[(slice(None), *inside)]
         if lepe is not None:
             out = out + lepe
         return self.proj(out)
