@@ -34,6 +34,7 @@ setup(
             "nnLandmark_add_small_config=nnlandmark_h3de.cli.small_config:main",
             "nnLandmark_calibrate_global=nnlandmark_h3de.cli.calibrate_global:main",
             "nnLandmark_calibrate_existence=nnlandmark_h3de.cli.calibrate_existence:main",
+            "nnLandmark_oneshot=nnlandmark_h3de.cli.oneshot:main",
         ]
     },
 )

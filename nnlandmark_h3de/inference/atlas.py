@@ -53,7 +53,9 @@ def coarse_image(image, spacing_mm: float):
 
 
 def register_affine(fixed, moving, spacing_mm: float = 4.0, iterations: int = 200, seed: int = 0):
-    """Affine transform mapping points of `fixed` (the case) to points of `moving` (the atlas)."""
+    """Affine transform mapping points of `fixed` (the case) to points of `moving` (the atlas).
+    `seed` >= 0; SimpleITK reads a sampling seed of 0 as "wall clock", so seed + 1 is passed on (the
+    same inputs give the same transform on every run)."""
     import SimpleITK as sitk
     f, m = coarse_image(fixed, spacing_mm), coarse_image(moving, spacing_mm)
     transform = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
@@ -68,7 +70,7 @@ def register_affine(fixed, moving, spacing_mm: float = 4.0, iterations: int = 20
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(32)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.25, seed)
+        reg.SetMetricSamplingPercentage(0.25, int(seed) + 1)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                      gradientMagnitudeTolerance=1e-8)
