@@ -121,18 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _warning_line(message, category, filename, lineno, line=None):
-    return f"{PROG}: warning: {message}\n"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    old_format = warnings.formatwarning
-    try:
-        with warnings.catch_warnings():
-            warnings.formatwarning = _warning_line
-            return _run(build_parser().parse_args(argv))
-    finally:
-        warnings.formatwarning = old_format
+    from nnlandmark_h3de.cli.warning_format import run_with_short_warnings
+    return run_with_short_warnings(PROG, lambda: _run(build_parser().parse_args(argv)))
 
 
 def _unlabelled_images(folder, template_image) -> Dict[str, Path]:

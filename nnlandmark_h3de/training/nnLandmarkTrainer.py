@@ -26,7 +26,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
@@ -46,6 +45,7 @@ from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
 from nnlandmark_h3de.training.landmark_progress import LandmarkLocalLogger
 from nnlandmark_h3de.training.landmark_validation import patch_radial_errors
 from nnlandmark_h3de.training.step_lr import StepLRScheduler
+from nnlandmark_h3de.training.validation_totals import summed_over_ranks
 
 __all__ = ["nnLandmarkTrainer", "landmark_info_from_dataset_json"]
 
@@ -282,16 +282,7 @@ class nnLandmarkTrainer(nnUNetTrainer):
         outputs = collate_outputs(val_outputs)
         re_sum = np.sum(outputs["re_sum"], 0)
         re_count = np.sum(outputs["re_count"], 0)
-        if self.is_ddp:
-            world_size = dist.get_world_size()
-            sums, counts, losses = [None] * world_size, [None] * world_size, [None] * world_size
-            dist.all_gather_object(sums, re_sum)
-            dist.all_gather_object(counts, re_count)
-            dist.all_gather_object(losses, outputs["loss"])
-            re_sum, re_count = np.sum(sums, 0), np.sum(counts, 0)
-            loss_here = np.vstack(losses).mean()
-        else:
-            loss_here = np.mean(outputs["loss"])
+        re_sum, re_count, loss_here = summed_over_ranks(self.is_ddp, re_sum, re_count, outputs["loss"])
         with np.errstate(invalid="ignore", divide="ignore"):
             per_landmark = re_sum / re_count
         mre = float(re_sum.sum() / re_count.sum()) if re_count.sum() > 0 else float("nan")

@@ -27,7 +27,6 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
@@ -36,6 +35,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 
+from nnlandmark_h3de.training.validation_totals import summed_over_ranks
 from nnlandmark_h3de.training.contrastive_views import (MultiScaleInfoNCE, jitter_intensities, matching_accuracy,
                                                         pack_points, random_view_transforms,
                                                         sample_corresponding_points, warp_views)
@@ -148,16 +148,7 @@ class nnLandmarkSelfSupervisedTrainer(nnUNetTrainer):
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         outputs = collate_outputs(val_outputs)
         correct, total = np.sum(outputs["correct"], 0), np.sum(outputs["total"], 0)
-        if self.is_ddp:
-            world_size = dist.get_world_size()
-            cs, ts, losses = [None] * world_size, [None] * world_size, [None] * world_size
-            dist.all_gather_object(cs, correct)
-            dist.all_gather_object(ts, total)
-            dist.all_gather_object(losses, outputs["loss"])
-            correct, total = np.sum(cs, 0), np.sum(ts, 0)
-            loss_here = np.vstack(losses).mean()
-        else:
-            loss_here = np.mean(outputs["loss"])
+        correct, total, loss_here = summed_over_ranks(self.is_ddp, correct, total, outputs["loss"])
         with np.errstate(invalid="ignore", divide="ignore"):
             accuracy = correct / total
         # nnU-Net keeps the best checkpoint by the EMA of 'mean_fg_dice': the finest scale's matching accuracy
