@@ -148,18 +148,8 @@ def _image_header(c: _Case) -> ImageGeometry:
 def _read_case_landmarks(lm: LandmarksLike, exclude: Sequence[str],
                          geometry: Optional[ImageGeometry] = None) -> Tuple[LandmarkSet, Tuple[str, ...]]:
     """The case's landmarks (a CSV file in pixel coordinates is mapped to world through `geometry`)."""
-    if isinstance(lm, LandmarkSet):
-        ls = lm
-    else:
-        from nnlandmark_h3de.landmarks.io import read_landmarks
-        path = Path(lm)
-        if not path.is_file():
-            raise CaseError(f"{path}: landmark file not found")
-        try:
-            ls = read_landmarks(path, geometry=geometry)
-        except (LandmarkError, OSError, ValueError, KeyError) as e:
-            msg = str(e)
-            raise CaseError(msg if str(path) in msg else f"{path}: {msg}") from None
+    from nnlandmark_h3de.landmarks.io import read_landmark_source
+    ls = read_landmark_source(lm, geometry, CaseError)
     file_names = tuple(ls.names)
     if exclude:
         keep = [i for i, n in enumerate(ls.names) if n not in exclude]

@@ -152,6 +152,23 @@ def make_geometry(shape_zyx: Sequence[int], spacing_xyz: Sequence[float], obliqu
                          tuple(float(o) for o in -centre_offset), tuple(float(d) for d in direction.ravel()))
 
 
+def _intensity_draws(seed: int, case_index: int, table: Dict[str, float], ndim: int):
+    """One case's intensity stream: each tissue's value +-10 %, a gain, and a bias field's unit
+    direction (ndim) and curvature. Shared by the 3D and 2D phantoms (same draws, same order)."""
+    rng = _case_rng(seed, case_index, _INTENSITY)
+    tissue = {k: v * rng.uniform(0.9, 1.1) for k, v in table.items()}
+    gain = rng.uniform(200.0, 1000.0)
+    bias_dir = rng.normal(size=ndim)
+    bias_dir /= np.linalg.norm(bias_dir)
+    return tissue, gain, bias_dir, rng.uniform(-1, 1)
+
+
+def _removed_structures(seed: int, case_index: int, structures, absent_fraction: float) -> set:
+    """Names of the structures left out of one case, each with probability `absent_fraction`."""
+    rng = _case_rng(seed, case_index, _ABSENCE)
+    return {s.name for s in structures if rng.uniform() < absent_fraction}
+
+
 def render_phantom(case_id: str, geometry: ImageGeometry, seed: int, case_index: int,
                    absent_fraction: float = 0.0, max_rotation_deg: float = 15.0,
                    max_translation_fraction: float = 0.05, scale_range=(0.92, 1.05),
@@ -166,15 +183,8 @@ def render_phantom(case_id: str, geometry: ImageGeometry, seed: int, case_index:
     frame_to_world[:3, :3] = scale * R * rot  # frame units are R; world is mm
     frame_to_world[:3, 3] = translation
 
-    int_rng = _case_rng(seed, case_index, _INTENSITY)
-    tissue = {k: v * int_rng.uniform(0.9, 1.1) for k, v in TISSUE_INTENSITY.items()}
-    gain = int_rng.uniform(200.0, 1000.0)
-    bias_dir = int_rng.normal(size=3)
-    bias_dir /= np.linalg.norm(bias_dir)
-    bias_curv = int_rng.uniform(-1, 1)
-
-    absent_rng = _case_rng(seed, case_index, _ABSENCE)
-    removed = {s.name for s in STRUCTURES if absent_rng.uniform() < absent_fraction}
+    tissue, gain, bias_dir, bias_curv = _intensity_draws(seed, case_index, TISSUE_INTENSITY, 3)
+    removed = _removed_structures(seed, case_index, STRUCTURES, absent_fraction)
 
     # Canonical-frame coordinates of every voxel centre, in units of R.
     zz, yy, xx = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in geometry.shape_zyx), indexing="ij")

@@ -36,13 +36,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnlandmark_h3de.demo.phantoms import (PhantomCase, _bias_field, _case_rng, _check_args, _ellipsoid_sd,
-                                           _occupancy, _write_case)
+# random streams (one independent generator per case and purpose) shared with the 3D generator
+from nnlandmark_h3de.demo.phantoms import (_NOISE, _POSE, PhantomCase, _bias_field, _case_rng, _check_args,
+                                           _ellipsoid_sd, _intensity_draws, _occupancy, _removed_structures,
+                                           _write_case)
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
-
-# Random stream ids (one independent generator per case and purpose), as in the 3D generator.
-_POSE, _INTENSITY, _ABSENCE, _NOISE = range(4)
 
 # The design fits the box |u| <= 1.0, |v| <= 1.2 (the landmarks a much smaller one, so that any pose
 # within the default ranges keeps them well inside); R is chosen so that box fills the field of view.
@@ -248,15 +247,8 @@ def render_phantom_2d(case_id: str, geometry: Optional[ImageGeometry] = None, se
     translation = pose_rng.uniform(-1, 1, size=2) * max_translation_fraction * R
     frame_to_world = pose_matrix(angle, scale, translation, R)
 
-    int_rng = _case_rng(seed, case_index, _INTENSITY)
-    mu = {k: v * int_rng.uniform(0.9, 1.1) for k, v in TISSUE_ATTENUATION.items()}
-    gain = int_rng.uniform(200.0, 1000.0)
-    bias_dir = int_rng.normal(size=2)
-    bias_dir /= np.linalg.norm(bias_dir)
-    bias_curv = int_rng.uniform(-1, 1)
-
-    absent_rng = _case_rng(seed, case_index, _ABSENCE)
-    removed = {s.name for s in STRUCTURES_2D if absent_rng.uniform() < absent_fraction}
+    mu, gain, bias_dir, bias_curv = _intensity_draws(seed, case_index, TISSUE_ATTENUATION, 2)
+    removed = _removed_structures(seed, case_index, STRUCTURES_2D, absent_fraction)
 
     # Frame coordinates (units of R) of every pixel centre.
     yy, xx = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in geometry.shape_zyx[1:]), indexing="ij")

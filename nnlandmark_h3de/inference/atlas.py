@@ -20,7 +20,8 @@ import numpy as np
 
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
-__all__ = ["Atlas", "AtlasEstimate", "coarse_image", "register_affine", "atlas_estimate", "choose_atlases"]
+__all__ = ["Atlas", "AtlasEstimate", "coarse_image", "register_affine", "execute_two_levels", "atlas_estimate",
+           "choose_atlases"]
 
 
 @dataclass
@@ -74,12 +75,19 @@ def register_affine(fixed, moving, spacing_mm: float = 4.0, iterations: int = 20
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                      gradientMagnitudeTolerance=1e-8)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([2, 1])
-        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
-        reg.SetInitialTransform(transform, inPlace=True)
-        reg.Execute(f, m)
+        execute_two_levels(reg, transform, f, m)
     return transform
+
+
+def execute_two_levels(reg, transform, fixed, moving) -> None:
+    """Run a configured SimpleITK registration (metric, optimiser) on two resolution levels (half,
+    then full resolution of the coarse images), optimising `transform` in place with step scales
+    from physical shifts: the schedule every registration stage here shares."""
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([2, 1])
+    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(fixed, moving)
 
 
 def carry_points(transform, points_lps: np.ndarray) -> np.ndarray:

@@ -41,6 +41,21 @@ def read_landmarks(path, names: Optional[Sequence[str]] = None, geometry=None) -
     return ls if names is None else ls.reordered(list(names))
 
 
+def read_landmark_source(source, geometry=None, error: type = LandmarkError) -> LandmarkSet:
+    """`source` as given when it is a LandmarkSet, else its file read (a CSV in pixel columns mapped
+    through `geometry`); a missing or unreadable file raises `error` with a message naming the file."""
+    if isinstance(source, LandmarkSet):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise error(f"{path}: landmark file not found")
+    try:
+        return read_landmarks(path, geometry=geometry)
+    except (LandmarkError, OSError, ValueError, KeyError) as e:
+        msg = str(e)
+        raise error(msg if str(path) in msg else f"{path}: {msg}") from None
+
+
 def write_landmarks(landmark_set: LandmarkSet, path, format: Optional[str] = None,
                     coordinate_system: str = "LPS") -> Path:
     """Write atomically; `format` ('mrk.json', 'fcsv', 'csv', 'json') defaults to the file name's."""

@@ -243,20 +243,10 @@ def read_template(template_image, template_landmarks):
     a mistake (RAS vs LPS, wrong image), never a cut-off view.
     """
     from nnlandmark_h3de.landmarks.geometry import ImageGeometry
-    from nnlandmark_h3de.landmarks.io import read_landmarks
+    from nnlandmark_h3de.landmarks.io import read_landmark_source
     image = read_3d_image(template_image, "template image")
     geometry = ImageGeometry.from_sitk(image)
-    if isinstance(template_landmarks, LandmarkSet):
-        ls = template_landmarks
-    else:
-        path = Path(template_landmarks)
-        if not path.is_file():
-            raise OneShotError(f"{path}: template landmark file not found")
-        try:
-            ls = read_landmarks(path, geometry=geometry)
-        except (LandmarkError, OSError, ValueError, KeyError) as e:
-            msg = str(e)
-            raise OneShotError(msg if str(path) in msg else f"{path}: {msg}") from None
+    ls = read_landmark_source(template_landmarks, geometry, OneShotError)
     if not ls.present.any():
         raise OneShotError(f"{ls.source}: the template has no landmark with a position")
     present = ls.present

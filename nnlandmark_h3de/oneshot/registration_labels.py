@@ -54,7 +54,7 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 from tqdm import tqdm
 
-from nnlandmark_h3de.inference.atlas import carry_points, coarse_image, register_affine
+from nnlandmark_h3de.inference.atlas import carry_points, coarse_image, execute_two_levels, register_affine
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 from nnlandmark_h3de.oneshot.pseudo_labels import (OneShotError, OneShotWarning, PseudoLabels, image_label,
@@ -96,11 +96,7 @@ def refine_affine(image, template, affine_i2t, spacing_mm: float = 4.0, iteratio
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=int(iterations),
                                                  gradientMagnitudeTolerance=1e-8, relaxationFactor=0.5)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    reg.SetInitialTransform(refined, inPlace=True)
-    reg.Execute(f, m)
+    execute_two_levels(reg, refined, f, m)
     return refined
 
 
