@@ -195,6 +195,70 @@ def format_table(rows: List[dict]) -> str:
 
 
 # -------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------- trainers
+def predict_images(label: str, images: Path, dataset_id: int, model_args: Sequence[str], out: Path, env: dict,
+                   logs: Path) -> float:
+    """nnLandmark_predict (fold 0, CPU) on a folder of case_0000 images; seconds per case (start-up included)."""
+    from nnlandmark_h3de.demo.pipeline import find_command, run_command
+    n = len(list(images.glob("*_0000.*")))
+    t = time.monotonic()
+    run_command(f"predict {label}", [find_command("nnLandmark_predict"), "-i", str(images), "-o", str(out), "-d",
+                                     str(dataset_id), *model_args, "-f", "0", "-device", "cpu", "-npp", "1"], env,
+                logs / f"predict_{label}.log")
+    return (time.monotonic() - t) / max(1, n)
+
+
+def trainer_rows(trainer: str, *, raw: Path, dataset_id: int, configuration: str, minutes: float,
+                 iterations_per_epoch: int, images: Path, truth: Path, work: Path, env: dict, n_atlases: int,
+                 registration_spacing: float, learned_model: Optional[Path] = None, tag: str = "",
+                 title: Optional[str] = None) -> List[dict]:
+    """Train `trainer` on fold 0 for a CPU budget, predict `images` over the whole image, calibrate the
+    global stage(s) on the validation cases and predict in two stages; one row per prediction, scored
+    against `truth`. `tag` prefixes work folders and logs (several datasets in one work dir); rows are
+    labelled `title` (default: the trainer)."""
+    import contextlib
+    import io
+    from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer
+    from nnlandmark_h3de.demo.pipeline import _count_epochs, environment, find_command, run_command
+    logs, label, title = work / "logs", f"{tag}{trainer}", title or trainer
+    t2 = time.monotonic()
+    with environment(env), contextlib.redirect_stdout(io.StringIO()):
+        name = write_budget_trainer(work / "trainers", trainer, 60.0 * minutes, iterations_per_epoch=iterations_per_epoch,
+                                    val_iterations_per_epoch=max(1, iterations_per_epoch // 10))
+    lines = run_command(f"train {label}", [find_command("nnUNetv2_train"), str(dataset_id), configuration, "0",
+                                           "-tr", name, "-device", "cpu"], env, logs / f"train_{label}.log",
+                        progress_pattern=r"Epoch \d+\s*$")
+    train_s, epochs = time.monotonic() - t2, _count_epochs(lines)
+    model_args = ["-c", configuration, "-tr", name]
+    pred = work / f"predictions_{label}"
+    per_case = predict_images(label, images, dataset_id, [*model_args, "--global", "none"], pred, env, logs)
+    rows = [row_from_summary(f"{title} (whole image)", evaluate(truth, pred, work / f"evaluation_{label}"),
+                             train_wall_s=round(train_s, 1), epochs=epochs, s_per_case=round(per_case, 1),
+                             note=f"{epochs} epochs, {train_s:.0f} s train+final val; {per_case:.1f} s/case")]
+    kinds = ["atlas"] + (["learned"] if learned_model is not None else [])
+    t4 = time.monotonic()
+    run_command(f"calibrate global {label}", [
+        find_command("nnLandmark_calibrate_global"), "-d", str(dataset_id), "-c", configuration, "-tr", name,
+        "-f", "0", "--kinds", *kinds, "--n_atlases", str(n_atlases), "--registration_spacing",
+        str(registration_spacing), "-device", "cpu"]
+        + (["--learned_model", str(learned_model)] if learned_model is not None else []),
+        env, logs / f"calibrate_{label}.log")
+    calibrate_s = time.monotonic() - t4
+    choice = json.loads((work / "nnUNet_results" / raw.name / f"{name}__nnUNetPlans__{configuration}" / "fold_0" /
+                         "global_stage.json").read_text())
+    for kind in kinds:
+        pred = work / f"predictions_{label}_two_stage_{kind}"
+        per_case = predict_images(f"{label}_{kind}", images, dataset_id, [*model_args, "--global", kind], pred, env,
+                                  logs)
+        v = choice["validation"][kind]
+        rows.append(row_from_summary(
+            f"{title} two-stage ({kind} global)", evaluate(truth, pred, work / f"evaluation_{label}_{kind}"),
+            s_per_case=round(per_case, 1), radius_mm=round(v["radius_mm"], 2), calibrate_s=round(calibrate_s, 1),
+            note=f"same model; search radius {v['radius_mm']:.1f} mm (validation p90 {v['p90_mm']:.1f} mm)"
+                 f"{', kept by calibration' if choice['kind'] == kind else ''}; {per_case:.1f} s/case"))
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--templates", required=True, type=Path, help="folder with images/<name>.nii.gz + landmarks/<name>.fcsv")
@@ -281,15 +345,6 @@ def main(argv=None) -> int:
     timings["plan_preprocess_s"] = time.monotonic() - t1
 
     rows, failures = [], []
-    n_test = len(test)
-
-    def predict(label: str, model_args: List[str], out: Path, extra: Sequence[str] = ()) -> float:
-        """nnLandmark_predict on the test images; seconds per case (start-up included)."""
-        t = time.monotonic()
-        run_command(f"predict {label}", [find_command("nnLandmark_predict"), "-i", str(raw / "imagesTs"), "-o",
-                                         str(out), "-d", str(DATASET_ID), *model_args, "-f", "0", "-device", "cpu",
-                                         "-npp", "1", *extra], env, logs / f"predict_{label}.log")
-        return (time.monotonic() - t) / n_test
 
     learned_model = None
     if args.learned_global_minutes > 0:
@@ -313,7 +368,8 @@ def main(argv=None) -> int:
             train_s = time.monotonic() - t3
             learned_model = work / "nnUNet_results" / raw.name / f"{gname}__nnUNetPlans__{GLOBAL_CONFIGURATION}"
             pred = work / "predictions_learned_global"
-            per_case = predict("learned_global", ["-c", GLOBAL_CONFIGURATION, "-tr", gname], pred, ["--global", "none"])
+            per_case = predict_images("learned_global", raw / "imagesTs", DATASET_ID,
+                                      ["-c", GLOBAL_CONFIGURATION, "-tr", gname, "--global", "none"], pred, env, logs)
             summary = evaluate(work / "cases_test" / "landmarks", pred, work / "evaluation_learned_global")
             rows.append(row_from_summary(f"learned global stage alone ({GLOBAL_CONFIGURATION})", summary,
                                          s_per_case=round(per_case, 1), train_wall_s=round(train_s, 1),
@@ -335,47 +391,12 @@ def main(argv=None) -> int:
                                  note=f"{args.n_atlases} atlases, affine, {args.registration_spacing:g} mm grid; "
                                       f"no training; {per_case:.1f} s/case"))
     for trainer in args.trainers:
-        t2 = time.monotonic()
         try:
-            import contextlib
-            import io
-            with environment(env), contextlib.redirect_stdout(io.StringIO()):
-                name = write_budget_trainer(work / "trainers", trainer, 60.0 * args.cpu_minutes,
-                                            iterations_per_epoch=args.iterations_per_epoch,
-                                            val_iterations_per_epoch=max(1, args.iterations_per_epoch // 10))
-            lines = run_command(f"train {trainer}", [find_command("nnUNetv2_train"), str(DATASET_ID), CONFIGURATION,
-                                                     "0", "-tr", name, "-device", "cpu"], env,
-                                logs / f"train_{trainer}.log", progress_pattern=r"Epoch \d+\s*$")
-            train_s = time.monotonic() - t2
-            epochs = _count_epochs(lines)
-            model_args = ["-c", CONFIGURATION, "-tr", name]
-            pred = work / f"predictions_{trainer}"
-            per_case = predict(trainer, model_args, pred, ["--global", "none"])
-            summary = evaluate(work / "cases_test" / "landmarks", pred, work / f"evaluation_{trainer}")
-            rows.append(row_from_summary(f"{trainer} (whole image)", summary, train_wall_s=round(train_s, 1),
-                                         epochs=epochs, s_per_case=round(per_case, 1),
-                                         note=f"{epochs} epochs, {train_s:.0f} s train+final val; {per_case:.1f} s/case"))
-            kinds = ["atlas"] + (["learned"] if learned_model is not None else [])
-            t4 = time.monotonic()
-            run_command(f"calibrate global {trainer}", [
-                find_command("nnLandmark_calibrate_global"), "-d", str(DATASET_ID), "-c", CONFIGURATION, "-tr", name,
-                "-f", "0", "--kinds", *kinds, "--n_atlases", str(args.n_atlases), "--registration_spacing",
-                str(args.registration_spacing), "-device", "cpu"]
-                + (["--learned_model", str(learned_model)] if learned_model is not None else []),
-                env, logs / f"calibrate_{trainer}.log")
-            calibrate_s = time.monotonic() - t4
-            choice = json.loads((work / "nnUNet_results" / raw.name / f"{name}__nnUNetPlans__{CONFIGURATION}" /
-                                 "fold_0" / "global_stage.json").read_text())
-            for kind in kinds:
-                pred = work / f"predictions_{trainer}_two_stage_{kind}"
-                per_case = predict(f"{trainer}_{kind}", model_args, pred, ["--global", kind])
-                summary = evaluate(work / "cases_test" / "landmarks", pred, work / f"evaluation_{trainer}_{kind}")
-                v = choice["validation"][kind]
-                rows.append(row_from_summary(
-                    f"{trainer} two-stage ({kind} global)", summary, s_per_case=round(per_case, 1),
-                    radius_mm=round(v["radius_mm"], 2), calibrate_s=round(calibrate_s, 1),
-                    note=f"same model; search radius {v['radius_mm']:.1f} mm (validation p90 {v['p90_mm']:.1f} mm)"
-                         f"{', kept by calibration' if choice['kind'] == kind else ''}; {per_case:.1f} s/case"))
+            rows += trainer_rows(trainer, raw=raw, dataset_id=DATASET_ID, configuration=CONFIGURATION,
+                                 minutes=args.cpu_minutes, iterations_per_epoch=args.iterations_per_epoch,
+                                 images=raw / "imagesTs", truth=work / "cases_test" / "landmarks", work=work, env=env,
+                                 n_atlases=args.n_atlases, registration_spacing=args.registration_spacing,
+                                 learned_model=learned_model)
         except (DemoError, RuntimeError) as e:
             failures.append(f"{trainer}: {e}")
             rows.append({"method": trainer, "note": f"FAILED: {str(e).splitlines()[0]}"})

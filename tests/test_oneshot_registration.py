@@ -136,7 +136,7 @@ def test_failed_cases_are_reported_by_name(tmp_path, phantoms, template):
         out = registration_pseudo_labels(template[0], template[1], images, deformable="none", progress=False)
     assert sorted(out) == ["good"]
     msg = str(rec[0].message)
-    assert str(bad) in msg and str(flat2d) in msg and "scalar 3D image" in msg
+    assert str(bad) in msg and str(flat2d) in msg and "a 2D image, the template is 3D" in msg
     with pytest.raises(OneShotError, match="broken.nii.gz"):
         registration_pseudo_labels(template[0], template[1], {"broken": bad}, progress=False, on_error="raise")
     with pytest.raises(OneShotError, match="every case"):

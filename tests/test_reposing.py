@@ -11,14 +11,19 @@ from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 SIGMA_MM = 2.0
 
 
-def _dot_image():
-    """Anisotropic, oblique grid with a Gaussian dot at each of 5 landmarks (one absent)."""
-    direction = random_rotation(np.random.default_rng(5), 30.0)
-    shape_zyx = (40, 36, 32)
-    spacing = (1.6, 1.8, 2.0)
-    geom = ImageGeometry(shape_zyx[::-1], spacing, (0.0, 0.0, 0.0), tuple(direction.ravel()))
-    centre = geom.itk_index_to_world((np.asarray(geom.shape_ijk) - 1) / 2)
+def _dot_image(ndim: int = 3):
+    """Anisotropic, oblique grid with a Gaussian dot at each of 5 landmarks (one absent); ndim = 2: the
+    same in a 2D image (its z = 0 plane)."""
     offsets = np.array([[0, 0, 0], [12, -8, 5], [-14, 6, -10], [8, 15, 12], [-6, -14, 14], [1, 2, 3]], float)
+    if ndim == 2:
+        a = np.deg2rad(30.0)
+        geom = ImageGeometry.create((32, 36), (1.6, 1.8), (0.0, 0.0), (np.cos(a), -np.sin(a), np.sin(a), np.cos(a)))
+        offsets[:, 2] = 0.0
+    else:
+        direction = random_rotation(np.random.default_rng(5), 30.0)
+        geom = ImageGeometry((32, 36, 40), (1.6, 1.8, 2.0), (0.0, 0.0, 0.0), tuple(direction.ravel()))
+    shape_zyx = geom.shape_zyx
+    centre = geom.itk_index_to_world((np.asarray(geom.shape_ijk) - 1) / 2)
     pts = centre + offsets
     pts[-1] = np.nan
     names = ["a", "b", "c", "d", "e", "gone"]
@@ -39,14 +44,18 @@ def _centroid_near(image, point, radius_mm):
     return (world * w[..., None]).sum((0, 1, 2)) / w.sum()
 
 
-def test_dot_follows_its_landmark():
-    image, ls = _dot_image()
+@pytest.mark.parametrize("ndim", [3, 2])
+def test_dot_follows_its_landmark(ndim):
+    image, ls = _dot_image(ndim)
     moved_some = False
     for seed in range(3):
         new_image, new_ls = repose_case(image, ls, np.random.default_rng(seed), max_rotation_deg=30,
                                         max_translation_mm=6, scale_range=(0.85, 1.15), intensity=None)
         assert new_ls.names == ls.names
         assert not new_ls.present[-1], "an absent landmark must stay absent"
+        assert new_image.GetDimension() == ndim
+        if ndim == 2:
+            assert np.all(new_ls.points_lps[:-1, 2] == 0.0), "a 2D image's landmarks stay on its plane"
         for name, p_old, p in zip(ls.names[:-1], ls.points_lps[:-1], new_ls.points_lps[:-1]):
             assert np.isfinite(p).all(), f"seed {seed}: {name} left the unchanged field of view"
             moved_some |= np.linalg.norm(p - p_old) > 3.0

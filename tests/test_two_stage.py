@@ -197,3 +197,23 @@ def test_local_peak_floor_keeps_the_better_source_on_validation():
     assert np.all(np.isinf(floor)) and info["local_used_fraction"] == 0.0
     floor, info = fit_local_peak_floor(np.full((20, 4), 0.1), global_err, peaks)
     assert np.all(floor == 0.0) and info["local_used_fraction"] == 1.0
+
+
+def test_choose_atlases_takes_exact_labels_first(tmp_path):
+    """A one-shot dataset: the template and its copies (exact) before pseudo-labelled cases, even an
+    incomplete copy before a complete pseudo-label; exact_label_cases reads them from pseudo_labels.json."""
+    import json
+
+    from nnlandmark_h3de.conversion.dataset_landmarks import exact_label_cases
+    sets = [LandmarkSet(["a", "b"], np.array([[i * 10.0, 0, 0], [0, i * 10.0, 0]])) for i in range(5)]
+    sets[3].points_lps[1] = np.nan
+    exact = [False, False, False, True, True]
+    assert sorted(choose_atlases(sets, 2, exact=exact)) == [3, 4]
+    assert choose_atlases(sets, 2, exact=exact)[0] == 4  # complete before incomplete among the exact ones
+    assert set(choose_atlases(sets, 3, exact=exact)[:2]) == {3, 4}
+    assert 3 not in choose_atlases(sets, 2)  # without `exact`: complete cases first, as before
+
+    assert exact_label_cases(tmp_path) is None  # no pseudo_labels.json: every case is labelled
+    (tmp_path / "pseudo_labels.json").write_text(json.dumps({"template": "t", "template_copies": ["t_atd00"],
+                                                             "cases": {}}))
+    assert exact_label_cases(tmp_path) == ["t", "t_atd00"]

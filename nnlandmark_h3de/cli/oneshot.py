@@ -41,8 +41,9 @@ def _registration_arguments(g) -> None:
     from nnlandmark_h3de.oneshot.registration_labels import DEFORMABLE_CHOICES
     g.add_argument("--deformable", choices=DEFORMABLE_CHOICES, default="demons",
                    help="deformable stage after the affine one: demons on a coarse grid, or none (default: demons)")
-    g.add_argument("--registration_spacing_mm", type=float, default=4.0,
-                   help="isotropic grid of the affine registration in mm (default: 4)")
+    g.add_argument("--registration_spacing_mm", type=float, default=None,
+                   help="isotropic grid of the affine registration in mm (default: 4 for volumes; for 2D images "
+                        "the longest extent / 128, at least the pixel spacing)")
     g.add_argument("--patch_radius_mm", type=float, default=10.0,
                    help="half-size of the neighbourhood whose local correlation gives the confidence (default: 10)")
 
@@ -51,7 +52,8 @@ def _registration_run(args, template_image, template_landmarks, images) -> Dict[
     from nnlandmark_h3de.oneshot.registration_labels import registration_pseudo_labels
     return registration_pseudo_labels(template_image, template_landmarks, images, deformable=args.deformable,
                                       spacing_mm=args.registration_spacing_mm, patch_radius_mm=args.patch_radius_mm,
-                                      seed=args.seed, on_error="raise" if args.stop_on_failure else "warn")
+                                      seed=args.seed, on_error="raise" if args.stop_on_failure else "warn",
+                                      pixel_spacing=args.spacing)
 
 
 # ------------------------------------------------------------------------------------ cc2d
@@ -66,6 +68,9 @@ def _cc2d_arguments(g) -> None:
 def _cc2d_run(args, template_image, template_landmarks, images) -> Dict[str, "PseudoLabels"]:  # noqa: F821
     from nnlandmark_h3de.oneshot.feature_matching import cc2d_pseudo_labels
     from nnlandmark_h3de.oneshot.pseudo_labels import OneShotError, PseudoLabels
+    if args.spacing is not None:
+        raise OneShotError("--method cc2d reads images the way its nnU-Net model does: convert 2D pictures first "
+                           "(nnLandmark_convert --spacing) and give the converted images, without --spacing")
     if args.ssl_model is None or not Path(args.ssl_model).is_dir():
         raise OneShotError(f"--method cc2d needs --ssl_model, a trained self-supervised model folder "
                            f"(got {args.ssl_model})")
@@ -93,14 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     from nnlandmark_h3de.oneshot.pseudo_dataset import DEFAULT_MIN_CONFIDENCE
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="One-shot landmark detection: pseudo-label a folder of unlabelled 3D images from ONE labelled "
+        description="One-shot landmark detection: pseudo-label a folder of unlabelled 3D or 2D images from ONE labelled "
                     "image (the template) and write an nnU-Net raw dataset DatasetXXX_NAME (pseudo-labelled cases, "
                     "the template and re-posed copies of it; pseudo_labels.json beside landmarks.json). Then "
                     "nnUNetv2_plan_and_preprocess / nnUNetv2_train as usual.")
-    p.add_argument("-t", "--template_image", required=True, help="the labelled image (3D .nii.gz .nii .nrrd .mha ...)")
+    p.add_argument("-t", "--template_image", required=True,
+                   help="the labelled image (3D or 2D .nii.gz .nii .nrrd .mha; 2D .png .bmp .tif .jpg with --spacing)")
     p.add_argument("-l", "--template_landmarks", required=True,
                    help="its landmark file (.mrk.json .fcsv .csv .json; world LPS/RAS as the format says)")
-    p.add_argument("-u", "--unlabelled", required=True, help="folder of unlabelled images (3D)")
+    p.add_argument("-u", "--unlabelled", required=True,
+                   help="folder of unlabelled images (the template's dimension: 3D, or 2D X-rays)")
+    p.add_argument("--spacing", nargs="+", type=float, default=None, metavar=("SX", "SY"),
+                   help="2D images: pixel spacing in mm (x, then y; one value for square pixels), required for "
+                        "PNG/BMP/TIFF/JPEG pictures, replaces a 2D NIfTI's own; as nnLandmark_convert --spacing")
     p.add_argument("-d", "--dataset_id", required=True, type=int, help="nnU-Net dataset id (1..999)")
     p.add_argument("-n", "--dataset_name", required=True, help="dataset name (letters, digits, _ or -)")
     p.add_argument("-o", "--output_root", default=None, help="parent folder of the dataset (default: $nnUNet_raw)")
@@ -181,14 +191,15 @@ def _run(args) -> int:
         else:
             target = (args.dataset_id, args.dataset_name)
         target = _output_folder(target, None, None, args.overwrite)  # fail before any registration
-        template_image, template_ls = read_template(args.template_image, args.template_landmarks)
+        template_image, template_ls = read_template(args.template_image, args.template_landmarks, args.spacing)
         images = _unlabelled_images(args.unlabelled, args.template_image)
         pseudo = method.run(args, template_image, template_ls, images)
         failed = sorted(set(images) - set(pseudo))
         folder = write_pseudo_label_dataset(
             args.template_image, args.template_landmarks, {c: (images[c], p) for c, p in pseudo.items()}, target,
             min_confidence=args.min_confidence, template_copies=args.template_copies, seed=args.seed,
-            overwrite=args.overwrite, header={"failed_cases": failed})
+            overwrite=args.overwrite, header={"failed_cases": failed},
+            convert_options={"spacing": args.spacing} if args.spacing is not None else None)
     except (ConversionError, LandmarkError) as e:  # OneShotError is a LandmarkError
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

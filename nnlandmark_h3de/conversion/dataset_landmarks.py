@@ -1,5 +1,7 @@
 """The landmark sidecars of a raw dataset: `landmarks.json` (exact world coordinates) and the
-`landmarks` block of `dataset.json`. Evaluation reads these, never the voxelised balls."""
+`landmarks` block of `dataset.json`. Evaluation reads these, never the voxelised balls. A one-shot
+dataset also has `pseudo_labels.json` (written by oneshot/pseudo_dataset.py); from it this module
+reads only which cases carry exact labels (`exact_label_cases`)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,7 @@ from nnlandmark_h3de.conversion.errors import ConversionError
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
 LANDMARKS_FILE = "landmarks.json"
+PSEUDO_LABELS_FILE = "pseudo_labels.json"
 
 
 def landmarks_json_dict(landmarks: Dict[str, LandmarkSet], names: Sequence[str], test_cases: Iterable[str] = (),
@@ -128,3 +131,15 @@ def read_dataset_landmark_info(dataset_json) -> dict:
     if cs != "LPS":
         raise ConversionError(f"{src}: landmarks.coordinate_system {cs!r} is not LPS")
     return {"names": names, "pairs": pairs, "ball_radius_mm": float(radius), "coordinate_system": cs}
+
+
+def exact_label_cases(raw_dataset) -> Optional[List[str]]:
+    """The cases of a one-shot dataset whose landmarks are exact (the template and its re-posed
+    copies; the others are pseudo-labels), from pseudo_labels.json's `template` and
+    `template_copies`; None when the dataset has no pseudo_labels.json (every case is labelled)."""
+    path = Path(raw_dataset) / PSEUDO_LABELS_FILE
+    if not path.is_file():
+        return None
+    header = _load_json(path, "pseudo-label file")
+    template = header.get("template")
+    return ([str(template)] if template else []) + [str(c) for c in header.get("template_copies", [])]

@@ -127,6 +127,12 @@ def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
 
 
+def rotation_about_z(angle_deg: float) -> np.ndarray:
+    """3x3 rotation by `angle_deg` in the x-y plane (a 2D image's rotation)."""
+    a = np.deg2rad(angle_deg)
+    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+
+
 # ------------------------------------------------------------------------------- one phantom
 @dataclass
 class PhantomCase:

@@ -39,7 +39,7 @@ import numpy as np
 # random streams (one independent generator per case and purpose) shared with the 3D generator
 from nnlandmark_h3de.demo.phantoms import (_NOISE, _POSE, PhantomCase, _bias_field, _case_rng, _check_args,
                                            _ellipsoid_sd, _intensity_draws, _occupancy, _removed_structures,
-                                           _write_case)
+                                           _write_case, rotation_about_z)
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 
@@ -187,9 +187,8 @@ def frame_unit_mm(geometry: ImageGeometry) -> float:
 
 def pose_matrix(rotation_deg: float, scale: float, translation_mm: Sequence[float], R: float) -> np.ndarray:
     """4x4 affine: frame (u, v, z) in units of R -> world LPS mm (in-plane similarity, z kept)."""
-    a = np.deg2rad(rotation_deg)
     m = np.eye(4)
-    m[:2, :2] = scale * R * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    m[:2, :2] = scale * R * rotation_about_z(rotation_deg)[:2, :2]
     m[:2, 3] = translation_mm
     return m
 

@@ -10,6 +10,10 @@ The transform convention is the one that is easy to get backwards: the anatomy m
     x' = A (x - c) + c + t,   A = s * Rot,
 so a landmark p goes to p' = A (p - c) + c + t, while `sitk.Resample` needs the map from OUTPUT
 points to INPUT points, i.e. the inverse x = A^-1 (x' - c) + c - A^-1 t.
+
+2D images (the z = 0 plane of a 3D geometry, see landmarks/geometry.py) are re-posed in their
+plane: a rotation about z, a translation with z = 0, the crop in x and y; the pose is still a
+3D one (points keep z = 0), resampled with its 2x2 block.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
-from nnlandmark_h3de.demo.phantoms import random_rotation
+from nnlandmark_h3de.demo.phantoms import random_rotation, rotation_about_z
 
 
 @dataclass(frozen=True)
@@ -43,14 +47,15 @@ class Pose:
         p = np.asarray(points_lps, dtype=np.float64)
         return (p - self.centre) @ self.matrix.T + self.centre + self.translation
 
-    def resampling_transform(self):
-        """The sitk transform for `sitk.Resample`: output point -> input point (the inverse pose)."""
+    def resampling_transform(self, ndim: int = 3):
+        """The sitk transform for `sitk.Resample`: output point -> input point (the inverse pose);
+        `ndim` = 2 for a 2D image (an in-plane pose: its leading 2x2 block)."""
         import SimpleITK as sitk
         inv = np.linalg.inv(self.matrix)
-        t = sitk.AffineTransform(3)
-        t.SetMatrix(tuple(float(v) for v in inv.ravel()))
-        t.SetCenter(tuple(float(v) for v in self.centre))
-        t.SetTranslation(tuple(float(v) for v in -inv @ self.translation))
+        t = sitk.AffineTransform(ndim)
+        t.SetMatrix(tuple(float(v) for v in inv[:ndim, :ndim].ravel()))
+        t.SetCenter(tuple(float(v) for v in self.centre[:ndim]))
+        t.SetTranslation(tuple(float(v) for v in (-inv @ self.translation)[:ndim]))
         return t
 
 
@@ -60,12 +65,19 @@ def image_centre(geometry: ImageGeometry) -> np.ndarray:
 
 
 def random_pose(rng: np.random.Generator, centre, max_rotation_deg: float = 15.0,
-                max_translation_mm: float = 10.0, scale_range=(0.9, 1.1)) -> Pose:
-    """Rotation about a random axis (|angle| <= max), translation uniform in a cube, isotropic scale."""
-    rot = random_rotation(rng, max_rotation_deg)
+                max_translation_mm: float = 10.0, scale_range=(0.9, 1.1), ndim: int = 3) -> Pose:
+    """Rotation about a random axis (|angle| <= max), translation uniform in a cube, isotropic scale;
+    `ndim` = 2: rotation about z and a translation in the z = 0 plane (a 2D image's pose)."""
+    if ndim == 2:
+        rot = rotation_about_z(rng.uniform(-max_rotation_deg, max_rotation_deg))
+    else:
+        rot = random_rotation(rng, max_rotation_deg)
     scale = rng.uniform(*scale_range)
     translation = rng.uniform(-max_translation_mm, max_translation_mm, size=3)
+    if ndim == 2:
+        translation[2] = 0.0
     return Pose(scale * rot, np.asarray(centre, dtype=np.float64), translation)
+
 
 
 def random_crop(geometry: ImageGeometry, rng: np.random.Generator,
@@ -79,7 +91,7 @@ def random_crop(geometry: ImageGeometry, rng: np.random.Generator,
     start = np.array([rng.integers(0, n - m + 1) for n, m in zip(size, new_size)])
     origin = geometry.itk_index_to_world(start.astype(np.float64))
     return ImageGeometry(tuple(int(s) for s in new_size), geometry.spacing,
-                         tuple(float(o) for o in origin), geometry.direction)
+                         tuple(float(o) for o in origin), geometry.direction, geometry.ndim)
 
 
 def change_intensity(array: np.ndarray, rng: np.random.Generator, change: IntensityChange) -> np.ndarray:
@@ -95,13 +107,10 @@ def change_intensity(array: np.ndarray, rng: np.random.Generator, change: Intens
 def resample_posed(image, pose: Pose, output: ImageGeometry, interpolator=None, default_value=None):
     """The image with its anatomy moved by `pose`, sampled on the `output` grid."""
     import SimpleITK as sitk
-    ref = sitk.Image([int(s) for s in output.shape_ijk], sitk.sitkUInt8)
-    ref.SetSpacing(output.spacing)
-    ref.SetOrigin(output.origin)
-    ref.SetDirection(output.direction)
+    ref = output.to_sitk_image(np.zeros(output.shape_zyx, np.uint8))
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(image).min())
-    return sitk.Resample(image, ref, pose.resampling_transform(),
+    return sitk.Resample(image, ref, pose.resampling_transform(image.GetDimension()),
                          sitk.sitkLinear if interpolator is None else interpolator,
                          float(default_value), sitk.sitkFloat32)
 
@@ -110,7 +119,7 @@ def repose_case(image, landmark_set: LandmarkSet, rng: np.random.Generator, max_
                 max_translation_mm: float = 10.0, scale_range=(0.9, 1.1), crop_fraction=(1.0, 1.0),
                 intensity: Optional[IntensityChange] = IntensityChange(), interpolator=None,
                 margin_vox: float = 0.0):
-    """Randomly re-pose one case; returns (new sitk image (float32), new LandmarkSet).
+    """Randomly re-pose one case (2D or 3D); returns (new sitk image (float32), new LandmarkSet).
 
     Landmarks follow the anatomy exactly; those that end up outside the new field of view (beyond
     the outermost voxel centres widened by `margin_vox`; negative = a safety margin inside) become
@@ -118,9 +127,9 @@ def repose_case(image, landmark_set: LandmarkSet, rng: np.random.Generator, max_
     """
     import SimpleITK as sitk
     geometry = ImageGeometry.from_sitk(image)
-    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
-        raise ValueError(f"{landmark_set.source}: repose_case needs a scalar 3D image")
-    pose = random_pose(rng, image_centre(geometry), max_rotation_deg, max_translation_mm, scale_range)
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
+        raise ValueError(f"{landmark_set.source}: repose_case needs a scalar 2D or 3D image")
+    pose = random_pose(rng, image_centre(geometry), max_rotation_deg, max_translation_mm, scale_range, geometry.ndim)
     output = random_crop(geometry, rng, crop_fraction)
     new_image = resample_posed(image, pose, output, interpolator)
     if intensity is not None:

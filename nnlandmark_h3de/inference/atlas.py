@@ -9,6 +9,9 @@ estimates of all atlases are combined per landmark by the coordinate-wise median
 (RMS distance from that median) is the estimate's uncertainty. An atlas without a landmark says
 nothing about the case (registration cannot see a missing structure): the median is over the
 atlases that have it, and only a landmark no atlas has is absent. Atlases are chosen complete first.
+
+2D images register in their plane (SimpleITK 2D transforms); their world points are the z = 0
+plane of the lifted 3D geometry (landmarks/geometry.py), so points move by their (x, y) and keep z.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import numpy as np
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
 __all__ = ["Atlas", "AtlasEstimate", "coarse_image", "register_affine", "execute_two_levels", "atlas_estimate",
-           "choose_atlases"]
+           "choose_atlases", "transform_points", "carry_points"]
 
 
 @dataclass
@@ -49,21 +52,24 @@ def coarse_image(image, spacing_mm: float):
     sigma = [max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355 for s in old]
     img = sitk.SmoothingRecursiveGaussian(img, sigma)
     size = [max(8, int(round(n * s / spacing_mm))) for n, s in zip(img.GetSize(), old)]
-    return sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), [spacing_mm] * 3,
+    return sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), [spacing_mm] * len(size),
                          img.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
 def register_affine(fixed, moving, spacing_mm: float = 4.0, iterations: int = 200, seed: int = 0):
-    """Affine transform mapping points of `fixed` (the case) to points of `moving` (the atlas).
-    `seed` >= 0; SimpleITK reads a sampling seed of 0 as "wall clock", so seed + 1 is passed on (the
-    same inputs give the same transform on every run)."""
+    """Affine transform mapping points of `fixed` (the case) to points of `moving` (the atlas), both
+    2D or both 3D. `seed` >= 0; SimpleITK reads a sampling seed of 0 as "wall clock", so seed + 1 is
+    passed on (the same inputs give the same transform on every run)."""
     import SimpleITK as sitk
+    ndim = fixed.GetDimension()
+    if moving.GetDimension() != ndim:
+        raise ValueError(f"cannot register a {moving.GetDimension()}D image to a {ndim}D one")
+    similarity = sitk.Similarity2DTransform if ndim == 2 else sitk.Similarity3DTransform
     f, m = coarse_image(fixed, spacing_mm), coarse_image(moving, spacing_mm)
-    transform = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
-                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
-    for stage in (sitk.Similarity3DTransform, sitk.AffineTransform):
+    transform = sitk.CenteredTransformInitializer(f, m, similarity(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    for stage in (similarity, sitk.AffineTransform):
         if stage is sitk.AffineTransform:
-            affine = sitk.AffineTransform(3)
+            affine = sitk.AffineTransform(ndim)
             affine.SetMatrix(transform.GetMatrix())
             affine.SetTranslation(transform.GetTranslation())
             affine.SetCenter(transform.GetCenter())
@@ -90,14 +96,21 @@ def execute_two_levels(reg, transform, fixed, moving) -> None:
     reg.Execute(fixed, moving)
 
 
+def transform_points(transform, points_lps: np.ndarray) -> np.ndarray:
+    """World points (L, 3) through a SimpleITK transform (NaN rows stay NaN); a 2D transform moves
+    (x, y) and keeps z."""
+    d = transform.GetDimension()
+    out = np.full_like(np.asarray(points_lps, dtype=np.float64), np.nan)
+    for k, p in enumerate(np.asarray(points_lps, dtype=np.float64)):
+        if np.all(np.isfinite(p)):
+            out[k, :d] = transform.TransformPoint(tuple(float(v) for v in p[:d]))
+            out[k, d:] = p[d:]
+    return out
+
+
 def carry_points(transform, points_lps: np.ndarray) -> np.ndarray:
     """Atlas points into the case: the inverse of the case -> atlas transform (NaN rows stay NaN)."""
-    inverse = transform.GetInverse()
-    out = np.full_like(np.asarray(points_lps, dtype=np.float64), np.nan)
-    for k, p in enumerate(points_lps):
-        if np.all(np.isfinite(p)):
-            out[k] = inverse.TransformPoint(tuple(float(v) for v in p))
-    return out
+    return transform_points(transform.GetInverse(), points_lps)
 
 
 def combine(per_atlas: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -118,8 +131,11 @@ def atlas_estimate(image, atlases: Sequence[Atlas], spacing_mm: float = 4.0) -> 
     return AtlasEstimate(median, spread, per)
 
 
-def choose_atlases(landmark_sets: Sequence[LandmarkSet], n: int, names: Optional[Sequence[str]] = None) -> List[int]:
-    """Indices of up to `n` cases chosen for coverage: the cases with the most landmarks present first
+def choose_atlases(landmark_sets: Sequence[LandmarkSet], n: int, names: Optional[Sequence[str]] = None,
+                   exact: Optional[Sequence[bool]] = None) -> List[int]:
+    """Indices of up to `n` cases chosen for coverage: cases with exact labels first where `exact` says
+    which (a one-shot dataset: the template and its copies before pseudo-labelled cases, whose
+    errors an atlas would carry into every case), then the cases with the most landmarks present
     (an atlas lacking a landmark cannot vote for it), among them spread out (farthest-point order on
     the cases' centred landmark configurations)."""
     if not landmark_sets:
@@ -127,6 +143,8 @@ def choose_atlases(landmark_sets: Sequence[LandmarkSet], n: int, names: Optional
     n = min(n, len(landmark_sets))
     pts = np.stack([ls.points_lps for ls in landmark_sets])  # (C, L, 3)
     counts = np.isfinite(pts).all(2).sum(1)
+    if exact is not None:
+        counts = counts + (pts.shape[1] + 1) * np.asarray(exact, dtype=bool)  # exact outranks any count
     shapes = np.nan_to_num(pts - np.nanmean(pts, axis=1, keepdims=True)).reshape(len(pts), -1)
     chosen = [int(np.argmax(counts))]
     while len(chosen) < n:

@@ -223,13 +223,16 @@ def load_global_stage(fold_folder, kind: str = "auto", device=None) -> Tuple[obj
 # --------------------------------------------------------------------------- calibration
 def atlas_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_cases: Sequence[str],
                             n_atlases: int = 4, registration_spacing_mm: float = 4.0):
-    """(the atlas stage built from chosen training cases, (V, L) radial errors in mm on the validation cases)."""
+    """(the atlas stage built from chosen training cases, (V, L) radial errors in mm on the validation cases).
+    In a one-shot dataset the cases with exact labels are chosen first (`exact_label_cases`)."""
     from tqdm import tqdm
-    from nnlandmark_h3de.conversion.dataset_landmarks import load_dataset_landmarks
+    from nnlandmark_h3de.conversion.dataset_landmarks import exact_label_cases, load_dataset_landmarks
     from nnlandmark_h3de.inference.atlas import choose_atlases
     landmarks = load_dataset_landmarks(raw_dataset)
     train_cases = [c for c in train_cases if c in landmarks]
-    chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases)]
+    exact = exact_label_cases(raw_dataset)
+    chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases,
+                                                     exact=None if exact is None else [c in exact for c in train_cases])]
     stage = AtlasGlobalStage.from_raw(raw_dataset, chosen, registration_spacing_mm)
     errors = []
     for case in tqdm(val_cases, desc="Atlas global stage on validation cases", unit="case"):

@@ -123,10 +123,13 @@ class ImageGeometry:
         return self.world_to_itk_index(xyz)[..., ::-1]
 
     def contains_array_index(self, zyx: np.ndarray, margin: float = 0.5) -> np.ndarray:
-        """True where a continuous array index lies inside the image (voxel centres +- margin)."""
+        """True where a continuous array index lies inside the image (voxel centres +- margin). A 2D
+        image's points must also lie on its plane (z index within half a voxel of 0), whatever the
+        in-plane margin."""
         zyx = np.atleast_2d(zyx)
         shape = np.asarray(self.shape_zyx)
-        return np.all((zyx >= -margin) & (zyx <= shape - 1 + margin), axis=-1)
+        margins = np.array([0.5 if self.ndim == 2 else margin, margin, margin])
+        return np.all((zyx >= -margins) & (zyx <= shape - 1 + margins), axis=-1)
 
 
 def read_image_header(path):

@@ -141,7 +141,7 @@ def write_pseudo_label_dataset(template_image, template_landmarks,
     if clash:
         raise OneShotError(f"convert_options may not set {clash} (write_pseudo_label_dataset sets them)")
     target = _output_folder(target, dataset_id, dataset_name, overwrite)  # checks ids, nnUNet_raw, overwrite
-    image, template_ls = read_template(template_image, template_landmarks)
+    image, template_ls = read_template(template_image, template_landmarks, convert_options.get("spacing"))
     names = list(template_ls.names)
     name = _template_name(template_image, template_name)
     pseudo = _check_pseudo(pseudo, names)

@@ -27,14 +27,14 @@ from typing import Any, Dict, Mapping, Tuple, Union
 
 import numpy as np
 
+from nnlandmark_h3de.conversion.dataset_landmarks import PSEUDO_LABELS_FILE
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 
 __all__ = ["PSEUDO_LABELS_FILE", "OneShotError", "OneShotWarning", "PseudoLabels", "pseudo_labels_to_dict",
            "pseudo_labels_from_dict", "save_pseudo_labels", "load_pseudo_labels", "read_pseudo_labels_file",
-           "read_3d_image", "read_template", "image_label"]
+           "read_scalar_image", "read_template", "image_label"]
 
-PSEUDO_LABELS_FILE = "pseudo_labels.json"
 FORMAT = "nnlandmark_h3de.pseudo_labels"
 VERSION = 1
 RESERVED_KEYS = ("format", "version", "coordinate_system", "units", "names", "cases")
@@ -207,26 +207,41 @@ def image_label(image) -> str:
     return str(image) if isinstance(image, (str, os.PathLike)) else "<in-memory image>"
 
 
-def read_3d_image(image, what: str = "image"):
-    """A path or SimpleITK image -> a scalar 3D float32 SimpleITK image; errors name the file.
+def read_scalar_image(image, what: str = "image", spacing=None):
+    """A path or SimpleITK image -> a scalar 2D or 3D float32 SimpleITK image; errors name the file.
 
-    One-shot methods are 3D (registration and patch matching work on volumes); a 2D or
-    multi-component image is an error naming the file.
+    A multi-component or 4D image is an error naming the file. 2D pictures (PNG, BMP, TIFF, JPEG)
+    need `spacing` (mm per pixel, one value or (x, y)) and are read as the converter reads them
+    (conversion/images_2d.py: grey, origin 0, identity direction); a 2D NIfTI/NRRD/MHA file given
+    a different `spacing` takes it (a OneShotWarning says so); a volume given one is an error.
     """
+    import warnings
+
     import SimpleITK as sitk
+    from nnlandmark_h3de.conversion.errors import ConversionError
+    from nnlandmark_h3de.conversion.images_2d import is_picture_file, open_picture, open_with_spacing
     from nnlandmark_h3de.landmarks.geometry import read_image
     label = image_label(image)
     if isinstance(image, sitk.Image):
         img = image
     elif isinstance(image, (str, os.PathLike)):
         try:
-            img = read_image(image)
-        except (FileNotFoundError, ValueError) as e:
+            if is_picture_file(image):
+                img = open_picture(image, spacing)[0].load()
+            elif spacing is not None:
+                lazy, own = open_with_spacing(image, spacing)
+                img = lazy.load()
+                if not np.allclose(own, img.GetSpacing()):
+                    warnings.warn(f"{what} {label}: pixel spacing {own} of the file replaced by {img.GetSpacing()}",
+                                  OneShotWarning, stacklevel=2)
+            else:
+                img = read_image(image)
+        except (FileNotFoundError, ValueError, ConversionError) as e:
             raise OneShotError(f"{what} {e}") from None
     else:
         raise OneShotError(f"{what}: expected an image path or SimpleITK image, got {type(image).__name__}")
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise OneShotError(f"{what} {label}: expected a scalar 3D image, got {img.GetDimension()}D with "
+    if img.GetDimension() not in (2, 3) or img.GetNumberOfComponentsPerPixel() != 1:
+        raise OneShotError(f"{what} {label}: expected a scalar 2D or 3D image, got {img.GetDimension()}D with "
                            f"{img.GetNumberOfComponentsPerPixel()} component(s) per voxel")
     img = sitk.Cast(img, sitk.sitkFloat32)
     if not np.all(np.isfinite(sitk.GetArrayViewFromImage(img))):
@@ -234,17 +249,17 @@ def read_3d_image(image, what: str = "image"):
     return img
 
 
-def read_template(template_image, template_landmarks):
-    """(float32 3D SimpleITK image, LandmarkSet) of the one labelled image, checked.
+def read_template(template_image, template_landmarks, spacing=None):
+    """(float32 2D or 3D SimpleITK image, LandmarkSet) of the one labelled image, checked.
 
     The landmarks (a file read with `read_landmarks`, a CSV's pixel columns mapped through the
     image, or a LandmarkSet) need at least one present point, and every present point inside the
     template image: the template is the ground truth of the whole dataset, so a point outside it is
-    a mistake (RAS vs LPS, wrong image), never a cut-off view.
+    a mistake (RAS vs LPS, wrong image), never a cut-off view. `spacing`: see `read_scalar_image`.
     """
     from nnlandmark_h3de.landmarks.geometry import ImageGeometry
     from nnlandmark_h3de.landmarks.io import read_landmark_source
-    image = read_3d_image(template_image, "template image")
+    image = read_scalar_image(template_image, "template image", spacing)
     geometry = ImageGeometry.from_sitk(image)
     ls = read_landmark_source(template_landmarks, geometry, OneShotError)
     if not ls.present.any():

@@ -42,6 +42,10 @@ stops at the first with a `OneShotError` naming the case and its file. If every 
 an error either way. A carried point outside the image's field of view (beyond half a voxel of the
 outermost voxel centres) is absent, confidence 0, listed in `info["outside_fov"]`.
 
+2D images (X-rays): the template and the images are all 2D, registered in their plane with
+SimpleITK's 2D transforms (demons and the confidence's neighbourhood are 2D too); points keep
+z = 0 (landmarks/geometry.py). A 2D template with 3D images, or the reverse, is an error.
+
 Reproducibility: SimpleITK reads a sampling seed of 0 as "wall clock"; `register_affine` and the
 refinement here pass seed + 1 on, so reruns give the same points.
 """
@@ -54,13 +58,14 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 from tqdm import tqdm
 
-from nnlandmark_h3de.inference.atlas import carry_points, coarse_image, execute_two_levels, register_affine
+from nnlandmark_h3de.inference.atlas import (carry_points, coarse_image, execute_two_levels, register_affine,
+                                             transform_points)
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 from nnlandmark_h3de.oneshot.pseudo_labels import (OneShotError, OneShotWarning, PseudoLabels, image_label,
-                                                   read_3d_image, read_template)
+                                                   read_scalar_image, read_template)
 
-__all__ = ["METHOD", "DEFORMABLE_CHOICES", "register_template", "refine_affine", "register_demons",
+__all__ = ["METHOD", "DEFORMABLE_CHOICES", "register_template", "affine_spacing", "refine_affine", "register_demons",
            "transform_points", "local_jacobian", "neighbourhood_confidence", "registration_pseudo_labels"]
 
 METHOD = "registration"
@@ -123,27 +128,47 @@ def register_demons(template, image, affine_t2i, spacing_mm: float = 2.0, iterat
 
 
 def _check_affine(affine_i2t) -> None:
-    sv = np.linalg.svd(np.asarray(affine_i2t.GetMatrix(), dtype=np.float64).reshape(3, 3), compute_uv=False)
+    d = affine_i2t.GetDimension()
+    sv = np.linalg.svd(np.asarray(affine_i2t.GetMatrix(), dtype=np.float64).reshape(d, d), compute_uv=False)
     if not np.all(np.isfinite(sv)) or sv.min() < 1.0 / MAX_SCALE or sv.max() > MAX_SCALE:
         raise RuntimeError(f"implausible affine registration (axis scales {np.round(sv, 3).tolist()}, "
                            f"expected within [{1 / MAX_SCALE:g}, {MAX_SCALE:g}])")
 
 
+def affine_spacing(template, spacing_mm: Optional[float] = None) -> float:
+    """The affine stages' grid: `spacing_mm`, else 4 mm for a volume (measured on AFIDs brains) and, for
+    a 2D image, its longest extent / 128 but at least its finest spacing: a 2D image is cheap, and
+    on the 2D phantoms (96 mm wide) a 4 mm grid left 0.8 px of a pure re-pose, a 1 mm one 0.001 px."""
+    if spacing_mm is not None:
+        return float(spacing_mm)
+    if template.GetDimension() == 3:
+        return 4.0
+    extent = max(n * s for n, s in zip(template.GetSize(), template.GetSpacing()))
+    return max(float(min(template.GetSpacing())), extent / 128.0)
+
+
 def deformable_spacing(template, spacing_mm: Optional[float] = None) -> float:
-    """The demons grid: `spacing_mm`, else the template's finest spacing but at least 2 mm."""
-    return float(spacing_mm) if spacing_mm is not None else max(2.0, float(min(template.GetSpacing())))
+    """The demons grid: `spacing_mm`, else for a volume the template's finest spacing but at least
+    2 mm, for a 2D image the affine grid (`affine_spacing`)."""
+    if spacing_mm is not None:
+        return float(spacing_mm)
+    if template.GetDimension() == 2:
+        return affine_spacing(template)
+    return max(2.0, float(min(template.GetSpacing())))
 
 
-def register_template(template, image, deformable: str = "demons", spacing_mm: float = 4.0,
+def register_template(template, image, deformable: str = "demons", spacing_mm: Optional[float] = None,
                       deformable_spacing_mm: Optional[float] = None, iterations: int = 200,
                       demons_iterations: int = 50, smoothing_voxels: float = 2.0, refine: bool = True, seed: int = 0):
-    """(image -> template affine, template -> image final transform) for two float32 3D images.
+    """(image -> template affine, template -> image final transform) for two float32 images (both 2D
+    or both 3D).
 
     Carry template points into the image with `carry_points(affine, pts)` (the affine estimate) or
     `final.TransformPoint` (the final estimate; the affine's inverse when deformable="none").
     """
     if deformable not in DEFORMABLE_CHOICES:
         raise OneShotError(f"deformable must be one of {DEFORMABLE_CHOICES}, got {deformable!r}")
+    spacing_mm = affine_spacing(template, spacing_mm)
     affine_i2t = register_affine(image, template, spacing_mm, iterations, seed)
     _check_affine(affine_i2t)
     if refine:
@@ -156,21 +181,14 @@ def register_template(template, image, deformable: str = "demons", spacing_mm: f
                                        demons_iterations, smoothing_voxels)
 
 
-def transform_points(transform, points_lps: np.ndarray) -> np.ndarray:
-    """Points through a SimpleITK transform (NaN rows stay NaN)."""
-    out = np.full_like(np.asarray(points_lps, dtype=np.float64), np.nan)
-    for k, p in enumerate(points_lps):
-        if np.all(np.isfinite(p)):
-            out[k] = transform.TransformPoint(tuple(float(v) for v in p))
-    return out
-
-
 def local_jacobian(transform, point, step_mm: float = 1.0) -> np.ndarray:
-    """3x3 derivative of a SimpleITK transform at `point` (central differences, world mm)."""
-    p = np.asarray(point, dtype=np.float64)
-    jac = np.empty((3, 3))
-    for k in range(3):
-        e = np.zeros(3)
+    """d x d derivative of a d-dimensional SimpleITK transform at `point` (its first d coordinates;
+    central differences, world mm)."""
+    d = transform.GetDimension()
+    p = np.asarray(point, dtype=np.float64)[:d]
+    jac = np.empty((d, d))
+    for k in range(d):
+        e = np.zeros(d)
         e[k] = step_mm
         jac[:, k] = (np.asarray(transform.TransformPoint(tuple(p + e)))
                      - np.asarray(transform.TransformPoint(tuple(p - e)))) / (2 * step_mm)
@@ -179,16 +197,19 @@ def local_jacobian(transform, point, step_mm: float = 1.0) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- confidence
 def _patch(image, centre, matrix, source_centre, radius_mm: float, step_mm: float) -> np.ndarray:
-    """Samples of `image` at centre + matrix (q - source_centre) for q on a cube grid around source_centre."""
+    """Samples of `image` at centre + matrix (q - source_centre) for q on a cube (2D: square) grid
+    around source_centre; points are the image's dimension (a 2D image's (x, y))."""
     import SimpleITK as sitk
+    d = image.GetDimension()
+    centre, source_centre = np.asarray(centre, dtype=np.float64)[:d], np.asarray(source_centre, dtype=np.float64)[:d]
     n = 2 * int(np.ceil(radius_mm / step_mm)) + 1
     half = (n - 1) / 2 * step_mm
-    t = sitk.AffineTransform(3)
+    t = sitk.AffineTransform(d)
     t.SetMatrix(tuple(float(v) for v in np.asarray(matrix, dtype=np.float64).ravel()))
     t.SetCenter(tuple(float(v) for v in source_centre))
-    t.SetTranslation(tuple(float(v) for v in np.asarray(centre) - np.asarray(source_centre)))
-    out = sitk.Resample(image, [n] * 3, t, sitk.sitkLinear, tuple(float(v) for v in np.asarray(source_centre) - half),
-                        [float(step_mm)] * 3, tuple(np.eye(3).ravel()), float("nan"), sitk.sitkFloat32)
+    t.SetTranslation(tuple(float(v) for v in centre - source_centre))
+    out = sitk.Resample(image, [n] * d, t, sitk.sitkLinear, tuple(float(v) for v in source_centre - half),
+                        [float(step_mm)] * d, tuple(np.eye(d).ravel()), float("nan"), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out).ravel()
 
 
@@ -206,8 +227,9 @@ def neighbourhood_confidence(template, template_point, image, image_point, matri
         return 0.0
     if step_mm is None:
         step_mm = max(min(template.GetSpacing()), radius_mm / 10.0)
-    matrix = np.eye(3) if matrix is None else np.asarray(matrix, dtype=np.float64)
-    a = _patch(template, template_point, np.eye(3), template_point, radius_mm, step_mm)
+    d = template.GetDimension()
+    matrix = np.eye(d) if matrix is None else np.asarray(matrix, dtype=np.float64)
+    a = _patch(template, template_point, np.eye(d), template_point, radius_mm, step_mm)
     b = _patch(image, image_point, matrix, template_point, radius_mm, step_mm)
     valid = np.isfinite(a) & np.isfinite(b)
     if valid.sum() < 8:
@@ -223,9 +245,12 @@ def neighbourhood_confidence(template, template_point, image, image_point, matri
 
 # --------------------------------------------------------------------------------- one case
 def _pseudo_labels_of_case(template, template_ls: LandmarkSet, image_source, options: dict,
-                           patch_radius_mm: float) -> PseudoLabels:
+                           patch_radius_mm: float, pixel_spacing=None) -> PseudoLabels:
     start = time.perf_counter()
-    image = read_3d_image(image_source, "image")
+    image = read_scalar_image(image_source, "image", pixel_spacing)
+    if image.GetDimension() != template.GetDimension():
+        raise OneShotError(f"{image_label(image_source)}: a {image.GetDimension()}D image, the template is "
+                           f"{template.GetDimension()}D")
     affine_i2t, final_t2i = register_template(template, image, **options)
     affine_pts = carry_points(affine_i2t, template_ls.points_lps)
     deformable = options["deformable"]
@@ -248,7 +273,7 @@ def _pseudo_labels_of_case(template, template_ls: LandmarkSet, image_source, opt
         confidence[k] = neighbourhood_confidence(template, template_ls.points_lps[k], image, pts[k], jac,
                                                  patch_radius_mm)
     shift = np.linalg.norm(pts - affine_pts, axis=1)
-    info = {"deformable": deformable, "spacing_mm": float(options["spacing_mm"]),
+    info = {"deformable": deformable, "spacing_mm": affine_spacing(template, options["spacing_mm"]),
             "affine_to_final_mm": {n: (None if not np.isfinite(d) else round(float(d), 3))
                                    for n, d in zip(template_ls.names, shift)},
             "outside_fov": [n for n, o in zip(template_ls.names, outside) if o],
@@ -262,20 +287,22 @@ def _pseudo_labels_of_case(template, template_ls: LandmarkSet, image_source, opt
 
 # ------------------------------------------------------------------------------------ main
 def registration_pseudo_labels(template_image, template_landmarks, images: Mapping[str, object],
-                               deformable: str = "demons", spacing_mm: float = 4.0,
+                               deformable: str = "demons", spacing_mm: Optional[float] = None,
                                deformable_spacing_mm: Optional[float] = None, iterations: int = 200,
                                demons_iterations: int = 50, smoothing_voxels: float = 2.0, refine: bool = True,
                                patch_radius_mm: float = 10.0, seed: int = 0, on_error: str = "warn",
-                               progress: bool = True) -> Dict[str, PseudoLabels]:
+                               progress: bool = True, pixel_spacing=None) -> Dict[str, PseudoLabels]:
     """{case: PseudoLabels} from registering the template to every image (see the module docstring).
 
-    template_image: path or SimpleITK image (3D); template_landmarks: landmark file (any format
+    template_image: path or SimpleITK image (2D or 3D); template_landmarks: landmark file (any format
         `read_landmarks` takes) or LandmarkSet, world LPS mm; every present point inside the template.
-    images: case -> image path or SimpleITK image (3D).
+    images: case -> image path or SimpleITK image (the template's dimension).
     deformable: "demons" (refined affine, then demons on a `deformable_spacing_mm` grid) or "none".
-    spacing_mm: isotropic grid of the affine stages; iterations: register_affine's per stage.
+    spacing_mm: isotropic grid of the affine stages (default `affine_spacing`); iterations: register_affine's per stage.
     patch_radius_mm: half-size of the neighbourhood compared for the confidence.
     on_error: "warn" (skip failed cases, one OneShotWarning lists them) or "raise".
+    pixel_spacing: mm per pixel of 2D pictures (PNG, BMP, TIFF, JPEG: required) or a 2D file's
+        replacement spacing, for the template and the images (`read_scalar_image`).
     Failed cases are absent from the result.
     """
     if deformable not in DEFORMABLE_CHOICES:
@@ -289,8 +316,8 @@ def registration_pseudo_labels(template_image, template_landmarks, images: Mappi
     _seed(seed)
     if not images:
         raise OneShotError("no unlabelled images to pseudo-label")
-    template, template_ls = read_template(template_image, template_landmarks)
-    options = dict(deformable=deformable, spacing_mm=float(spacing_mm), deformable_spacing_mm=deformable_spacing_mm,
+    template, template_ls = read_template(template_image, template_landmarks, pixel_spacing)
+    options = dict(deformable=deformable, spacing_mm=spacing_mm, deformable_spacing_mm=deformable_spacing_mm,
                    iterations=int(iterations), demons_iterations=int(demons_iterations),
                    smoothing_voxels=float(smoothing_voxels), refine=bool(refine), seed=int(seed))
     out: Dict[str, PseudoLabels] = {}
@@ -298,7 +325,8 @@ def registration_pseudo_labels(template_image, template_landmarks, images: Mappi
     for case, image in tqdm(list(images.items()), desc="registering the template", unit="case",
                             disable=not progress):
         try:
-            out[str(case)] = _pseudo_labels_of_case(template, template_ls, image, options, patch_radius_mm)
+            out[str(case)] = _pseudo_labels_of_case(template, template_ls, image, options, patch_radius_mm,
+                                                    pixel_spacing)
         except (OneShotError, RuntimeError) as e:
             msg = str(e).strip().splitlines()[-1] if isinstance(e, RuntimeError) and str(e).strip() else str(e)
             reason = f"case {case} ({image_label(image)}): {msg}"
