@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 DATASET_ID, DATASET_NAME, CONFIGURATION = 988, "AFIDsReposedBenchmark", "3d_fullres_small"
+GLOBAL_ESTIMATES_FOLDER = "global_stage"  # nnLandmark_predict --save_global_estimates writes OUT/global_stage/
 GLOBAL_CONFIGURATION = "3d_global"
 
 
@@ -211,11 +212,11 @@ def predict_images(label: str, images: Path, dataset_id: int, model_args: Sequen
 def trainer_rows(trainer: str, *, raw: Path, dataset_id: int, configuration: str, minutes: float,
                  iterations_per_epoch: int, images: Path, truth: Path, work: Path, env: dict, n_atlases: int,
                  registration_spacing: float, learned_model: Optional[Path] = None, tag: str = "",
-                 title: Optional[str] = None) -> List[dict]:
+                 title: Optional[str] = None, predict_args: Sequence[str] = ()) -> List[dict]:
     """Train `trainer` on fold 0 for a CPU budget, predict `images` over the whole image, calibrate the
     global stage(s) on the validation cases and predict in two stages; one row per prediction, scored
     against `truth`. `tag` prefixes work folders and logs (several datasets in one work dir); rows are
-    labelled `title` (default: the trainer)."""
+    labelled `title` (default: the trainer). `predict_args` go to every nnLandmark_predict."""
     import contextlib
     import io
     from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer
@@ -223,15 +224,16 @@ def trainer_rows(trainer: str, *, raw: Path, dataset_id: int, configuration: str
     logs, label, title = work / "logs", f"{tag}{trainer}", title or trainer
     t2 = time.monotonic()
     with environment(env), contextlib.redirect_stdout(io.StringIO()):
-        name = write_budget_trainer(work / "trainers", trainer, 60.0 * minutes, iterations_per_epoch=iterations_per_epoch,
-                                    val_iterations_per_epoch=max(1, iterations_per_epoch // 10))
+        name = write_budget_trainer(work / "trainers", trainer, 60.0 * minutes,
+                                    iterations_per_epoch=iterations_per_epoch, val_iterations_per_epoch=max(1, iterations_per_epoch // 10))
     lines = run_command(f"train {label}", [find_command("nnUNetv2_train"), str(dataset_id), configuration, "0",
                                            "-tr", name, "-device", "cpu"], env, logs / f"train_{label}.log",
                         progress_pattern=r"Epoch \d+\s*$")
     train_s, epochs = time.monotonic() - t2, _count_epochs(lines)
     model_args = ["-c", configuration, "-tr", name]
     pred = work / f"predictions_{label}"
-    per_case = predict_images(label, images, dataset_id, [*model_args, "--global", "none"], pred, env, logs)
+    per_case = predict_images(label, images, dataset_id, [*model_args, "--global", "none", *predict_args], pred, env,
+                              logs)
     rows = [row_from_summary(f"{title} (whole image)", evaluate(truth, pred, work / f"evaluation_{label}"),
                              train_wall_s=round(train_s, 1), epochs=epochs, s_per_case=round(per_case, 1),
                              note=f"{epochs} epochs, {train_s:.0f} s train+final val; {per_case:.1f} s/case")]
@@ -248,14 +250,19 @@ def trainer_rows(trainer: str, *, raw: Path, dataset_id: int, configuration: str
                          "global_stage.json").read_text())
     for kind in kinds:
         pred = work / f"predictions_{label}_two_stage_{kind}"
-        per_case = predict_images(f"{label}_{kind}", images, dataset_id, [*model_args, "--global", kind], pred, env,
-                                  logs)
+        per_case = predict_images(f"{label}_{kind}", images, dataset_id,
+                                  [*model_args, "--global", kind, "--save_global_estimates", *predict_args], pred,
+                                  env, logs)
         v = choice["validation"][kind]
         rows.append(row_from_summary(
             f"{title} two-stage ({kind} global)", evaluate(truth, pred, work / f"evaluation_{label}_{kind}"),
             s_per_case=round(per_case, 1), radius_mm=round(v["radius_mm"], 2), calibrate_s=round(calibrate_s, 1),
             note=f"same model; search radius {v['radius_mm']:.1f} mm (validation p90 {v['p90_mm']:.1f} mm)"
                  f"{', kept by calibration' if choice['kind'] == kind else ''}; {per_case:.1f} s/case"))
+        rows.append(row_from_summary(  # what the local network adds: the estimates it started from
+            f"{title}: its {kind} global stage alone", evaluate(truth, pred / GLOBAL_ESTIMATES_FOLDER,
+                                                                work / f"evaluation_{label}_{kind}_global"),
+            note=f"the two-stage run's own global estimates ({', '.join(choice.get('atlases', [])) or kind})"))
     return rows
 
 

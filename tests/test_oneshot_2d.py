@@ -1,7 +1,8 @@
 """One-shot in 2D (X-rays): registration pseudo-labels of 2D phantoms within a pixel, a known in-plane
 similarity recovered sub-pixel, and the whole path with the stock commands: one labelled 2D image +
 unlabelled ones -> nnLandmark_oneshot -> nnUNetv2_plan_and_preprocess -c 2d -> nnUNetv2_train with
-the adapter trainer -> nnLandmark_predict on held-out images -> nnLandmark_evaluate.
+the adapter trainer -> nnLandmark_predict on held-out images; the self-supervised trainer on the same
+2D plans -> nnLandmark_oneshot --method cc2d on the 2D images.
 
 Phantoms: 96 x 80 pixels of 1 mm (demo/phantoms_2d.py: 11 landmarks, other cases differ by an
 in-plane similarity, intensities, noise and bias field)."""
@@ -25,6 +26,7 @@ from nnlandmark_h3de.oneshot.registration_labels import registration_pseudo_labe
 BIN = Path(sys.executable).parent
 DATASET_ID = 974
 TRAINER = "nnLandmarkTrainerAdapter_2epochs_3iters"
+SSL_TRAINER = "nnLandmarkSelfSupervisedTrainer_2epochs_3iters"
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,22 @@ def test_2d_one_shot_dataset_plans_trains_and_predicts_with_the_stock_commands(p
         markups = json.loads((pred / f"{c}.mrk.json").read_text())["markups"][0]["controlPoints"]
         assert [m["label"] for m in markups] == list(LANDMARK_NAMES_2D)
         assert all(m["position"][2] == 0.0 for m in markups if m.get("positionStatus") == "defined")
+
+    # CC2D in 2D: the self-supervised trainer on the same (2D) plans, then --method cc2d on 2D images
+    _run(["nnUNetv2_train", DATASET_ID, "2d_small", "0", "-tr", SSL_TRAINER, "-device", "cpu"], env, tmp_path)
+    ssl_model = nnunet_env["nnUNet_results"] / raw.name / f"{SSL_TRAINER}__nnUNetPlans__2d_small"
+    out = _run(["nnLandmark_oneshot", "-t", template_img, "-l", template_lm, "-u", unlabelled, "-d", DATASET_ID + 1,
+                "-n", "OneShot2DCC2D", "--method", "cc2d", "--ssl_model", ssl_model, "--template_copies", "0",
+                "--min_confidence", "0"], env, tmp_path).stdout
+    assert "cc2d: 4 case(s), landmarks kept 44" in out, out
+    cc2d = json.loads((nnunet_env["nnUNet_raw"] / f"Dataset{DATASET_ID + 1}_OneShot2DCC2D" / "landmarks.json")
+                      .read_text())["cases"]
+    for c in ("xray_001", "xray_002", "xray_003", "xray_004"):
+        points = np.array([cc2d[c][n] for n in LANDMARK_NAMES_2D], dtype=float)
+        assert np.all(points[:, 2] == 0.0), "CC2D points of a 2D image lie on its plane"
+        ijk = sitk.ReadImage(str(phantoms[c][0]))
+        inside = [ijk.TransformPhysicalPointToContinuousIndex(tuple(p[:2])) for p in points]
+        assert all(-0.5 <= i <= n - 0.5 for idx in inside for i, n in zip(idx, ijk.GetSize())), inside
 
 
 def test_cli_takes_pictures_with_a_pixel_spacing(phantoms, tmp_path, capsys):

@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     from nnlandmark_h3de.oneshot.pseudo_dataset import DEFAULT_MIN_CONFIDENCE
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="One-shot landmark detection: pseudo-label a folder of unlabelled 3D or 2D images from ONE labelled "
-                    "image (the template) and write an nnU-Net raw dataset DatasetXXX_NAME (pseudo-labelled cases, "
+        description="One-shot landmark detection: pseudo-label a folder of unlabelled 3D or 2D images from ONE "
+                    "labelled image (the template) and write an nnU-Net raw dataset DatasetXXX_NAME (pseudo-labelled cases, "
                     "the template and re-posed copies of it; pseudo_labels.json beside landmarks.json). Then "
                     "nnUNetv2_plan_and_preprocess / nnUNetv2_train as usual.")
     p.add_argument("-t", "--template_image", required=True,
@@ -173,7 +173,7 @@ def _summary(folder: Path, failed: List[str]) -> str:
 
 def _run(args) -> int:
     from nnlandmark_h3de.conversion import ConversionError, ConversionWarning
-    from nnlandmark_h3de.conversion.raw_dataset import _output_folder, dataset_folder_name
+    from nnlandmark_h3de.conversion.raw_dataset import resolve_output_folder, dataset_folder_name
     from nnlandmark_h3de.landmarks.landmark_set import LandmarkError
     from nnlandmark_h3de.oneshot.pseudo_dataset import write_pseudo_label_dataset
     from nnlandmark_h3de.oneshot.pseudo_labels import OneShotWarning, read_template
@@ -190,7 +190,7 @@ def _run(args) -> int:
             target = Path(args.output_root) / dataset_folder_name(args.dataset_id, args.dataset_name)
         else:
             target = (args.dataset_id, args.dataset_name)
-        target = _output_folder(target, None, None, args.overwrite)  # fail before any registration
+        target = resolve_output_folder(target, None, None, args.overwrite)  # fail before any registration
         template_image, template_ls = read_template(args.template_image, args.template_landmarks, args.spacing)
         images = _unlabelled_images(args.unlabelled, args.template_image)
         pseudo = method.run(args, template_image, template_ls, images)

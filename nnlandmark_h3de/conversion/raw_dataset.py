@@ -324,7 +324,10 @@ class _Problems:
                                   f"on_error='drop' / --drop_bad_cases):\n" + self.listing())
 
 
-def _output_folder(output_folder, dataset_id: Optional[int], dataset_name: Optional[str], overwrite: bool) -> Path:
+def resolve_output_folder(output_folder, dataset_id: Optional[int], dataset_name: Optional[str],
+                          overwrite: bool) -> Path:
+    """The dataset folder to write: `output_folder`, or (id, name) / the two keywords under $nnUNet_raw;
+    an existing one without `overwrite` is an error (checked before any work, by every writer)."""
     if isinstance(output_folder, tuple):
         (dataset_id, dataset_name), output_folder = output_folder, None
     if output_folder is None:
@@ -512,7 +515,7 @@ def _dataset_json(target: Path, names: Sequence[str], pairs, radius: float, chan
     }
 
 
-def _replace_folder(tmp: Path, target: Path) -> None:
+def replace_folder(tmp: Path, target: Path) -> None:
     """Rename the finished temporary folder onto `target` (an existing one is moved aside first)."""
     if target.exists():
         trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -568,7 +571,7 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
     problems = _Problems(on_error)
     if outside_fov not in OUTSIDE_FOV_CHOICES:
         raise ConversionError(f"outside_fov must be one of {OUTSIDE_FOV_CHOICES}, got {outside_fov!r}")
-    target = _output_folder(output_folder, dataset_id, dataset_name, overwrite)
+    target = resolve_output_folder(output_folder, dataset_id, dataset_name, overwrite)
     test_sets = _check_test_sets(test_sets, test_cases)
     if test_sets and not test_cases:
         test_cases = sorted({c for group in test_sets.values() for c in group})
@@ -607,7 +610,7 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
         if splits is not None:
             _dump_json(_filter_splits(splits, {c.case for c in written if not c.is_test}, {str(k) for k in cases}),
                        tmp / "splits_final.json")
-        _replace_folder(tmp, target)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -231,8 +231,8 @@ def atlas_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_c
     landmarks = load_dataset_landmarks(raw_dataset)
     train_cases = [c for c in train_cases if c in landmarks]
     exact = exact_label_cases(raw_dataset)
-    chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases,
-                                                     exact=None if exact is None else [c in exact for c in train_cases])]
+    exact = None if exact is None else [c in exact for c in train_cases]
+    chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases, exact=exact)]
     stage = AtlasGlobalStage.from_raw(raw_dataset, chosen, registration_spacing_mm)
     errors = []
     for case in tqdm(val_cases, desc="Atlas global stage on validation cases", unit="case"):

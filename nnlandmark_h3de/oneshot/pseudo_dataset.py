@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from nnlandmark_h3de.conversion.case_matching import IMAGE_SUFFIXES, strip_suffix
 from nnlandmark_h3de.conversion.dataset_landmarks import LANDMARKS_FILE, load_dataset_landmarks
-from nnlandmark_h3de.conversion.raw_dataset import _output_folder, _replace_folder, convert_dataset
+from nnlandmark_h3de.conversion.raw_dataset import resolve_output_folder, replace_folder, convert_dataset
 from nnlandmark_h3de.landmarks.atomic import atomic_path
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 from nnlandmark_h3de.oneshot.pseudo_labels import (PSEUDO_LABELS_FILE, OneShotError, OneShotWarning, PseudoLabels,
@@ -140,7 +140,7 @@ def write_pseudo_label_dataset(template_image, template_landmarks,
                                            "output_folder", "dataset_id", "dataset_name"})
     if clash:
         raise OneShotError(f"convert_options may not set {clash} (write_pseudo_label_dataset sets them)")
-    target = _output_folder(target, dataset_id, dataset_name, overwrite)  # checks ids, nnUNet_raw, overwrite
+    target = resolve_output_folder(target, dataset_id, dataset_name, overwrite)  # checks ids, nnUNet_raw, overwrite
     image, template_ls = read_template(template_image, template_landmarks, convert_options.get("spacing"))
     names = list(template_ls.names)
     name = _template_name(template_image, template_name)
@@ -188,7 +188,7 @@ def write_pseudo_label_dataset(template_image, template_landmarks,
                       template_copies=[c for c in copies if c in written], seed=int(seed),
                       dropped_cases=sorted(dropped))
         save_pseudo_labels(records, folder / PSEUDO_LABELS_FILE, **{**(header or {}), **fields})
-        _replace_folder(folder, target)
+        replace_folder(folder, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return target
