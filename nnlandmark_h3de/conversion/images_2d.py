@@ -26,6 +26,7 @@ header, so nnU-Net's SimpleITKIO reads the geometry and plans a `2d` configurati
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -160,6 +161,34 @@ def open_with_spacing(path, spacing: Sequence[float], label: Optional[str] = Non
         img.SetSpacing(s)
         return img
     return LazyImage(geo, load, label or str(path)), own
+
+
+@dataclass(frozen=True)
+class OpenedWithSpacing:
+    """A 2D file opened with a given pixel spacing: the image, the components its file has (a picture
+    in colour: > 1) and the spacing its file gave (None for a picture: it gives none)."""
+    image: LazyImage
+    components: int
+    file_spacing: Optional[Tuple[float, float]]
+
+    @property
+    def spacing_replaced(self) -> bool:
+        return self.file_spacing is not None and not np.allclose(self.file_spacing, self.image.geometry.spacing[:2],
+                                                                 rtol=1e-9, atol=0)
+
+
+def open_with_pixel_spacing(path, spacing: Optional[Sequence[float]],
+                            label: Optional[str] = None) -> Optional[OpenedWithSpacing]:
+    """The one rule for a file and a `spacing=`/--spacing: a picture is opened with it (an error without
+    one), another file given one has its spacing replaced (2D only); None when neither applies (read
+    the file as it is)."""
+    if is_picture_file(path):
+        image, n = open_picture(path, spacing, label)
+        return OpenedWithSpacing(image, n, None)
+    if spacing is not None:
+        image, own = open_with_spacing(path, spacing, label)
+        return OpenedWithSpacing(image, 1, own)
+    return None
 
 
 # -------------------------------------------------------------------------------------- downscale

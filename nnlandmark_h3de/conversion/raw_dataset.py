@@ -51,8 +51,7 @@ from nnlandmark_h3de.conversion.ball_radius import (MIN_RADIUS_VOXELS, ball_radi
 from nnlandmark_h3de.conversion.dataset_landmarks import LANDMARKS_FILE, landmark_info_dict, landmarks_json_dict
 from nnlandmark_h3de.conversion.draw_balls import draw_balls, label_dtype
 from nnlandmark_h3de.conversion.errors import ConversionError, ConversionWarning
-from nnlandmark_h3de.conversion.images_2d import ImageInputError, is_picture_file, open_picture, open_with_spacing, \
-    parse_spacing
+from nnlandmark_h3de.conversion.images_2d import ImageInputError, open_with_pixel_spacing, parse_spacing
 from nnlandmark_h3de.conversion.lazy_image import LazyImage
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry, read_image_header
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
@@ -365,16 +364,16 @@ def _open_2d(c: _Case, spacing: Optional[Tuple[float, float]], notes: Dict[str, 
         return
     path = Path(c.image)
     try:
-        if is_picture_file(path):
-            c.image, n_components = open_picture(path, spacing, c.image_label)
-            if n_components > 1:
-                notes["grey"].append(str(path))
-        elif spacing is not None:
-            c.image, own = open_with_spacing(path, spacing, c.image_label)
-            if not np.allclose(own, spacing, rtol=1e-9, atol=0):
-                notes["spacing"].append(f"{path} (file: {list(own)})")
+        opened = open_with_pixel_spacing(path, spacing, c.image_label)
     except ImageInputError as e:
         raise CaseError(str(e)) from None
+    if opened is None:
+        return
+    c.image = opened.image
+    if opened.components > 1:
+        notes["grey"].append(str(path))
+    if opened.spacing_replaced:
+        notes["spacing"].append(f"{path} (file: {list(opened.file_spacing)})")
 
 
 def _some(items: List[str], n: int = 5) -> str:

@@ -79,7 +79,6 @@ def random_pose(rng: np.random.Generator, centre, max_rotation_deg: float = 15.0
     return Pose(scale * rot, np.asarray(centre, dtype=np.float64), translation)
 
 
-
 def random_crop(geometry: ImageGeometry, rng: np.random.Generator,
                 crop_fraction=(1.0, 1.0)) -> ImageGeometry:
     """A random box of the grid, each axis keeping a fraction in `crop_fraction` of its voxels."""

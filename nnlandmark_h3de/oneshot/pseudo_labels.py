@@ -219,23 +219,18 @@ def read_scalar_image(image, what: str = "image", spacing=None):
 
     import SimpleITK as sitk
     from nnlandmark_h3de.conversion.errors import ConversionError
-    from nnlandmark_h3de.conversion.images_2d import is_picture_file, open_picture, open_with_spacing
+    from nnlandmark_h3de.conversion.images_2d import open_with_pixel_spacing
     from nnlandmark_h3de.landmarks.geometry import read_image
     label = image_label(image)
     if isinstance(image, sitk.Image):
         img = image
     elif isinstance(image, (str, os.PathLike)):
         try:
-            if is_picture_file(image):
-                img = open_picture(image, spacing)[0].load()
-            elif spacing is not None:
-                lazy, own = open_with_spacing(image, spacing)
-                img = lazy.load()
-                if not np.allclose(own, img.GetSpacing()):
-                    warnings.warn(f"{what} {label}: pixel spacing {own} of the file replaced by {img.GetSpacing()}",
-                                  OneShotWarning, stacklevel=2)
-            else:
-                img = read_image(image)
+            opened = open_with_pixel_spacing(image, spacing)
+            img = read_image(image) if opened is None else opened.image.load()
+            if opened is not None and opened.spacing_replaced:
+                warnings.warn(f"{what} {label}: pixel spacing {opened.file_spacing} of the file replaced by "
+                              f"{img.GetSpacing()}", OneShotWarning, stacklevel=2)
         except (FileNotFoundError, ValueError, ConversionError) as e:
             raise OneShotError(f"{what} {e}") from None
     else:

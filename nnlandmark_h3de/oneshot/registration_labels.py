@@ -273,7 +273,7 @@ def _pseudo_labels_of_case(template, template_ls: LandmarkSet, image_source, opt
         confidence[k] = neighbourhood_confidence(template, template_ls.points_lps[k], image, pts[k], jac,
                                                  patch_radius_mm)
     shift = np.linalg.norm(pts - affine_pts, axis=1)
-    info = {"deformable": deformable, "spacing_mm": affine_spacing(template, options["spacing_mm"]),
+    info = {"deformable": deformable, "spacing_mm": float(options["spacing_mm"]),
             "affine_to_final_mm": {n: (None if not np.isfinite(d) else round(float(d), 3))
                                    for n, d in zip(template_ls.names, shift)},
             "outside_fov": [n for n, o in zip(template_ls.names, outside) if o],
@@ -317,8 +317,8 @@ def registration_pseudo_labels(template_image, template_landmarks, images: Mappi
     if not images:
         raise OneShotError("no unlabelled images to pseudo-label")
     template, template_ls = read_template(template_image, template_landmarks, pixel_spacing)
-    options = dict(deformable=deformable, spacing_mm=spacing_mm, deformable_spacing_mm=deformable_spacing_mm,
-                   iterations=int(iterations), demons_iterations=int(demons_iterations),
+    options = dict(deformable=deformable, spacing_mm=affine_spacing(template, spacing_mm),
+                   deformable_spacing_mm=deformable_spacing_mm, iterations=int(iterations), demons_iterations=int(demons_iterations),
                    smoothing_voxels=float(smoothing_voxels), refine=bool(refine), seed=int(seed))
     out: Dict[str, PseudoLabels] = {}
     failed: Dict[str, str] = {}
