@@ -5,13 +5,16 @@ A model is trained (stock commands, `--train_minutes` of CPU) on head phantoms (
 whose field of view matches the test case; its global stage (atlas, `nnLandmark_calibrate_global`)
 is calibrated on its validation case. The test case is a phantom of `--shape` voxels at
 `--spacing` mm (default 400 x 512 x 512 at 0.7 mm, a CT-sized volume) that nnU-Net preprocesses to
-the model's spacing. Both arms run `nnLandmark_predict` on it in their own process (-npp 0, so the
-process's peak RSS is the whole cost): `--global none` (every tile of the whole image) and
-`--global atlas` (registration, then only the tiles around the estimates). Reported: wall time
-and peak RAM of each (start-up, reading and preprocessing the volume included, as a user sees it),
-their ratios, the tiles predicted, and each arm's error against the phantom's exact landmarks.
-Test-time mirroring is off in both arms by default (`--tta` turns it on) to keep the run short;
-it multiplies both arms' network time by the same factor.
+the model's spacing. Each arm runs `nnLandmark_predict` on it in its own process (-npp 0, so the
+process's peak RSS is the whole cost): `--global none` (nnU-Net's preprocessing, then every tile of
+the whole image), `--global atlas` (registration, then only the tiles around the estimates, only
+their regions resampled: what users get) and the same with `--preprocess_whole_image` (nnU-Net's
+whole-image preprocessing before the tiles: what the regional route saves). Reported: wall time and
+peak RAM of each (start-up, reading and preprocessing the volume included, as a user sees it), the
+ratios of the two-stage arm to the whole image, each arm's error against the phantom's exact
+landmarks and the largest distance between the two two-stage arms' landmarks.
+Test-time mirroring is off in every arm by default (`--tta` turns it on) to keep the run short;
+it multiplies every arm's network time by the same factor.
 
     python benchmarks/bench_predict_large.py --json
 """
@@ -27,7 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 DATASET_ID, CONFIGURATION = 987, "3d_fullres_small"
+ARMS = {"whole_image": ["--global", "none"], "two_stage": ["--global", "atlas"],
+        "two_stage_whole_preprocessing": ["--global", "atlas", "--preprocess_whole_image"]}
 
 
 def parse_args(argv=None):
@@ -42,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--tta", action="store_true", help="test-time mirroring in both arms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --work_dir holding a finished run's model: predict and score again, no training")
     return p.parse_args(argv)
 
 
@@ -58,59 +67,86 @@ def run_measured(cmd, env, log: Path):
     return wall, usage.ru_maxrss / 1024.0, text
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def prepare(args, work: Path, env, logs: Path):
+    """Phantoms, raw dataset, plans, a trained model and its calibrated atlas stage -> (raw folder, trainer)."""
     from nnlandmark_h3de.conversion import convert_dataset
     from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer
     from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
-    from nnlandmark_h3de.demo.pipeline import environment, find_command, nnunet_environment, run_command
+    from nnlandmark_h3de.demo.pipeline import environment, find_command, run_command
+    f = args.train_factor
+    train_shape = tuple(max(32, s // f) for s in args.shape)
+    train = generate_phantom_cases(work / "train", args.n_train, shape=train_shape, spacing=(args.spacing * f,) * 3,
+                                   seed=args.seed, case_prefix="train")
+    test = generate_phantom_cases(work / "test", 1, shape=tuple(args.shape), spacing=(args.spacing,) * 3,
+                                  seed=args.seed + 1000, case_prefix="large")
+    names = sorted(train)
+    splits = [{"train": names[:-1], "val": names[-1:]}]
+    with environment(env):
+        raw = Path(convert_dataset({**train, **test}, (DATASET_ID, "LargeCase"), test_cases=sorted(test),
+                                   splits=splits))
+    run_command("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c",
+                                        "3d_fullres", "-np", "1", "-npfp", "1"], {**env, "nnUNet_n_proc_DA": "1"},
+                logs / "plan.log")
+    run_command("small configuration", [find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID),
+                                        "--patch_size", *[str(args.patch)] * 3, "--base_features", "8",
+                                        "--max_features", "64"], env, logs / "small_config.log")
+    with environment(env):
+        trainer = write_budget_trainer(work / "trainers", "nnLandmarkTrainer", 60 * args.train_minutes,
+                                       iterations_per_epoch=25, val_iterations_per_epoch=2)
+    run_command("train", [find_command("nnUNetv2_train"), str(DATASET_ID), CONFIGURATION, "0", "-tr", trainer,
+                          "-device", "cpu"], env, logs / "train.log", progress_pattern=r"Epoch \d+\s*$")
+    run_command("calibrate global stage", [find_command("nnLandmark_calibrate_global"), "-d", str(DATASET_ID),
+                                           "-c", CONFIGURATION, "-tr", trainer, "-f", "0", "--kinds", "atlas",
+                                           "--n_atlases", "3", "-device", "cpu"], env, logs / "calibrate.log")
+    return raw, trainer
+
+
+def max_distance_mm(folder_a: Path, folder_b: Path, read_landmarks) -> float:
+    """The largest distance between the same landmark in two prediction folders (every case)."""
+    worst = 0.0
+    for file_a in sorted(folder_a.glob("*.mrk.json")):
+        a = read_landmarks(file_a)
+        b = read_landmarks(folder_b / file_a.name).reordered(a.names)
+        worst = max(worst, float(np.nanmax(np.linalg.norm(a.points_lps - b.points_lps, axis=1))))
+    return round(worst, 4)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nnlandmark_h3de.demo.pipeline import find_command, nnunet_environment
     from nnlandmark_h3de.evaluation.evaluate import evaluate_folders
+    from nnlandmark_h3de.landmarks import read_landmarks
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_predict_large_"))
-    if args.work_dir is not None and work.exists():
+    prepared = work / "prepared.json"
+    if args.reuse and not prepared.is_file():
+        raise SystemExit(f"--reuse: {prepared} missing (run once with --work_dir {work} first)")
+    if args.work_dir is not None and work.exists() and not args.reuse:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     env = nnunet_environment(work)
     logs = work / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)
     try:
-        f = args.train_factor
-        train_shape = tuple(max(32, s // f) for s in args.shape)
-        train = generate_phantom_cases(work / "train", args.n_train, shape=train_shape, spacing=(args.spacing * f,) * 3,
-                                       seed=args.seed, case_prefix="train")
-        test = generate_phantom_cases(work / "test", 1, shape=tuple(args.shape), spacing=(args.spacing,) * 3,
-                                      seed=args.seed + 1000, case_prefix="large")
-        names = sorted(train)
-        splits = [{"train": names[:-1], "val": names[-1:]}]
-        with environment(env):
-            raw = Path(convert_dataset({**train, **test}, (DATASET_ID, "LargeCase"), test_cases=sorted(test),
-                                       splits=splits))
-        run_command("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c",
-                                            "3d_fullres", "-np", "1", "-npfp", "1"], {**env, "nnUNet_n_proc_DA": "1"},
-                    logs / "plan.log")
-        run_command("small configuration", [find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID),
-                                            "--patch_size", *[str(args.patch)] * 3, "--base_features", "8",
-                                            "--max_features", "64"], env, logs / "small_config.log")
-        with environment(env):
-            trainer = write_budget_trainer(work / "trainers", "nnLandmarkTrainer", 60 * args.train_minutes,
-                                           iterations_per_epoch=25, val_iterations_per_epoch=2)
-        run_command("train", [find_command("nnUNetv2_train"), str(DATASET_ID), CONFIGURATION, "0", "-tr", trainer,
-                              "-device", "cpu"], env, logs / "train.log", progress_pattern=r"Epoch \d+\s*$")
-        run_command("calibrate global stage", [find_command("nnLandmark_calibrate_global"), "-d", str(DATASET_ID),
-                                               "-c", CONFIGURATION, "-tr", trainer, "-f", "0", "--kinds", "atlas",
-                                               "--n_atlases", "3", "-device", "cpu"], env, logs / "calibrate.log")
+        if args.reuse:
+            done = json.loads(prepared.read_text())
+            raw, trainer = Path(done["raw"]), done["trainer"]
+        else:
+            raw, trainer = prepare(args, work, env, logs)
+            prepared.write_text(json.dumps({"raw": str(raw), "trainer": trainer}))
         arms = {}
-        for kind in ("none", "atlas"):
-            out = work / f"pred_{kind}"
+        for arm, extra in ARMS.items():
+            out = work / f"pred_{arm}"
+            shutil.rmtree(out, ignore_errors=True)
             cmd = [find_command("nnLandmark_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d",
                    str(DATASET_ID), "-c", CONFIGURATION, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0",
-                   "--global", kind, "--no_absent", "--disable_progress_bar"] + ([] if args.tta else ["--disable_tta"])
-            wall, rss, text = run_measured(cmd, env, logs / f"predict_{kind}.log")
-            summary = evaluate_folders(work / "test" / "landmarks", out, work / f"eval_{kind}" / "summary.json")
+                   "--no_absent", "--disable_progress_bar", *extra] + ([] if args.tta else ["--disable_tta"])
+            wall, rss, text = run_measured(cmd, env, logs / f"predict_{arm}.log")
+            summary = evaluate_folders(work / "test" / "landmarks", out, work / f"eval_{arm}" / "summary.json")
             micro = summary["foreground_mean"]["micro"]
-            arms[kind] = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss), "mre_mm": micro["mean_radial_error_mm"],
+            arms[arm] = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss), "mre_mm": micro["mean_radial_error_mm"],
                           "median_mm": micro["median_radial_error_mm"], "sdr_4mm": micro["SDR_4mm"]}
-            print(f"{kind}: {wall:.1f} s, peak RSS {rss:.0f} MiB, MRE {micro['mean_radial_error_mm']} mm", flush=True)
+            print(f"{arm}: {wall:.1f} s, peak RSS {rss:.0f} MiB, MRE {micro['mean_radial_error_mm']} mm", flush=True)
         plans = json.loads((work / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json").read_text())
         spacing = plans["configurations"]["3d_fullres"]["spacing"]
         result = {
@@ -118,10 +154,14 @@ def main(argv=None) -> int:
             "model_spacing_mm": spacing, "patch": args.patch, "tta": args.tta, "train_minutes": args.train_minutes,
             "landmarks": len(json.loads((raw / "dataset.json").read_text())["landmarks"]["names"]),
             "global_stage": json.loads(next((work / "nnUNet_results").rglob("global_stage.json")).read_text())["validation"],
-            "whole_image": arms["none"], "two_stage": arms["atlas"],
-            "speedup_two_stage": round(arms["none"]["wall_s"] / arms["atlas"]["wall_s"], 2),
-            "ram_ratio_two_stage": round(arms["atlas"]["peak_rss_mib"] / arms["none"]["peak_rss_mib"], 3),
-            "err_two_stage_mm": arms["atlas"]["mre_mm"], "err_full_mm": arms["none"]["mre_mm"],
+            **arms,
+            "speedup_two_stage": round(arms["whole_image"]["wall_s"] / arms["two_stage"]["wall_s"], 2),
+            "ram_ratio_two_stage": round(arms["two_stage"]["peak_rss_mib"] / arms["whole_image"]["peak_rss_mib"], 3),
+            "err_two_stage_mm": arms["two_stage"]["mre_mm"], "err_full_mm": arms["whole_image"]["mre_mm"],
+            "speedup_regional_vs_whole_preprocessing": round(
+                arms["two_stage_whole_preprocessing"]["wall_s"] / arms["two_stage"]["wall_s"], 2),
+            "max_distance_regional_vs_whole_preprocessing_mm": max_distance_mm(
+                work / "pred_two_stage", work / "pred_two_stage_whole_preprocessing", read_landmarks),
         }
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     finally:

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_global_estimates", action="store_true",
                    help="two-stage prediction: also write the global stage's own estimates to OUT/global_stage/ "
                         "(to see, or evaluate, what each stage contributes)")
+    p.add_argument("--preprocess_whole_image", action="store_true",
+                   help="two-stage prediction: resample the whole image to the model's spacing, as nnU-Net does, "
+                        "instead of only the regions of the tiles around the global estimates (slower on large "
+                        "images; the same result up to a sub-voxel shift of each region's grid)")
     add_postprocessing_args(p)
     return p
 
@@ -124,7 +128,8 @@ def main(argv=None) -> int:
                                     verbose_preprocessing=args.verbose, allow_tqdm=not args.disable_progress_bar,
                                     output_format=args.format, postprocessing=postprocessing_options(args),
                                     save_heatmaps=args.save_heatmaps, uncertainty=args.uncertainty,
-                                    save_global_estimates=args.save_global_estimates)
+                                    save_global_estimates=args.save_global_estimates,
+                                    regional_preprocessing=not args.preprocess_whole_image)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     kind = args.global_stage
     if args.save_heatmaps and kind == "auto":

@@ -124,8 +124,11 @@ def combine(per_atlas: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def atlas_estimate(image, atlases: Sequence[Atlas], spacing_mm: float = 4.0) -> AtlasEstimate:
-    """Register every atlas to `image` and combine their carried landmarks."""
-    per = np.stack([carry_points(register_affine(image, a.image, spacing_mm), a.landmarks.points_lps)
+    """Register every atlas to `image` and combine their carried landmarks. The case is smoothed and
+    resampled to the registration grid once (on a CT-sized case that is most of the cost; register_affine
+    leaves an image already on the grid as it is)."""
+    fixed = coarse_image(image, spacing_mm)
+    per = np.stack([carry_points(register_affine(fixed, a.image, spacing_mm), a.landmarks.points_lps)
                     for a in atlases])
     median, spread = combine(per)
     return AtlasEstimate(median, spread, per)

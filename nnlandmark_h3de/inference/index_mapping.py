@@ -55,6 +55,13 @@ def _network_shape(properties: dict, plans_manager, configuration_manager) -> np
     return np.asarray(compute_new_shape(shape_cropped, spacing_t, target), dtype=np.float64)
 
 
+def network_to_cropped_index(idx_zyx: np.ndarray, properties: dict, network_shape: Sequence[int]) -> np.ndarray:
+    """Network index -> index into the cropped (not yet resampled) array: the input voxel it samples."""
+    net_shape = np.asarray(network_shape, dtype=np.float64)
+    cropped_shape = np.asarray(properties["shape_after_cropping_and_before_resampling"], dtype=np.float64)
+    return (np.asarray(idx_zyx, dtype=np.float64) + 0.5) * (cropped_shape / net_shape) - 0.5
+
+
 def network_index_to_world(idx_zyx: np.ndarray, properties: dict, plans_manager, configuration_manager,
                            network_shape: Optional[Sequence[int]] = None) -> np.ndarray:
     """Continuous index into the preprocessed array (axes already transposed) -> world LPS mm.
@@ -63,13 +70,10 @@ def network_index_to_world(idx_zyx: np.ndarray, properties: dict, plans_manager,
     NaN rows stay NaN.
     """
     idx = np.atleast_2d(np.asarray(idx_zyx, dtype=np.float64))
-    net_shape = np.asarray(network_shape if network_shape is not None
-                           else _network_shape(properties, plans_manager, configuration_manager), dtype=np.float64)
-    cropped_shape = np.asarray(properties["shape_after_cropping_and_before_resampling"], dtype=np.float64)
+    net_shape = network_shape if network_shape is not None \
+        else _network_shape(properties, plans_manager, configuration_manager)
     bbox_lo = np.asarray([b[0] for b in properties["bbox_used_for_cropping"]], dtype=np.float64)
-
-    cropped = (idx + 0.5) * (cropped_shape / net_shape) - 0.5
-    transposed = cropped + bbox_lo
+    transposed = network_to_cropped_index(idx, properties, net_shape) + bbox_lo
     original = np.empty_like(transposed)
     original[:, list(plans_manager.transpose_forward)] = transposed  # transposed axis a = original axis tf[a]
     return original_geometry(properties, plans_manager.transpose_forward).array_index_to_world(original)

@@ -24,7 +24,9 @@ tiles around the estimates, each landmark's peak searched within the calibrated 
 estimate (local_refinement.py). Where the maximum lies on the search ball's surface (no local peak
 inside), or the local peak is under the floor fitted in the two-stage validation, the global estimate
 stands, with the global stage's validated error as its uncertainty. The
-per-fold calibration above applies unchanged: each fold's tiles are one FoldOutput.
+per-fold calibration above applies unchanged: each fold's tiles are one FoldOutput. From image files,
+only the tiles' regions are resampled to the model's spacing (`regional_preprocessing`, on by default;
+regional_preprocessing.py); a preprocessed case (the final validation) is tiled as it is.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ from nnlandmark_h3de.inference.local_refinement import peaks_in_tiles, tile_grou
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_thresholds_per_fold,
                                                       resolve_pairs)
+from nnlandmark_h3de.inference.regional_preprocessing import NormalizedCase, Region, read_normalized_case, \
+    region_box
 from nnlandmark_h3de.inference.uncertainty import (axis_step_mm, heatmap_spread_mm, member_spread_mm,
                                                    per_fold_uncertainty, read_uncertainty_per_fold)
 from nnlandmark_h3de.inference.save_heatmaps import HEATMAP_SUFFIX
@@ -78,6 +82,17 @@ class TilePlan:
     offset: np.ndarray  # (3,) padding before the array: padded index = index + offset
     whole_image: bool = False  # search balls so large that tiles would cost more: one sliding window
     n_tiles: int = 0  # network tiles per fold and mirror
+    regions: Optional[list] = None  # regional preprocessing: one Region per group, whose padded space its
+    # tile origin and its landmarks' centres are in; the tiles' inputs are then stacked (G, C, *patch)
+
+    def to_case_index(self, idx: np.ndarray) -> np.ndarray:
+        """Indices in tile space (padded array or, per group, its region) -> the case's network indices."""
+        if self.regions is None:
+            return idx - self.offset
+        out = np.full_like(np.asarray(idx, dtype=np.float64), np.nan)
+        for (_, members), region in zip(self.groups, self.regions):
+            out[members] = region.to_case_index(idx[members])
+        return out
 
 
 @dataclass
@@ -91,7 +106,7 @@ class _CaseInFlight:
 class nnLandmarkPredictor(nnUNetPredictor):
     def __init__(self, *args, output_format: str = "mrk.json", postprocessing: Optional[PostprocessingOptions] = None,
                  save_heatmaps: bool = False, uncertainty: str = "calibrated", save_global_estimates: bool = False,
-                 **kwargs):
+                 regional_preprocessing: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"unknown output format {output_format!r}; choose one of {OUTPUT_FORMATS}")
@@ -99,6 +114,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         self.postprocessing = postprocessing or PostprocessingOptions()
         self.save_heatmaps = save_heatmaps
         self.save_global_estimates = save_global_estimates
+        self.regional_preprocessing = regional_preprocessing  # two stages: resample only the tiles' regions
         if uncertainty not in UNCERTAINTY_SOURCES:
             raise ValueError(f"unknown uncertainty {uncertainty!r}; choose one of {UNCERTAINTY_SOURCES}")
         self.uncertainty = uncertainty
@@ -273,8 +289,9 @@ class nnLandmarkPredictor(nnUNetPredictor):
             for combo in combos:
                 dims = [a + 2 for a in combo]  # the tile batch is (1, C, z, y, x)
                 outs = []
-                for lo, _ in tiles.groups:
-                    x = padded[(slice(None),) + tuple(slice(int(o), int(o) + p) for o, p in zip(lo, patch))]
+                for g, (lo, _) in enumerate(tiles.groups):
+                    x = padded[g] if tiles.regions is not None else \
+                        padded[(slice(None),) + tuple(slice(int(o), int(o) + p) for o, p in zip(lo, patch))]
                     x = x[None].to(self.device)
                     out = self.network(torch.flip(x, dims) if dims else x)
                     out = (torch.flip(out, dims) if dims else out)[0].float()
@@ -294,31 +311,69 @@ class nnLandmarkPredictor(nnUNetPredictor):
                                                      patch)
         fallback = on_border & np.all(np.isfinite(tiles.centres), axis=1)
         idx[fallback] = tiles.centres[fallback]
-        return idx - tiles.offset, peak, width, fallback
+        return tiles.to_case_index(idx), peak, width, fallback
 
-    def plan_tiles(self, data: torch.Tensor, properties: dict, files) -> Tuple[torch.Tensor, TilePlan, LandmarkSet]:
-        """Global stage on the case's image files -> (padded data, TilePlan, global estimate).
-        A global estimate outside the image (cut off by the field of view) is absent."""
+    def global_estimate(self, files) -> LandmarkSet:
+        """The global stage on the case's image files, in the model's landmark order."""
         if not files:
             raise ValueError("two-stage prediction needs the case's image files for the global stage")
-        estimate = self.global_stage.estimate(files).reordered(self.names)
-        shape = np.asarray(data.shape[1:], dtype=np.float64)
+        return self.global_stage.estimate(files).reordered(self.names)
+
+    def _estimate_centres(self, estimate: LandmarkSet, properties: dict, network_shape) -> np.ndarray:
+        """Global estimates as network indices of the case; one outside the image (cut off by the field of
+        view) is absent (NaN)."""
+        shape = np.asarray(network_shape, dtype=np.float64)
         centres = world_to_network_index(estimate.points_lps, properties, self.plans_manager,
-                                         self.configuration_manager, network_shape=tuple(data.shape[1:]))
-        outside = np.any((centres < -0.5) | (centres > shape - 0.5), axis=1)
-        centres[outside] = np.nan
+                                         self.configuration_manager, network_shape=tuple(network_shape))
+        centres[np.any((centres < -0.5) | (centres > shape - 0.5), axis=1)] = np.nan
+        return centres
+
+    def _search_radius_voxels(self) -> np.ndarray:
+        return self.global_radius_mm / np.asarray(self.configuration_manager.spacing, dtype=np.float64)
+
+    def plan_tiles(self, data: torch.Tensor, properties: dict, estimate: LandmarkSet) -> Tuple[torch.Tensor, TilePlan]:
+        """Preprocessed case + global estimate -> (padded data, TilePlan)."""
+        centres = self._estimate_centres(estimate, properties, data.shape[1:])
         patch = list(self.configuration_manager.patch_size)
         padded, slicer = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
         offset = np.asarray([s.start for s in slicer[1:]], dtype=np.float64)
-        radius = self.global_radius_mm / np.asarray(self.configuration_manager.spacing, dtype=np.float64)
+        radius = self._search_radius_voxels()
         groups = tile_groups(centres + offset, padded.shape[1:], patch, radius)
         n_window = len(self._internal_get_sliding_window_slicers(padded.shape[1:]))
         if len(groups) < n_window:
-            return padded, TilePlan(groups, centres + offset, radius, offset, False, len(groups)), estimate
+            return padded, TilePlan(groups, centres + offset, radius, offset, False, len(groups))
         # the search balls need as many tiles as the whole image: one sliding window, the balls masked in it
         present = [k for k in range(len(centres)) if np.all(np.isfinite(centres[k]))]
         return padded, TilePlan([(np.zeros(len(patch), dtype=int), present)], centres + offset, radius, offset, True,
-                                n_window), estimate
+                                n_window)
+
+    def plan_regional_tiles(self, case: NormalizedCase, estimate: LandmarkSet) -> Optional[Tuple[torch.Tensor, TilePlan]]:
+        """Normalised, not yet resampled case + global estimate -> (the tiles' inputs (G, C, *patch), TilePlan),
+        each tile resampled from its own region (regional_preprocessing.py); None where the image is smaller
+        than a patch or the tiles would cost as much as the whole image (then it is resampled whole)."""
+        shape, patch = np.asarray(case.network_shape), np.asarray(self.configuration_manager.patch_size)
+        if np.any(shape < patch):
+            return None
+        centres = self._estimate_centres(estimate, case.properties, case.network_shape)
+        radius = self._search_radius_voxels()
+        groups = tile_groups(centres, shape, patch, radius)
+        if len(groups) >= len(self._internal_get_sliding_window_slicers(tuple(shape))):
+            return None
+        inputs, local_groups, regions = [], [], []
+        local_centres = np.full_like(centres, np.nan)
+        for lo, members in groups:
+            data, props = case.resample(region_box(lo, patch, case), self.configuration_manager)
+            padded, slicer = pad_nd_image(torch.from_numpy(data), list(patch), "constant", {"value": 0}, True, None)
+            region = Region(props, tuple(data.shape[1:]), np.asarray([s.start for s in slicer[1:]], dtype=np.float64),
+                            case, self.plans_manager, self.configuration_manager)
+            origin = np.round(region.from_case_index(np.asarray(lo, dtype=np.float64)[None])[0])
+            origin = np.clip(origin, 0, np.asarray(padded.shape[1:]) - patch).astype(int)
+            inputs.append(padded[(slice(None),) + tuple(slice(o, o + p) for o, p in zip(origin, patch))])
+            local_centres[members] = region.from_case_index(centres[members])
+            local_groups.append((origin, members))
+            regions.append(region)
+        return torch.stack(inputs), TilePlan(local_groups, local_centres, radius, np.zeros(3), False, len(groups),
+                                             regions)
 
     def sliding_window_with_member_peaks(self, data: torch.Tensor, properties: Optional[dict] = None):
         """The loaded network's sliding-window logits of one case (mirrors averaged) and each mirror's
@@ -328,19 +383,28 @@ class nnLandmarkPredictor(nnUNetPredictor):
             logits = self.predict_sliding_window_return_logits(data)
         return logits, case.folds[0].member_idx
 
-    def locate(self, data: torch.Tensor, properties: dict, files=None, record_existence: bool = False,
-               source: str = "<memory>"):
-        """Network-space landmarks of one preprocessed case, by whole-image sliding window or, with a
-        global stage, in two stages. Returns (idx (L, 3), width (L, 3), folds, logits or None (two-stage),
-        two-stage info {"estimate", "fallback" (L,), "n_tiles"} or None)."""
+    def locate(self, data, properties: dict, files=None, record_existence: bool = False, source: str = "<memory>"):
+        """Network-space landmarks of one case (preprocessed tensor, or a NormalizedCase for regional
+        preprocessing), by whole-image sliding window or, with a global stage, in two stages. Returns
+        (idx (L, 3), width (L, 3), folds, logits or None (two-stage), two-stage info {"estimate", "fallback"
+        (L,), "n_tiles"} or None)."""
         with self.case_in_flight(properties, record_existence=record_existence) as case:
             if case.mirroring.note:
                 tqdm.write(f"WARNING {source}: {case.mirroring.note}")
             if self.global_stage is None:
+                if isinstance(data, NormalizedCase):
+                    data = torch.from_numpy(data.resample_whole(self.configuration_manager))
                 logits = self._ensemble_logits(data)
                 idx, _, width = decode_peaks(logits[1:], logits=True)
                 return idx, width, case.folds, logits, None
-            padded, case.tiles, estimate = self.plan_tiles(data, properties, files)
+            estimate = self.global_estimate(files)
+            planned = self.plan_regional_tiles(data, estimate) if isinstance(data, NormalizedCase) else None
+            if planned is not None:
+                padded, case.tiles = planned
+            else:
+                if isinstance(data, NormalizedCase):
+                    data = torch.from_numpy(data.resample_whole(self.configuration_manager))
+                padded, case.tiles = self.plan_tiles(data, properties, estimate)
             if not case.tiles.groups:  # no landmark in the image: nothing to predict
                 L = len(self.names)
                 nan = np.full((L, 3), np.nan)
@@ -353,7 +417,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
             if self.local_peak_floor is not None:  # a weak local peak does not overrule the global estimate
                 weak = (np.mean([f.peak for f in case.folds], axis=0) < self.local_peak_floor) & \
                     np.all(np.isfinite(case.tiles.centres), axis=1)
-                idx[weak] = case.tiles.centres[weak] - case.tiles.offset
+                idx[weak] = case.tiles.to_case_index(case.tiles.centres)[weak]
                 fallback = fallback | weak
             return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback,
                                                   "n_tiles": case.tiles.n_tiles, "whole_image": case.tiles.whole_image}
@@ -370,9 +434,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
         (None in two-stage prediction))."""
         idx, width, folds, logits, two_stage = self.locate(data, properties, files, self.score_kind == "anchor", source)
 
+        network_shape = data.network_shape if isinstance(data, NormalizedCase) else tuple(data.shape[1:])
+
         def to_world(i):
             return network_index_to_world(i, properties, self.plans_manager, self.configuration_manager,
-                                          network_shape=tuple(data.shape[1:]))
+                                          network_shape=network_shape)
 
         points = to_world(idx)
         scores = np.stack([f.existence if self.score_kind == "anchor" else f.peak for f in folds])  # (F, L)
@@ -429,7 +495,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         folder = os.path.join(os.path.dirname(ofile_truncated), GLOBAL_ESTIMATES_FOLDER)
         os.makedirs(folder, exist_ok=True)
         write_landmarks(estimate, self.output_file(os.path.join(folder, os.path.basename(ofile_truncated))),
-                        self.output_format)  # already in the model's order (plan_tiles)
+                        self.output_format)  # already in the model's order (global_estimate)
 
     # ------------------------------------------------------ nnU-Net hooks
     def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
@@ -455,7 +521,9 @@ class nnLandmarkPredictor(nnUNetPredictor):
         """
         outs = output_filenames_truncated or [None] * len(input_list_of_lists)
         segs = seg_from_prev_stage_files or [None] * len(input_list_of_lists)
-        jobs = [(files, seg, o, self.plans_manager, self.configuration_manager, self.dataset_json)
+        regional = self.global_stage is not None and self.regional_preprocessing and \
+            len(self.configuration_manager.patch_size) == 3
+        jobs = [(files, seg, o, self.plans_manager, self.configuration_manager, self.dataset_json, regional)
                 for files, seg, o in zip(input_list_of_lists, segs, outs)]
         if num_processes == 0:
             return (preprocess_case(*job) for job in jobs)
@@ -483,7 +551,8 @@ class nnLandmarkPredictor(nnUNetPredictor):
                 data = item["data"]
                 if isinstance(data, str):
                     data = np.load(data)
-                data = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data).float()
+                if not isinstance(data, NormalizedCase):
+                    data = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data).float()
                 ls, report, logits = self.predict_case(data, item["data_properties"], source=case,
                                                        files=item.get("files"))
                 if report["swapped"]:
@@ -518,9 +587,14 @@ class nnLandmarkPredictor(nnUNetPredictor):
 
 
 # ------------------------------------------------------------------- preprocessing workers
-def preprocess_case(files, seg_prev, ofile, plans_manager, configuration_manager, dataset_json) -> dict:
-    """nnU-Net's preprocessor on one case; errors come back as a record naming the files."""
+def preprocess_case(files, seg_prev, ofile, plans_manager, configuration_manager, dataset_json,
+                    regional: bool = False) -> dict:
+    """nnU-Net's preprocessor on one case (`regional`: all but the resampling, see regional_preprocessing.py);
+    errors come back as a record naming the files."""
     try:
+        if regional:
+            case = read_normalized_case(list(files), plans_manager, configuration_manager, dataset_json)
+            return {"data": case, "data_properties": case.properties, "ofile": ofile, "files": list(files)}
         pre = configuration_manager.preprocessor_class(verbose=False)
         data, _, props = pre.run_case(files, seg_prev, plans_manager, configuration_manager, dataset_json)
         return {"data": data, "data_properties": props, "ofile": ofile, "files": list(files)}
