@@ -104,8 +104,8 @@ def existence_notes(result) -> List[str]:
              f"FP {m['FP']}, FN {m['FN']}, TN {m['TN']}, F1 {_fmt(m['F1'], '.3f')}.", "",
              f"Thresholds: score `{thresholds.get('score')}`, {cal.get('method')}, relative threshold "
              f"{_fmt(cal.get('relative_threshold'), '.3g')}, fitted on {cal.get('n_cases')} validation cases and "
-             f"{cal.get('n_training_cases_in_sample', 0)} training cases predicted in-sample (each set relative to "
-             f"its own median present peak)."]
+             f"{cal.get('n_training_cases_in_sample', 0)} training cases predicted in-sample (each set on its own "
+             f"scale, each landmark's median present peak pooled over both)."]
     check = cal.get("held_out_check")
     if check:
         lines.append(f"Fitted on the training cases alone, it scores the validation cases with F1 "

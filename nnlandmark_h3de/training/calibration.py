@@ -3,9 +3,10 @@
 Existence thresholds. Landmarks differ in how high their peaks get (a crisp eye vs a faint rod end):
 measured on generated phantoms, present "rod_bottom" peaks at 0.2-0.3 while an absent eye still
 peaks at 0.5-0.8, so no single threshold separates present from absent. Each score is therefore
-divided by its landmark's median score over the validation cases where it is present (one robust
-number per landmark, not a per-landmark threshold fitted to a handful of cases), and one threshold
-on that relative score is chosen for the best F1 over all (case, landmark) pairs.
+divided by its landmark's median score where it is present (one robust number per landmark, not a
+per-landmark threshold fitted to a handful of cases; with in-sample training cases too, their present
+scores join the median after one factor puts them on the validation scale), and one threshold on that
+relative score is chosen for the best F1 over all (case, landmark) pairs.
 
 Uncertainty. The error a user should expect for a landmark is mostly the landmark's own
 difficulty (its validation RMS error, shrunk in log toward the all-landmark RMS when it has few cases),
@@ -57,10 +58,10 @@ def calibrate_relative_thresholds(scores: np.ndarray, present: np.ndarray, defau
                                   groups: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict]:
     """(N, L) scores and truth -> per-landmark thresholds (L,) = t * median present score, and how.
 
-    `groups` (N,) ints: cases whose peaks run at different heights (0 = validation cases, whose
-    medians set the thresholds; 1 = training cases predicted in-sample, where the network's present
-    peaks are higher and its absent ones lower) are each divided by their own group's medians, then
-    one t is fitted on all of them.
+    `groups` (N,) ints: cases whose peaks run at different heights (0 = validation cases, on whose
+    scale the thresholds are; 1 = training cases predicted in-sample, where the network's present
+    peaks are higher and its absent ones lower): each group on its own scale, the per-landmark
+    references pooled over all groups (`relative_scores`), then one t is fitted on all of them.
     Validation cases without any absent landmark give no threshold to fit: then a landmark is called
     absent only when its score is under DEFAULT_RELATIVE_THRESHOLD of its usual present score (so a
     model with low peaks everywhere does not lose landmarks to an absolute cut). With no present
@@ -81,12 +82,24 @@ def calibrate_relative_thresholds(scores: np.ndarray, present: np.ndarray, defau
 
 
 def relative_scores(scores: np.ndarray, present: np.ndarray, groups: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Scores divided by their group's per-landmark median present score; returns them and group 0's medians."""
-    relative = np.empty_like(scores)
-    for g in np.unique(groups):
+    """Scores divided by their landmark's reference score on their group's scale; returns them and the
+    references on group 0's scale (what the thresholds are multiplied by).
+
+    A group's scale is one factor against group 0 (the median over landmarks of its per-landmark median
+    present score over group 0's): in-sample peaks run higher by about the same factor everywhere. The
+    per-landmark reference is the median of every group's present scores divided by its factor: a
+    landmark's median over 4-5 validation peaks alone is noisy, and a reference set too high by chance
+    calls that landmark absent on new cases."""
+    groups = np.asarray(groups, dtype=int)
+    base = reference_scores(scores[groups == 0], present[groups == 0])
+    factor = np.ones(len(scores))
+    for g in np.unique(groups[groups != 0]):
         rows = groups == g
-        relative[rows] = scores[rows] / reference_scores(scores[rows], present[rows])[None]
-    return relative, reference_scores(scores[groups == 0], present[groups == 0])
+        ratio = reference_scores(scores[rows], present[rows]) / base
+        ratio = ratio[np.isfinite(ratio)]
+        factor[rows] = float(np.median(ratio)) if ratio.size else 1.0
+    ref = reference_scores(scores / factor[:, None], present)
+    return scores / factor[:, None] / ref[None], ref
 
 
 def _within_landmark(values: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ thresholds fell back to a default. Two more sources of (case, landmark) pairs:
 - training cases predicted at the end of training (in-sample, so labelled as such; their peaks are
   compared with their own set's median present peaks, see calibration.calibrate_relative_thresholds);
 - out-of-fold predictions: each trained fold's validation cases, pooled over folds by
-  `nnLandmark_calibrate_existence` (every fold keeps its own median present peaks; one relative
+  `nnLandmark_calibrate_existence` (every fold on its own scale, medians pooled; one relative
   threshold for all).
 Each fit is also scored on cases it was not fitted on (`held_out_existence_check`,
 `leave_one_fold_out`), so the figure a user reads is not the one the threshold was chosen on.
@@ -82,7 +82,8 @@ def read_existence_scores(path, score: str, sets: Sequence[str] = ("validation",
 def calibrate_out_of_fold(scores: Sequence[np.ndarray], present: Sequence[np.ndarray], default: float
                           ) -> Tuple[List[np.ndarray], Dict]:
     """Each fold's (N_f, L) validation scores and truth -> each fold's thresholds (one relative threshold
-    fitted on all folds, times the fold's own median present scores) and the leave-one-fold-out check:
+    fitted on all folds, times the references on the fold's own scale, see calibration.relative_scores) and
+    the leave-one-fold-out check:
     every fold scored with the threshold fitted on the others."""
     thresholds = []
     for f in range(len(scores)):

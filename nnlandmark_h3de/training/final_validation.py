@@ -179,7 +179,7 @@ def _gather(results: dict, is_ddp: bool) -> dict:
 
 def _calibrate(results: dict, evaluated, training: dict, reference, names, score: str) -> Tuple[np.ndarray, dict]:
     """Per-landmark best-F1 thresholds of one existence score over the evaluated validation (case, landmark)
-    pairs and the training cases predicted in-sample (each set relative to its own median present peaks)."""
+    pairs and the training cases predicted in-sample (each set on its own scale, the landmarks' median present peaks pooled: calibration.relative_scores)."""
     values, present, groups = _existence_table(results, evaluated, training, reference, len(names), score)
     # a probability gets 0.5 when there is nothing to calibrate on
     default = 0.5 if score == "anchor" else DEFAULT_PEAK_THRESHOLD
