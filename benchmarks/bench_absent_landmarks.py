@@ -18,6 +18,8 @@ landmarks present in reference and prediction. Also printed, on the same test ca
 - the anchor trainer's own peak heights (does joint training change the heatmap score?),
 - existence aggregates (max vs top-k mean over anchors) and locations (heatmap peak vs anchor
   medoid / weighted mean), from one forward pass of the whole image (it fits in one patch).
+The results file (OUT/bench_absent_landmarks.json) keeps every test case's raw scores (`test_scores`), and
+each trainer's fold folder its validation and in-sample training scores (existence_scores.json).
 
     python benchmarks/bench_absent_landmarks.py --out /tmp/bench_absent --epochs 30
 """
@@ -264,12 +266,15 @@ def main(argv=None):
             if has_anchors and f"anchor_{l}_points" in pred[test[0]]:
                 loc[f"anchor_{l}"] = mre(get(f"anchor_{l}_points"), ref_pts, present)
         r["location_mre_mm_all_present"] = loc
+        # every test case's raw scores, to study other calibrations or signals without training again
+        r["test_scores"] = {"cases": list(test), "present": present.tolist(),
+                            **{key: np.asarray(v, dtype=np.float64).tolist() for key, v in scores.items()}}
         results[label] = r
         e = r[main_score]
         rel = thr["calibration"].get("relative_threshold", float("nan"))
         rows.append((label, main_score, rel, e["precision"], e["recall"], e["f1"], e["oracle_f1"], e["mre_mm"],
                      epochs, t_train))
-        print(f"[{label}] {json.dumps(r, default=float)}")
+        print(f"[{label}] {json.dumps({k: v for k, v in r.items() if k != 'test_scores'}, default=float)}")
 
     print("\nexistence on held-out cases (thresholds calibrated on the validation cases, best F1; 'rel thr' is "
           "the threshold relative to each landmark's median present score)")
