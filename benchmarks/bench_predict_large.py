@@ -101,8 +101,9 @@ def prepare(args, work: Path, env, logs: Path):
     return raw, trainer
 
 
-def max_distance_mm(folder_a: Path, folder_b: Path, read_landmarks) -> float:
+def max_distance_mm(folder_a: Path, folder_b: Path) -> float:
     """The largest distance between the same landmark in two prediction folders (every case)."""
+    from nnlandmark_h3de.landmarks import read_landmarks
     worst = 0.0
     for file_a in sorted(folder_a.glob("*.mrk.json")):
         a = read_landmarks(file_a)
@@ -115,7 +116,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from nnlandmark_h3de.demo.pipeline import find_command, nnunet_environment
     from nnlandmark_h3de.evaluation.evaluate import evaluate_folders
-    from nnlandmark_h3de.landmarks import read_landmarks
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_predict_large_"))
     prepared = work / "prepared.json"
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             "speedup_regional_vs_whole_preprocessing": round(
                 arms["two_stage_whole_preprocessing"]["wall_s"] / arms["two_stage"]["wall_s"], 2),
             "max_distance_regional_vs_whole_preprocessing_mm": max_distance_mm(
-                work / "pred_two_stage", work / "pred_two_stage_whole_preprocessing", read_landmarks),
+                work / "pred_two_stage", work / "pred_two_stage_whole_preprocessing"),
         }
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     finally:

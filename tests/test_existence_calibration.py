@@ -65,6 +65,10 @@ def test_held_out_check_scores_validation_with_the_training_fit():
     check = held_out_existence_check(np.r_[val, train], np.r_[val_present, train_present], groups)
     assert check["tp"] + check["fn"] == val_present.sum() and check["tn"] + check["fp"] == (~val_present).sum()
     assert check["f1"] > 0.9 and "training" in check["fitted_on"]
+    # the fit is the training cases' alone: other validation peaks do not move it
+    other = held_out_existence_check(np.r_[val * np.array([0.5, 1.0, 2.0]), train],
+                                     np.r_[val_present, train_present], groups)
+    assert other["relative_threshold"] == check["relative_threshold"]
     # nothing absent among the validation cases: the check cannot say anything
     assert held_out_existence_check(np.r_[val, train], np.r_[np.ones_like(val_present), train_present], groups) is None
 

@@ -392,19 +392,13 @@ class nnLandmarkPredictor(nnUNetPredictor):
             if case.mirroring.note:
                 tqdm.write(f"WARNING {source}: {case.mirroring.note}")
             if self.global_stage is None:
-                if isinstance(data, NormalizedCase):
-                    data = torch.from_numpy(data.resample_whole(self.configuration_manager))
-                logits = self._ensemble_logits(data)
+                logits = self._ensemble_logits(self._resampled_whole(data))
                 idx, _, width = decode_peaks(logits[1:], logits=True)
                 return idx, width, case.folds, logits, None
             estimate = self.global_estimate(files)
             planned = self.plan_regional_tiles(data, estimate) if isinstance(data, NormalizedCase) else None
-            if planned is not None:
-                padded, case.tiles = planned
-            else:
-                if isinstance(data, NormalizedCase):
-                    data = torch.from_numpy(data.resample_whole(self.configuration_manager))
-                padded, case.tiles = self.plan_tiles(data, properties, estimate)
+            padded, case.tiles = planned if planned is not None else \
+                self.plan_tiles(self._resampled_whole(data), properties, estimate)
             if not case.tiles.groups:  # no landmark in the image: nothing to predict
                 L = len(self.names)
                 nan = np.full((L, 3), np.nan)
@@ -421,6 +415,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
                 fallback = fallback | weak
             return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback,
                                                   "n_tiles": case.tiles.n_tiles, "whole_image": case.tiles.whole_image}
+
+    def _resampled_whole(self, data):
+        """A NormalizedCase resampled whole (what nnU-Net's preprocessing gives); a preprocessed tensor as it is."""
+        return torch.from_numpy(data.resample_whole(self.configuration_manager)) \
+            if isinstance(data, NormalizedCase) else data
 
     def _ensemble_logits(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's loop over the folds' parameters; a manually initialised predictor (the trainer's

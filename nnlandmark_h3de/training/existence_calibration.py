@@ -45,12 +45,15 @@ def _fittable(present: np.ndarray) -> bool:
 
 def held_out_existence_check(scores: np.ndarray, present: np.ndarray, groups: np.ndarray) -> Optional[Dict]:
     """Fit the relative threshold on the training cases (group 1) alone and score the validation cases
-    (group 0) with it: how well in-sample calibration carries to unseen cases. None when either set
-    cannot say (no present or no absent landmark)."""
+    (group 0) with it: how well in-sample calibration carries to unseen cases. Each set is relative to
+    its own medians (pooled references would let the validation cases shape the training fit). None when
+    either set cannot say (no present or no absent landmark)."""
     val, train = groups == 0, groups == 1
     if not (_fittable(present[val]) and _fittable(present[train])):
         return None
-    relative, _ = relative_scores(scores, present, groups)
+    relative = np.empty_like(np.asarray(scores, dtype=np.float64))
+    for rows in (val, train):
+        relative[rows] = relative_scores(scores[rows], present[rows], np.zeros(int(rows.sum()), dtype=int))[0]
     t, _ = calibrate_peak_threshold(relative[train], present[train])
     return {"fitted_on": f"{int(train.sum())} training cases (in-sample)",
             "scored_on": f"{int(val.sum())} validation cases", "relative_threshold": float(t),
