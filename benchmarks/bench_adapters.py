@@ -136,7 +136,7 @@ def part2(args):
     res = {}
     for label, cls in (("plain", nnLandmarkTrainer), ("adapters", nnLandmarkTrainerAdapter)):
         torch.manual_seed(args.seed)
-        trainer, t_train, _ = ba.train(cls, pre, 60 * args.minutes, args.epochs, args.iterations)
+        trainer, t_train, *_ = ba.train(cls, pre, 60 * args.minutes, args.epochs, args.iterations)
         pred = ba.predict_test(trainer, raw, test, anchors=False)
         err = np.linalg.norm(np.array([pred[c]["peak_points"] for c in test]) - ref_pts, axis=-1)  # (cases, L)
         per = np.nanmean(err, 0)
