@@ -18,6 +18,7 @@ landmarks present in reference and prediction. Also printed, on the same test ca
 - the anchor trainer's own peak heights (does joint training change the heatmap score?),
 - existence aggregates (max vs top-k mean over anchors) and locations (heatmap peak vs anchor
   medoid / weighted mean), from one forward pass of the whole image (it fits in one patch).
+Each signal's row names the landmarks it miscalls (`wrong_calls`: absent called present, present called absent).
 The results file (OUT/bench_absent_landmarks.json) keeps every test case's raw scores (`test_scores`), and
 each trainer's fold folder its validation and in-sample training scores (existence_scores.json).
 
@@ -186,6 +187,15 @@ def existence_metrics(scores, present, threshold):
             "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn), "f1": 2 * tp / max(1, 2 * tp + fp + fn)}
 
 
+def wrong_calls_per_landmark(scores, present, threshold, names) -> dict:
+    """{landmark: {"fp": absent called present, "fn": present called absent}} for the landmarks with any:
+    which landmarks a signal confuses (an absent one the network still places from context, a faint one)."""
+    import numpy as np
+    called = np.asarray(scores) >= np.asarray(threshold)
+    fp, fn = (called & ~present).sum(0), (~called & present).sum(0)
+    return {n: {"fp": int(a), "fn": int(b)} for n, a, b in zip(names, fp, fn) if a or b}
+
+
 def oracle_f1(scores, present, relative: bool):
     from nnlandmark_h3de.training.calibration import calibrate_relative_thresholds
     from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
@@ -259,10 +269,12 @@ def main(argv=None):
             if key in calibrated:  # with the thresholds calibrated on the validation cases
                 t = np.asarray(calibrated[key], dtype=np.float64)
                 m = existence_metrics(s, present, t)
-                entry.update(m, mre_mm=mre(get("peak_points"), ref_pts, present & (s >= t))[0], kept=key == main_score)
+                entry.update(m, mre_mm=mre(get("peak_points"), ref_pts, present & (s >= t))[0], kept=key == main_score,
+                             wrong_calls=wrong_calls_per_landmark(s, present, t, names))
             r[key] = entry
         t_val, info_val = validation_only_thresholds(trainer, "peak")
         r["peak_validation_only"] = {**existence_metrics(scores["peak"], present, t_val), "kept": False,
+                                     "wrong_calls": wrong_calls_per_landmark(scores["peak"], present, t_val, names),
                                      "calibration": info_val["method"]}
         loc = {"peak": mre(get("peak_points"), ref_pts, present)}
         for l in ("medoid", "weighted"):
@@ -303,7 +315,8 @@ def main(argv=None):
     print("\nper signal (held-out test cases; * = the one the final validation kept):")
     for key, e in signals.items():
         print(f"{'*' if e.get('kept') else ' '} {key:42s} precision {e['precision']:.3f} recall {e['recall']:.3f} "
-              f"F1 {e['f1']:.3f}" + (f" (TP {e['tp']} FP {e['fp']} FN {e['fn']} TN {e['tn']})" if "tp" in e else ""))
+              f"F1 {e['f1']:.3f}" + (f" (TP {e['tp']} FP {e['fp']} FN {e['fn']} TN {e['tn']})" if "tp" in e else "")
+              + (f"; wrong calls by landmark: {json.dumps(e['wrong_calls'])}" if e.get("wrong_calls") else ""))
     print(f"results: {out / 'bench_absent_landmarks.json'}; total {time.monotonic() - t0:.0f} s")
     if args.json:
         print(json.dumps({"absent_fraction_test": results["absent_fraction_test"], "signals": signals}, default=float))
@@ -322,7 +335,8 @@ def signal_table(results: dict, runs, present) -> dict:
                 what = {"peak": "peak height (validation + training in-sample)",
                         "peak_validation_only": "peak height (validation cases only)",
                         "anchor": "anchor existence"}[key]
-                table[f"{label}: {what}"] = {k: r[key][k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")}
+                table[f"{label}: {what}"] = {k: r[key][k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn",
+                                                                     "wrong_calls") if k in r[key]}
                 table[f"{label}: {what}"]["kept"] = bool(r[key].get("kept", False))
     return table
 
