@@ -179,19 +179,18 @@ def predict_test(trainer, raw: Path, test_cases, anchors: bool):
     return out
 
 
-def existence_metrics(scores, present, threshold):
+def existence_metrics(scores, present, threshold, names):
+    """One signal's held-out calls against the truth: the product's counts and F1 (existence_f1) and
+    the landmarks it miscalls."""
     import numpy as np
-    pred = scores >= threshold
-    tp, fp, fn = int((pred & present).sum()), int((pred & ~present).sum()), int((~pred & present).sum())
-    return {"tp": tp, "fp": fp, "fn": fn, "tn": int((~pred & ~present).sum()),
-            "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn), "f1": 2 * tp / max(1, 2 * tp + fp + fn)}
+    from nnlandmark_h3de.training.existence_calibration import existence_f1
+    called = np.asarray(scores) >= np.asarray(threshold)
+    return {**existence_f1(called, present), "wrong_calls": wrong_calls_per_landmark(called, present, names)}
 
 
-def wrong_calls_per_landmark(scores, present, threshold, names) -> dict:
+def wrong_calls_per_landmark(called, present, names) -> dict:
     """{landmark: {"fp": absent called present, "fn": present called absent}} for the landmarks with any:
     which landmarks a signal confuses (an absent one the network still places from context, a faint one)."""
-    import numpy as np
-    called = np.asarray(scores) >= np.asarray(threshold)
     fp, fn = (called & ~present).sum(0), (~called & present).sum(0)
     return {n: {"fp": int(a), "fn": int(b)} for n, a, b in zip(names, fp, fn) if a or b}
 
@@ -268,13 +267,11 @@ def main(argv=None):
                      "oracle_f1_global_threshold": oracle_f1(s, present, relative=False)}
             if key in calibrated:  # with the thresholds calibrated on the validation cases
                 t = np.asarray(calibrated[key], dtype=np.float64)
-                m = existence_metrics(s, present, t)
-                entry.update(m, mre_mm=mre(get("peak_points"), ref_pts, present & (s >= t))[0], kept=key == main_score,
-                             wrong_calls=wrong_calls_per_landmark(s, present, t, names))
+                m = existence_metrics(s, present, t, names)
+                entry.update(m, mre_mm=mre(get("peak_points"), ref_pts, present & (s >= t))[0], kept=key == main_score)
             r[key] = entry
         t_val, info_val = validation_only_thresholds(trainer, "peak")
-        r["peak_validation_only"] = {**existence_metrics(scores["peak"], present, t_val), "kept": False,
-                                     "wrong_calls": wrong_calls_per_landmark(scores["peak"], present, t_val, names),
+        r["peak_validation_only"] = {**existence_metrics(scores["peak"], present, t_val, names), "kept": False,
                                      "calibration": info_val["method"]}
         loc = {"peak": mre(get("peak_points"), ref_pts, present)}
         for l in ("medoid", "weighted"):

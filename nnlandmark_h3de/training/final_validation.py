@@ -179,7 +179,8 @@ def _gather(results: dict, is_ddp: bool) -> dict:
 
 def _calibrate(results: dict, evaluated, training: dict, reference, names, score: str) -> Tuple[np.ndarray, dict]:
     """Per-landmark best-F1 thresholds of one existence score over the evaluated validation (case, landmark)
-    pairs and the training cases predicted in-sample (each set on its own scale, the landmarks' median present peaks pooled: calibration.relative_scores)."""
+    pairs and the training cases predicted in-sample (each set on its own scale, the landmarks' median
+    present peaks pooled: calibration.relative_scores)."""
     values, present, groups = _existence_table(results, evaluated, training, reference, len(names), score)
     # a probability gets 0.5 when there is nothing to calibrate on
     default = 0.5 if score == "anchor" else DEFAULT_PEAK_THRESHOLD
@@ -204,7 +205,7 @@ def _choose_score(calibrations: dict, preferred: str) -> str:
     `preferred` on ties and when nothing was calibrated. Measured on generated phantoms
     (bench_absent_landmarks.py), the anchor head's existence did not separate at all after 600 CPU steps
     (F1 = calling everything present) and after 1500 separated less than relative peak heights (held-out
-    F1 0.881 vs 0.968), so an anchor trainer must not be stuck with its own score."""
+    F1 0.881 vs 0.968, seed 2), so an anchor trainer must not be stuck with its own score."""
     f1 = {k: info.get("f1") for k, (_, info) in calibrations.items() if info["method"].startswith("best_f1")}
     if preferred not in calibrations or not f1:
         return preferred if preferred in calibrations else next(iter(calibrations))
