@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import nnunet_folders
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -64,9 +66,7 @@ def parse_args(argv=None):
 
 
 def setup_environment(out: Path) -> None:
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (out / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(out / name)
+    nnunet_folders(out)
     os.environ["nnUNet_n_proc_DA"] = "0"
     os.environ["nnUNet_compile"] = "false"
     os.environ["nnUNet_extTrainer"] = str(REPO / "trainers")
@@ -225,7 +225,7 @@ def main(argv=None):
     import numpy as np
     import torch
     torch.set_num_threads(args.threads)
-    from nnlandmark_h3de.conversion import load_dataset_landmarks
+    from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
     if args.h3de:
         from nnlandmark_h3de.training.nnH3DETrainer import nnH3DETrainer as Plain
         from nnlandmark_h3de.training.nnH3DETrainerAnchor import nnH3DETrainerAnchor as Anchor
@@ -321,7 +321,6 @@ def main(argv=None):
 
 def signal_table(results: dict, runs, present) -> dict:
     """{signal: precision, recall, F1 (and counts), kept} over the held-out cases, "all present" included."""
-    import numpy as np
     n_pos, n_neg = int(present.sum()), int((~present).sum())
     table = {"all present": {"precision": n_pos / (n_pos + n_neg), "recall": 1.0,
                              "f1": 2 * n_pos / (2 * n_pos + n_neg), "kept": False}}

@@ -18,14 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def build(kind: str, num_landmarks: int, features, patch):
@@ -119,12 +116,11 @@ def part1(args):
 
 
 def part2(args):
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import numpy as np
     import bench_absent_landmarks as ba
     out = Path(args.out)
     ba.setup_environment(out)
-    from nnlandmark_h3de.conversion import load_dataset_landmarks
+    from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
     from nnlandmark_h3de.training.adapter_trainers import nnLandmarkTrainerAdapter
     from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
     dargs = ba.parse_args(["--n-train", str(args.n_train), "--n-val", str(args.n_val), "--n-test", str(args.n_test),

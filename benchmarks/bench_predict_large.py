@@ -72,7 +72,7 @@ def prepare(args, work: Path, env, logs: Path):
     from nnlandmark_h3de.conversion import convert_dataset
     from nnlandmark_h3de.demo.budget_trainer import write_budget_trainer
     from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
-    from nnlandmark_h3de.demo.pipeline import environment, find_command, run_command
+    from nnlandmark_h3de.demo.commands import environment, find_command, run_command
     f = args.train_factor
     train_shape = tuple(max(32, s // f) for s in args.shape)
     train = generate_phantom_cases(work / "train", args.n_train, shape=train_shape, spacing=(args.spacing * f,) * 3,
@@ -114,7 +114,7 @@ def max_distance_mm(folder_a: Path, folder_b: Path) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nnlandmark_h3de.demo.pipeline import find_command, nnunet_environment
+    from nnlandmark_h3de.demo.commands import find_command, nnunet_environment
     from nnlandmark_h3de.evaluation.evaluate import evaluate_folders
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_predict_large_"))

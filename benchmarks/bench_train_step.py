@@ -24,6 +24,18 @@ With --json the LAST line is one JSON object: ratio_nnLandmarkTrainer (median st
 ratio_nnH3DETrainer (if that trainer exists): the median over rounds of (step time / stock step
 time of the same round), heatmap_transform_ratio, params_M / gflops_fwd_batch per row, the
 nnH3DETrainer configuration (refinement convs, V-BRA stages), and the raw times.
+
+Targets drawn where the network runs (target_transport.py): today's path (dense heatmaps drawn per
+sample in the loader, LandmarkHeatmapTransform last, composed here) vs the product path (the loader
+carries the points, the trainer draws on its device), measured in the same run, for the small
+configuration (the landmark trainer's own loader) and for 32 landmarks at a 128^3 patch (AFIDs at
+1 mm: nnU-Net's 3D augmentation, 5 deep-supervision scales). JSON keys, each {"small": .., "afids_128": ..}:
+loader_bytes_per_batch_ratio (everything a batch carries out of the loader, image included, old/new),
+loader_time_per_batch_ratio (worker CPU seconds per batch incl. the shared-memory copy, old/new),
+step_time_ratio_device_targets (new whole CPU training step, drawing included / today's step on the
+dense targets, paired median). A whole 128^3 step takes tens of seconds on 2 cores, so the 128^3
+case is measured on the loader pipeline plus the drawing alone (its step ratio is null; the drawing's
+seconds are in device_targets.afids_128.device_drawing_s_per_batch). `--no-large` skips it.
 """
 from __future__ import annotations
 
@@ -31,29 +43,21 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from copy import deepcopy
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from common import nnunet_folders, plan_small_configuration
+from target_transport import afids_like_loader, compare_loader_paths
 
 
 def prepare_dataset(root: Path, dataset_id: int, shape, patch, base_features, max_features) -> None:
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(root / name)
+    nnunet_folders(root)
     os.environ.setdefault("nnUNet_compile", "false")
     from nnlandmark_h3de.demo.blob_dataset import make_blob_dataset
     make_blob_dataset(dataset_id, n_cases=5, shape_zyx=shape)
-    env = {**os.environ, "nnUNet_n_proc_DA": "1"}
-    subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
-                    "-np", "1", "-npfp", "1"], env=env, check=True, capture_output=True)
-    subprocess.run([str(BIN / "nnLandmark_add_small_config"), "-d", str(dataset_id), "--patch_size", *map(str, patch),
-                    "--base_features", str(base_features), "--max_features", str(max_features)],
-                   env=env, check=True, capture_output=True)
+    plan_small_configuration(dataset_id, patch, base_features, max_features)
 
 
 def network_cost(network, batch_size, in_channels, patch):
@@ -94,6 +98,49 @@ def make_trainer(cls, plans, configuration, dataset_json):
     return t
 
 
+def dense_transform(trainer, ds_scales, from_keypoints):
+    """Today's last transform for this trainer's settings: dense heatmaps at every scale, per sample."""
+    from nnlandmark_h3de.heatmaps import LandmarkHeatmapTransform
+    points = trainer.build_points_transform()
+    return LandmarkHeatmapTransform(points.num_landmarks, trainer.heatmap_sigma, ds_scales, points.expected_voxels,
+                                    points.min_visible_fraction, from_keypoints=from_keypoints)
+
+
+def landmark_points(seg_full, num_landmarks):
+    """Per sample ball centres (B, L, 3), NaN = absent: the batch target of the product path."""
+    import torch
+    from nnlandmark_h3de.heatmaps import LandmarkPointsTransform
+    t = LandmarkPointsTransform(num_landmarks)
+    return torch.stack([t(segmentation=seg_full[b])["segmentation"] for b in range(seg_full.shape[0])])
+
+
+def device_target_rows(trainer, args) -> dict:
+    """Today's loader path vs the product path: the small configuration's own loader, and the AFIDs-like
+    32 landmarks at 128^3 (see the module doc)."""
+    import numpy as np
+    from nnlandmark_h3de.heatmaps import GaussianTargets, LandmarkHeatmapTransform, LandmarkPointsTransform
+    out = {}
+    dl_train, dl_val = trainer.get_dataloaders()
+    loader = dl_train.data_loader
+    compose = loader.transforms.transforms
+    new = compose.transforms[-1]
+    ds_scales = trainer._get_deep_supervision_scales()
+    out["small"] = compare_loader_paths(loader, compose, dense_transform(trainer, ds_scales, new.from_keypoints), new,
+                                        trainer.targets_from_points, n_batches=max(3, args.steps // 2))
+    for gen in (dl_train, dl_val):
+        getattr(gen, "_finish", lambda: None)()
+    if not args.no_large:
+        np.random.seed(0)
+        loader, compose, ds = afids_like_loader((128, 128, 128), 32, trainer.batch_size)
+        out["afids_128"] = compare_loader_paths(
+            loader, compose, LandmarkHeatmapTransform(32, trainer.heatmap_sigma, ds, from_keypoints=True),
+            LandmarkPointsTransform(32, from_keypoints=True), GaussianTargets(trainer.heatmap_sigma, ds),
+            n_batches=args.large_batches)
+        out["afids_128"]["note"] = ("loader pipeline plus the drawing alone: a whole 128^3 training step is too slow "
+                                    "on 2 CPU cores; the drawing's seconds are what it adds to a step")
+    return out
+
+
 def landmark_targets(transform, seg_full):
     """Per sample heatmaps at every scale (what the landmark pipeline's last transform makes), stacked."""
     per_sample = [transform(segmentation=seg_full[b])["segmentation"] for b in range(seg_full.shape[0])]
@@ -114,6 +161,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-refine2", action="store_true",
                     help="skip the informational nnH3DETrainer row with H3DEUNet's default 2 refinement convs")
+    ap.add_argument("--no-large", action="store_true", help="skip the 32-landmark 128^3 loader comparison")
+    ap.add_argument("--large_batches", type=int, default=3, help="measured batches of the 128^3 comparison")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -160,12 +209,15 @@ def main(argv=None):
     n_in = batches[0]["data"].shape[1]
     cost = {k: network_cost(t.network, stock.batch_size, n_in, patch) for k, t in built.items()}
     ds_scales = built["nnLandmarkTrainer"]._get_deep_supervision_scales()
-    heat = built["nnLandmarkTrainer"].build_heatmap_transform(ds_scales)
+    lm = built["nnLandmarkTrainer"]
+    heat = dense_transform(lm, ds_scales, from_keypoints=False)
     downsample = DownsampleSegForDSTransform(ds_scales)  # the stock transform the heatmaps replace
     full_segs = [b["target"][0] if isinstance(b["target"], list) else b["target"] for b in batches]
-    lm_batches = [{"data": b["data"], "target": landmark_targets(heat, s)} for b, s in zip(batches, full_segs)]
+    lm_batches = [{"data": b["data"], "target": landmark_points(s, lm.num_landmarks)} for b, s in zip(batches, full_segs)]
+    dense_batches = [{"data": b["data"], "target": landmark_targets(heat, s)} for b, s in zip(batches, full_segs)]
 
     times = {k: [] for k in built}
+    today_times = []  # the landmark trainer's step as it was: nnU-Net's train step on dense targets
     transform_times, downsample_times = [], []
     for i in range(args.warmup + args.steps):
         # per-sample transforms timed as nnU-Net's data loader runs them: inside threadpool_limits(1)
@@ -188,12 +240,24 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 times[k].append(dt)
+        t0 = time.perf_counter()
+        nnUNetTrainer.train_step(lm, dense_batches[i])
+        if i >= args.warmup:
+            today_times.append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    device = device_target_rows(lm, args)
+    step_ratio = statistics.median(a / b for a, b in zip(times["nnLandmarkTrainer"], today_times))
+    device_ratios = {key: {case: row[key] for case, row in device.items()}
+                     for key in ("loader_bytes_per_batch_ratio", "loader_time_per_batch_ratio")}
+    device_ratios["step_time_ratio_device_targets"] = {"small": step_ratio, "afids_128": None}
     # paired: each step's time over the stock step of the same round (neighbours in time share the load)
     result = {f"ratio_{k}": statistics.median(a / b for a, b in zip(times[k], times["nnUNetTrainer"]))
               for k in med if k != "nnUNetTrainer"}
     result["median_ratios_unpaired"] = {k: med[k] / med["nnUNetTrainer"] for k in med if k != "nnUNetTrainer"}
     result["heatmap_transform_ratio"] = statistics.median(transform_times) / med["nnUNetTrainer"]
+    result.update(device_ratios)
+    result["device_targets"] = device
+    result["median_step_s_dense_targets_today"] = statistics.median(today_times)
     result["median_step_s"] = med
     result["heatmap_transform_s"] = statistics.median(transform_times)
     result["stock_downsample_seg_s"] = statistics.median(downsample_times)
@@ -225,6 +289,14 @@ def main(argv=None):
     print(f"heatmap transform: {result['heatmap_transform_s'] * 1e3:.1f} ms per batch, one thread "
           f"({100 * result['heatmap_transform_ratio']:.1f} % of a stock step; it replaces nnU-Net's "
           f"DownsampleSegForDSTransform: {result['stock_downsample_seg_s'] * 1e3:.1f} ms)")
+    for case, row in device.items():
+        print(f"targets on the device, {case}: loader bytes {row['loader_bytes_per_batch']['old'] / 1e6:.1f} -> "
+              f"{row['loader_bytes_per_batch']['new'] / 1e6:.1f} MB per batch (x{row['loader_bytes_per_batch_ratio']:.1f}), "
+              f"worker CPU {row['loader_cpu_s_per_batch']['old']:.3f} -> {row['loader_cpu_s_per_batch']['new']:.3f} s "
+              f"(x{row['loader_time_per_batch_ratio']:.2f}), drawing {row['device_drawing_s_per_batch']:.3f} s, "
+              f"max |dense - device| {row['max_abs_diff_dense_vs_device']:.2g}")
+    print(f"step with device targets / today's step on dense targets (small): {step_ratio:.3f} (target <= 1.05: "
+          f"{'met' if step_ratio <= 1.05 else 'NOT met'}); 128^3: {device.get('afids_128', {}).get('note', 'skipped')}")
     targets = {"ratio_nnLandmarkTrainer": 1.15, "ratio_nnH3DETrainer": 2.0}
     for k in result:
         if k.startswith("ratio_"):

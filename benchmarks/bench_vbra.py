@@ -57,8 +57,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from einops import rearrange
 
-from nnlandmark_h3de.networks.building_blocks.vbra import VBRA, _from_regions, _to_regions
+from nnlandmark_h3de.networks.building_blocks.vbra import VBRA
 
 PLAN_PATCH = {3: (64, 128, 128), 2: (512, 512)}
 PLAN_FEATURES = {3: [32, 64, 128, 256, 320, 320], 2: [32, 64, 128, 256, 512, 512, 512]}
@@ -74,6 +75,20 @@ SHAPES = {3: {1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16), 8192: (16
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 ARMS = ("vbra", "naive", "naive_fused", "vbra_1chunk", "dense")
 SAME_FUNCTION = ("naive", "naive_fused", "vbra_1chunk")
+# the public code's window partition (BiFormer's einops rearrange), not the package's: grid axes k j i,
+# region axes d h w, (B, *spatial, C) <-> (B, R, T, C) with regions and their tokens in raster order
+REGION_PATTERNS = {2: ("n (j h) (i w) c", "n (j i) (h w) c", "ji", "hw"),
+                   3: ("n (k d) (j h) (i w) c", "n (k j i) (d h w) c", "kji", "dhw")}
+
+
+def public_to_regions(t, grid, rsize):
+    spatial, regions, grid_axes, region_axes = REGION_PATTERNS[len(grid)]
+    return rearrange(t, f"{spatial} -> {regions}", **dict(zip(grid_axes, grid)), **dict(zip(region_axes, rsize)))
+
+
+def public_from_regions(t, grid, rsize):
+    spatial, regions, grid_axes, region_axes = REGION_PATTERNS[len(grid)]
+    return rearrange(t, f"{regions} -> {spatial}", **dict(zip(grid_axes, grid)), **dict(zip(region_axes, rsize)))
 
 
 class NaiveVBRA(VBRA):
@@ -90,7 +105,7 @@ class NaiveVBRA(VBRA):
         n_reg, k_top, h, hd = int(np.prod(grid)), min(self.topk, int(np.prod(grid))), self.num_heads, self.head_dim
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         lepe = self.lepe(v.movedim(-1, 1)).movedim(1, -1)
-        q, k, v = (_to_regions(t, grid, rsize) for t in (q, k, v))
+        q, k, v = (public_to_regions(t, grid, rsize) for t in (q, k, v))
         t = q.shape[2]
         idx = torch.topk(q.mean(2).detach() @ k.mean(2).detach().transpose(1, 2), k_top, dim=-1).indices
         kv = torch.cat((k, v), -1)  # (B, R, T, 2C)
@@ -101,7 +116,7 @@ class NaiveVBRA(VBRA):
         k_sel = k_sel.reshape(b * n_reg, k_top * t, h, hd).transpose(1, 2)
         v_sel = v_sel.reshape(b * n_reg, k_top * t, h, hd).transpose(1, 2)
         out = self.attention(q, k_sel, v_sel).transpose(1, 2).reshape(b, n_reg, t, c)
-        return self.proj(_from_regions(out, grid, rsize) + lepe)
+        return self.proj(public_from_regions(out, grid, rsize) + lepe)
 
     def attention(self, q, k, v):
         attn = ((q * self.scale) @ k.transpose(-1, -2)).softmax(-1)  # (B*R, h, T, kT) materialised

@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from common import nnunet_folders, plan_small_configuration
 
 
 def main(argv=None):
@@ -44,19 +42,12 @@ def main(argv=None):
 
     tmp = None
     root = Path(args.keep) if args.keep else Path((tmp := tempfile.TemporaryDirectory(prefix="easy_")).name)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(root / name)
+    nnunet_folders(root)
     os.environ["nnUNet_compile"] = "false"
     dataset_id = 988
     from nnlandmark_h3de.demo.blob_dataset import make_blob_dataset
     make_blob_dataset(dataset_id, n_cases=args.cases, shape_zyx=args.shape, seed=1)
-    env = {**os.environ, "nnUNet_n_proc_DA": "1"}
-    subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
-                    "-np", "1", "-npfp", "1"], env=env, check=True, capture_output=True)
-    subprocess.run([str(BIN / "nnLandmark_add_small_config"), "-d", str(dataset_id), "--patch_size", *map(str, args.patch),
-                    "--base_features", str(args.base_features), "--max_features", str(args.max_features)],
-                   env=env, check=True, capture_output=True)
+    plan_small_configuration(dataset_id, args.patch, args.base_features, args.max_features)
     os.environ["nnUNet_n_proc_DA"] = "0"
 
     import torch

@@ -273,3 +273,29 @@ def test_2d_anchor_network_train_eval_outputs_and_existence_recorder():
         _, a = net.forward_with_anchors(x)
     assert plain.shape == (2, 4, 16, 24)
     assert torch.allclose(net.anchor_existence, torch.sigmoid(a.logits.transpose(0, 2).flatten(1).amax(1)))
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_anchor_targets_from_the_batch_points_equal_those_from_the_drawn_heatmaps(nd):
+    """The trainer hands the loss the batch's points (the same ones it draws the heatmaps from): the
+    anchor loss equals the one from the heatmaps' recovered centres; the points serve one call only,
+    and points that do not fit the target are refused."""
+    from nnlandmark_h3de.heatmaps import GaussianTargets
+    from nnlandmark_h3de.training.nnH3DETrainerAnchor import AnchorHeatmapNetwork, HeatmapAnchorLoss
+    from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
+    torch.manual_seed(0)
+    net = AnchorHeatmapNetwork(_unet(nd=nd), 3, (1.0, 2.0), anchor_stride=4)
+    patch = (16, 24, 8)[:nd]
+    heat, anchors = net(torch.randn(2, 1, *patch))
+    points = torch.tensor([[[5.2, 7.7, 3.1], [float("nan")] * 3, [13.0, 2.4, 6.6]],
+                           [[0.2, 20.9, 0.4], [9.5, 11.0, 4.0], [float("nan")] * 3]], dtype=torch.float64)[..., :nd]
+    target = GaussianTargets(2.0)(points, patch)
+    loss = HeatmapAnchorLoss(HeatmapMSELoss(), AnchorLoss((1.0, 2.0)))
+    from_heatmaps = loss((heat[0], anchors), target)
+    loss.use_points(points)
+    from_points = loss((heat[0], anchors), target)
+    assert torch.isfinite(from_points) and from_points.item() == pytest.approx(from_heatmaps.item(), rel=1e-5)
+    assert loss._points is None  # consumed
+    loss.use_points(points[:, :2])
+    with pytest.raises(ValueError, match="do not match the heatmap target"):
+        loss((heat[0], anchors), target)

@@ -144,3 +144,85 @@ def test_final_validation_keeps_the_existence_score_that_separates_best():
     assert _choose_score({"peak": fit(0.80), "anchor": fit(0.95)}, "anchor") == "anchor"
     assert _choose_score({"peak": default, "anchor": default}, "anchor") == "anchor"  # nothing to compare
     assert _choose_score({"peak": fit(0.9)}, "peak") == "peak"
+
+
+# ------------------------------------------------ checks on cases the existence fit did not see
+def _levels(rng, n, present_level, absent_level, scale=(0.4, 0.7, 1.0)):
+    """(n, 3) peaks, present around `present_level` x each landmark's scale, absent around `absent_level` x it."""
+    present = rng.uniform(size=(n, 3)) >= 0.2
+    present[0], present[1] = True, [False, True, True]  # both kinds in every set
+    lv = lambda level: np.broadcast_to(np.asarray(level, dtype=np.float64) * np.asarray(scale), (n, 3))
+    s = np.where(present, rng.uniform(0.9, 1.1, (n, 3)) * lv(present_level),
+                 rng.uniform(0.6, 1.4, (n, 3)) * lv(absent_level))
+    return s, present
+
+
+def _shifted_landmark_sets(rng):
+    """In-sample training cases, and held-out cases whose peaks run 0.6 times lower, except landmark 2's
+    present peaks, 0.2 times lower: on that landmark a reference taken from the held-out cases' own
+    present peaks knows a level that nothing unlabelled reveals."""
+    train, train_present = _levels(rng, 30, 1.0, 0.1)
+    val, val_present = _levels(rng, 12, [0.6, 0.6, 0.2], [0.06, 0.06, 0.02])
+    return train, train_present, val, val_present
+
+
+def _label_free_calls(fit, fit_present, held):
+    """What the check must compute: training references and threshold; held-out scale from all peaks."""
+    ref = np.array([np.median(fit[fit_present[:, l], l]) for l in range(fit.shape[1])])
+    t, _ = calibrate_peak_threshold(fit / ref, fit_present)
+    factor = np.median(np.median(held, axis=0) / np.median(fit, axis=0))
+    return held / factor / ref >= t, t
+
+
+def _own_label_calls(held, held_present, t):
+    """The leaky check: each held-out landmark divided by its own median present peak."""
+    return held / np.array([np.median(held[held_present[:, l], l]) for l in range(held.shape[1])]) >= t
+
+
+def test_held_out_existence_check_never_uses_the_held_out_labels():
+    from nnlandmark_h3de.training.existence_calibration import existence_f1, held_out_existence_check
+    train, train_present, val, val_present = _shifted_landmark_sets(np.random.default_rng(5))
+    groups = np.r_[np.zeros(len(val), int), np.ones(len(train), int)]
+    check = held_out_existence_check(np.r_[val, train], np.r_[val_present, train_present], groups)
+
+    calls, t = _label_free_calls(train, train_present, val)
+    honest = existence_f1(calls, val_present)
+    leaky = existence_f1(_own_label_calls(val, val_present, t), val_present)
+    assert check["relative_threshold"] == pytest.approx(t)
+    assert {k: check[k] for k in ("tp", "fp", "fn", "tn")} == {k: honest[k] for k in ("tp", "fp", "fn", "tn")}
+    assert check["f1"] == pytest.approx(honest["f1"])
+    assert check["validation_scale_factor"] == pytest.approx(0.6, rel=0.1)
+    # the label-informed normalisation finds landmark 2's present peaks; the honest one cannot
+    assert leaky["f1"] > honest["f1"] + 0.15 and leaky["f1"] > 0.95
+    # other labels on the same validation peaks: the same calls, only counted differently
+    relabelled = held_out_existence_check(np.r_[val, train], np.r_[val_present[::-1], train_present], groups)
+    assert relabelled["tp"] + relabelled["fp"] == check["tp"] + check["fp"]
+    assert relabelled["relative_threshold"] == check["relative_threshold"]
+
+
+def test_leave_one_fold_out_never_uses_the_held_out_folds_labels():
+    """Three folds, the third with landmark 2's present peaks at a fifth of the others' level: its calls
+    come from the other folds' fit and a label-free scale, and miss what its own labels would have told."""
+    from nnlandmark_h3de.training.calibration import relative_scores
+    from nnlandmark_h3de.training.existence_calibration import calibrate_out_of_fold, existence_f1
+    rng = np.random.default_rng(6)
+    folds = [_levels(rng, 10, 1.0, 0.1), _levels(rng, 10, 0.8, 0.08), _levels(rng, 10, [0.9, 0.9, 0.18], [0.09, 0.09, 0.018])]
+    check = calibrate_out_of_fold([f[0] for f in folds], [f[1] for f in folds], default=0.1)[1]["leave_one_fold_out"]
+
+    honest, leaky = [], []
+    for f in range(3):
+        rest = [g for g in range(3) if g != f]
+        scores, present = np.r_[folds[rest[0]][0], folds[rest[1]][0]], np.r_[folds[rest[0]][1], folds[rest[1]][1]]
+        relative, ref = relative_scores(scores, present, np.r_[np.zeros(10, int), np.ones(10, int)])
+        t, _ = calibrate_peak_threshold(relative, present)
+        held, held_present = folds[f]
+        factor = np.median(np.median(held, axis=0) / np.median(relative * ref, axis=0))
+        honest.append(held / factor / ref >= t)
+        leaky.append(_own_label_calls(held, held_present, t))
+    truth = np.concatenate([f[1] for f in folds])
+    honest_f1, leaky_f1 = existence_f1(np.concatenate(honest), truth), existence_f1(np.concatenate(leaky), truth)
+    assert {k: check[k] for k in ("tp", "fp", "fn", "tn")} == {k: honest_f1[k] for k in ("tp", "fp", "fn", "tn")}
+    # every present landmark 2 of the third fold is missed honestly, and found with its own labels
+    shifted = folds[2][1][:, 2]
+    assert not honest[2][shifted, 2].any() and leaky[2][shifted, 2].all()
+    assert honest_f1["fn"] >= shifted.sum() and leaky_f1["f1"] > honest_f1["f1"] + 0.05 and leaky_f1["f1"] > 0.95

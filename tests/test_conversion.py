@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from nnlandmark_h3de.conversion import (ConversionError, ConversionWarning, ball_radius_mm, convert_dataset,
-                                        draw_balls, load_dataset_landmarks, nnunet_target_spacing,
-                                        read_dataset_landmark_info)
-from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet, read_landmarks, write_landmarks
+                                        draw_balls, nnunet_target_spacing)
+from nnlandmark_h3de.landmarks import (DatasetFileError, ImageGeometry, LandmarkSet, load_dataset_landmarks,
+                                       read_dataset_landmark_info, read_landmarks, write_landmarks)
 from rotations import rotation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,18 +293,31 @@ def test_dataset_id_name_under_nnunet_raw(tmp_path, monkeypatch):
 
 
 def test_load_dataset_landmarks_errors(tmp_path):
-    with pytest.raises(ConversionError, match="landmarks file not found"):
+    """landmarks.json is read in landmarks/ (no converter needed): a DatasetFileError, a LandmarkError like
+    ConversionError, names the file and the problem."""
+    with pytest.raises(DatasetFileError, match="landmarks file not found"):
         load_dataset_landmarks(tmp_path)
     f = tmp_path / "landmarks.json"
     f.write_text(json.dumps({"names": ["a"], "cases": {"c": {"a": [1, 2]}}}))
-    with pytest.raises(ConversionError, match=r"case c\): landmark 'a' must be \[x, y, z\]"):
+    with pytest.raises(DatasetFileError, match=r"case c\): landmark 'a' must be \[x, y, z\]"):
         load_dataset_landmarks(f)
     f.write_text(json.dumps({"names": ["a"], "cases": {"c": {"b": None}}}))
-    with pytest.raises(ConversionError, match=r"unknown landmark names \['b'\]"):
+    with pytest.raises(DatasetFileError, match=r"unknown landmark names \['b'\]"):
         load_dataset_landmarks(f)
-    with pytest.raises(ConversionError, match="no 'landmarks' block"):
+    with pytest.raises(DatasetFileError, match="no 'landmarks' block"):
         read_dataset_landmark_info({"labels": {"background": 0}})
 
+
+
+def test_landmarks_json_readers_do_not_load_the_converter():
+    """Training, inference and evaluation read landmarks.json through landmarks/, which must not pull
+    in conversion/ (imports point down); conversion/ still re-exports the same reader."""
+    code = ("import sys, nnlandmark_h3de.landmarks as L; L.load_dataset_landmarks; "
+            "print(sorted(m for m in sys.modules if m.startswith('nnlandmark_h3de.conversion')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    import nnlandmark_h3de.conversion as conversion
+    assert conversion.load_dataset_landmarks is load_dataset_landmarks
 
 # -------------------------------------------------------------------------------------- CLI
 def test_cli_convert(tmp_path, two_plus_test, monkeypatch, capsys):

@@ -16,9 +16,9 @@ import pytest
 import SimpleITK as sitk
 
 from nnlandmark_h3de.conversion import (ConversionError, ConversionWarning, ball_radius_mm, convert_dataset,
-                                        downscale_2d, downscaled_geometry, load_dataset_landmarks,
-                                        load_dataset_test_sets, nnunet_target_spacing)
-from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet, read_landmarks, write_landmarks
+                                        downscale_2d, downscaled_geometry, nnunet_target_spacing)
+from nnlandmark_h3de.landmarks import (ImageGeometry, LandmarkSet, load_dataset_landmarks, load_dataset_test_sets,
+                                       read_landmarks, write_landmarks)
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError
 
 NAMES = ["sella", "nasion", "menton"]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnlandmark_h3de.conversion import convert_dataset, load_dataset_landmarks
-from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
+from nnlandmark_h3de.conversion import convert_dataset
+from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet, load_dataset_landmarks
 from rotations import rotation
 
 

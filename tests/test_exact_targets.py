@@ -1,5 +1,7 @@
 """Exact landmark targets: keypoints through nnU-Net's crop, rotation, scaling, mirroring (pair swap)
-and dummy-2D augmentation land where the image moved, and the heatmap peaks there (< 0.05 voxel).
+and dummy-2D augmentation land where the image moved, and the heatmap peaks there (< 0.05 voxel); the
+loader carries only those points (B x L x ndim) and the trainer draws, on its device, exactly the
+heatmaps the loader used to draw.
 
 The truth never uses our keypoint formulas: the image is made of coordinate maps (channel d holds
 each voxel's index along axis d), so after any affine augmentation the output image tells, voxel by
@@ -12,8 +14,8 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnlandmark_h3de.heatmaps import (LandmarkHeatmapTransform, SpatialTransformWithKeypoints, keypoint_centres,
-                                      make_landmark_aware)
+from nnlandmark_h3de.heatmaps import (GaussianTargets, LandmarkHeatmapTransform, LandmarkPointsTransform,
+                                      SpatialTransformWithKeypoints, keypoint_centres, make_landmark_aware)
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.training.landmark_data_loader import nnLandmarkDataLoader
 
@@ -43,9 +45,9 @@ def heatmap_peaks(heatmaps: torch.Tensor) -> np.ndarray:
     return np.asarray(idx)
 
 
-def nnunet_pipeline(patch, rotation, mirror_axes, dummy_2d, lr_axis, perm, n_landmarks, force=True):
+def nnunet_pipeline(patch, rotation, mirror_axes, dummy_2d, lr_axis, perm, n_landmarks, force=True, last=None):
     """nnU-Net's own training pipeline (intensity transforms dropped: they would scramble the coordinate
-    image and never touch keypoints), made landmark-aware, heatmaps last."""
+    image and never touch keypoints), made landmark-aware, `last` (default: dense heatmaps) last."""
     compose = nnUNetTrainer.get_training_transforms(patch, rotation, None, mirror_axes, dummy_2d)
     compose.transforms = [t for t in compose.transforms if type(t).__name__ in
                           ("SpatialTransform", "Convert3DTo2DTransform", "Convert2DTo3DTransform", "MirrorTransform",
@@ -54,7 +56,7 @@ def nnunet_pipeline(patch, rotation, mirror_axes, dummy_2d, lr_axis, perm, n_lan
     for t in compose.transforms:
         if isinstance(t, SpatialTransform) and force:
             t.p_rotation, t.p_scaling = 1.0, 1.0
-    compose.transforms.append(LandmarkHeatmapTransform(n_landmarks, sigma=2.0, from_keypoints=True))
+    compose.transforms.append(last or LandmarkHeatmapTransform(n_landmarks, sigma=2.0, from_keypoints=True))
     return compose
 
 
@@ -151,14 +153,15 @@ def test_loader_shifts_points_by_each_patch_origin_near_borders():
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
     shape = (12, 14, 16)
     points = {"a": np.array([[1.2, 1.7, 2.1], [10.5, 12.0, 14.9]]), "b": np.array([[6.0, 7.0, 8.0], [np.nan] * 3])}
-    heat = ComposeTransforms([LandmarkHeatmapTransform(2, sigma=1.5, from_keypoints=True)])
+    last = ComposeTransforms([LandmarkPointsTransform(2, from_keypoints=True)])
     lm = LabelManager({"background": 0, "p": 1, "q": 2}, regions_class_order=None)
     dl = nnLandmarkDataLoader(_FakeDataset(shape), 4, (10, 10, 10), (10, 10, 10), lm, oversample_foreground_percent=0.5,
-                              transforms=heat, points_by_case=points, pad_sides=(4, 4, 4))
+                              transforms=last, points_by_case=points, pad_sides=(4, 4, 4))
     np.random.seed(3)
     checked = 0
     for _ in range(10):
         batch = dl.generate_train_batch()
+        assert batch["target"].shape == (4, 2, 3) and batch["target"].dtype == torch.float64  # no dense target
         for j, key in enumerate(batch["keys"]):
             coords = batch["data"][j]
             offset = 1000 if key == "b" else 0
@@ -168,10 +171,10 @@ def test_loader_shifts_points_by_each_patch_origin_near_borders():
             expected = points[key] - origin
             for k in range(2):
                 inside = np.all((expected[k] >= -0.5) & (expected[k] <= 9.5))
-                channel = batch["target"][j, k]
-                assert bool(torch.count_nonzero(channel)) == bool(inside and np.isfinite(expected[k]).all())
+                point = batch["target"][j, k].numpy()
+                assert bool(np.isfinite(point).all()) == bool(inside and np.isfinite(expected[k]).all())
                 if inside:
-                    np.testing.assert_allclose(heatmap_peaks(channel[None])[0], expected[k], atol=0.05)
+                    np.testing.assert_allclose(point, expected[k], atol=1e-9)
                     checked += 1
     assert checked >= 10
 
@@ -182,11 +185,11 @@ def test_local_stage_patches_are_centred_on_a_landmark_within_the_jitter():
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
     shape = (40, 44, 48)
     points = {"a": np.array([[20.2, 21.7, 24.1], [12.5, 30.0, 33.9]]), "b": np.array([[26.0, 17.0, 20.0], [np.nan] * 3])}
-    heat = ComposeTransforms([LandmarkHeatmapTransform(2, sigma=1.5, from_keypoints=True)])
+    last = ComposeTransforms([LandmarkPointsTransform(2, from_keypoints=True)])
     lm = LabelManager({"background": 0, "p": 1, "q": 2}, regions_class_order=None)
     jitter = np.array([3.0, 2.0, 4.0])
     dl = nnLandmarkDataLoader(_FakeDataset(shape), 4, (16, 16, 16), (16, 16, 16), lm, oversample_foreground_percent=1.0,
-                              transforms=heat, points_by_case=points, centre_jitter=jitter)
+                              transforms=last, points_by_case=points, centre_jitter=jitter)
     np.random.seed(0)
     offsets = []
     for _ in range(20):
@@ -211,15 +214,15 @@ def test_loader_2d_patches_keep_the_points_of_their_slice(n_slices):
     z = [0.0, 0.3] if n_slices == 1 else [2.0, 2.4]
     points = {"a": np.array([[z[0], 3.2, 4.7], [z[1], 9.5, 12.9], [np.nan] * 3]),
               "b": np.array([[z[1], 6.0, 7.0], [z[0], 1.0, 1.0], [z[0] + 1.0, 8.0, 8.0]])}
-    heat = ComposeTransforms([LandmarkHeatmapTransform(3, sigma=1.5, from_keypoints=True)])
+    last = ComposeTransforms([LandmarkPointsTransform(3, from_keypoints=True)])
     lm = LabelManager({"background": 0, "p": 1, "q": 2, "r": 3}, regions_class_order=None)
     dl = nnLandmarkDataLoader(_FakeDataset(shape), 4, (10, 10), (10, 10), lm, oversample_foreground_percent=0.0,
-                              transforms=heat, points_by_case=points, pad_sides=(2, 2))
+                              transforms=last, points_by_case=points, pad_sides=(2, 2))
     np.random.seed(5)
     checked, seen_slices = 0, set()
     for _ in range(12):
         batch = dl.generate_train_batch()
-        assert batch["data"].shape == (4, 3, 10, 10) and batch["target"].shape == (4, 3, 10, 10)
+        assert batch["data"].shape == (4, 3, 10, 10) and batch["target"].shape == (4, 3, 2)
         for j, key in enumerate(batch["keys"]):
             coords = batch["data"][j] - (1000 if key == "b" else 0)
             real = coords[1:].abs().sum(0) > 0 if key == "a" else coords[1] >= 0
@@ -232,11 +235,66 @@ def test_loader_2d_patches_keep_the_points_of_their_slice(n_slices):
                 expected = p[1:] - origin
                 inside = (np.isfinite(p).all() and abs(p[0] - slice_index) <= 0.5
                           and np.all((expected >= -0.5) & (expected <= 9.5)))
-                channel = batch["target"][j, k]
-                assert bool(torch.count_nonzero(channel)) == bool(inside), (key, k, slice_index)
+                point = batch["target"][j, k].numpy()
+                assert bool(np.isfinite(point).all()) == bool(inside), (key, k, slice_index)
                 if inside:
-                    np.testing.assert_allclose(heatmap_peaks(channel[None])[0], expected, atol=0.05)
+                    np.testing.assert_allclose(point, expected, atol=1e-9)
                     checked += 1
     assert checked >= 10
     if n_slices > 1:
         assert len(seen_slices) > 2
+
+
+class _TrainerDrawing:
+    """The trainer's own target drawing (nnLandmarkTrainer.targets_from_points with nnU-Net's
+    deep-supervision scales) on a plans-free stand-in, so the batches need no planned dataset."""
+    from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer as _T
+    heatmap_sigma = 2.0
+    enable_deep_supervision = True
+    targets_from_points = _T.targets_from_points
+    build_heatmap_targets = _T.build_heatmap_targets
+    _get_deep_supervision_scales = nnUNetTrainer._get_deep_supervision_scales
+
+    def __init__(self, pool_op_kernel_sizes):
+        from types import SimpleNamespace
+        self.configuration_manager = SimpleNamespace(pool_op_kernel_sizes=pool_op_kernel_sizes)
+
+
+@pytest.mark.parametrize("dummy_2d", [False, True])
+def test_trainer_draws_on_the_device_what_the_loader_drew(dummy_2d):
+    """The same batches (same seeds) through nnU-Net's augmentation, once ending in the dense transform
+    of before, once in LandmarkPointsTransform + the trainer's drawing: every deep-supervision scale
+    equal (< 1e-5), while the loader's target shrinks from (B, L, *patch) per scale to (B, L, 3)."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    shape, patch, n = (34, 40, 44), (20, 24, 28), 4
+    pools = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]]  # odd-sized scales (24 -> 12 -> 6 -> 3; 20 -> 10 -> 5 -> 5)
+    trainer = _TrainerDrawing(pools)
+    scales = trainer._get_deep_supervision_scales()
+    rotation = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)
+    rng = np.random.default_rng(4)
+    points = {k: (np.asarray(shape) - 1) / 2 + rng.uniform(-8, 8, (n, 3)) for k in ("a", "b")}
+    points["b"][2] = np.nan
+    lm = LabelManager({"background": 0, **{f"l{i}": i + 1 for i in range(n)}}, regions_class_order=None)
+
+    def batches(last):
+        pipe = nnunet_pipeline(patch, rotation, (0, 1, 2), dummy_2d, 2, [1, 0, 2, 3], n, last=last)
+        dl = nnLandmarkDataLoader(_FakeDataset(shape), 3, patch, patch, lm, oversample_foreground_percent=0.3,
+                                  transforms=pipe, points_by_case=points)
+        np.random.seed(11)
+        torch.manual_seed(11)
+        return [dl.generate_train_batch() for _ in range(3)]
+
+    old = batches(LandmarkHeatmapTransform(n, sigma=2.0, ds_scales=scales, from_keypoints=True))
+    new = batches(LandmarkPointsTransform(n, from_keypoints=True))
+    n_present = 0
+    for o, b in zip(old, new):
+        assert torch.equal(o["data"], b["data"])  # the same augmentation draws
+        assert b["target"].shape == (3, n, 3)
+        drawn = trainer.targets_from_points(b["target"], b["data"].shape[2:])
+        assert [tuple(t.shape) for t in drawn] == [tuple(t.shape) for t in o["target"]]
+        for dense, device in zip(o["target"], drawn):
+            assert device.dtype == torch.float32 and (dense - device).abs().max() < 1e-5
+        present = torch.isfinite(b["target"]).all(-1)
+        assert torch.equal(present, o["target"][0].flatten(2).amax(2) > 0)
+        n_present += int(present.sum())
+    assert n_present >= 10, n_present

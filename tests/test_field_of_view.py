@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnlandmark_h3de.conversion import ConversionError, ConversionWarning, convert_dataset, load_dataset_landmarks
-from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
+from nnlandmark_h3de.conversion import ConversionError, ConversionWarning, convert_dataset
+from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet, load_dataset_landmarks
 from test_conversion import ROT, make_image, write_case
 
 NAMES4 = ["L_eye", "R_eye", "nose", "chin"]

@@ -155,7 +155,8 @@ def _side_case(axis):
 def test_mirrors_of_the_cases_own_left_right_axis_swap_the_pairs(axis, one_torch_thread):
     predictor = _predictor(_SideNet(axis), None, ["L0", "R0"], [["L0", "R0"]], (0, 1, 2))
     data, left, right = _side_case(axis)
-    logits, members = predictor.sliding_window_with_member_peaks(data, _properties(_lr_direction(axis)))
+    _, _, folds, logits, _ = predictor.locate(data, _properties(_lr_direction(axis)))
+    members = folds[0].member_idx
     assert len(members) == 8
     from nnlandmark_h3de.inference.peaks import decode_peaks
     idx, peak, _ = decode_peaks(logits[1:], logits=True)
@@ -165,7 +166,7 @@ def test_mirrors_of_the_cases_own_left_right_axis_swap_the_pairs(axis, one_torch
         np.testing.assert_allclose(m, [left, right], atol=0.05)
     # the same image told to have its left/right axis elsewhere (as the training cases might): wrong swaps
     other = _properties(_lr_direction((axis + 1) % 3))
-    _, peak_wrong, _ = decode_peaks(predictor.sliding_window_with_member_peaks(data, other)[0][1:], logits=True)
+    _, peak_wrong, _ = decode_peaks(predictor.locate(data, other)[3][1:], logits=True)
     assert peak_wrong.max() < 0.5
 
 
@@ -174,7 +175,8 @@ def test_a_case_without_a_known_left_right_axis_is_not_mirrored(capsys, one_torc
     data, left, right = _side_case(2)
     a = np.deg2rad(45)
     oblique = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    logits, members = predictor.sliding_window_with_member_peaks(data, _properties(oblique))
+    _, _, folds, logits, _ = predictor.locate(data, _properties(oblique))
+    members = folds[0].member_idx
     assert len(members) == 1 and predictor.use_mirroring
     from nnlandmark_h3de.inference.peaks import decode_peaks
     np.testing.assert_allclose(decode_peaks(logits[1:], logits=True)[0], [left, right], atol=0.05)

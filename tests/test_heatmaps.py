@@ -159,3 +159,42 @@ def test_expected_ball_voxels_counts_a_disk_on_a_2d_grid():
     assert expected_ball_voxels(1.5, (0.1, 0.1)) == pytest.approx(np.pi * 1.5 ** 2 / 0.01)
     assert expected_ball_voxels(1.5, (1.0, 1.0, 2.0)) == pytest.approx(4 / 3 * np.pi * 1.5 ** 3 / 2.0)
     assert expected_ball_voxels(None, (1.0, 1.0)) is None
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "linear_ball"])
+def test_ball_points_drawn_as_a_batch_equal_the_dense_transform_per_sample(profile):
+    """Datasets without exact points: the loader's target is the balls' centres (partial-ball rule
+    applied in the worker, NaN = absent); drawn for the whole batch at once they equal the dense
+    per-sample transform at every deep-supervision scale, also for odd scale sizes."""
+    from nnlandmark_h3de.heatmaps import GaussianTargets, LandmarkPointsTransform
+    from nnlandmark_h3de.heatmaps.linear_ball_heatmap import LinearBallHeatmapTransform, LinearBallTargets
+    shape, scales = (21, 26, 30), [[1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.5]]
+    expected = expected_ball_voxels(3.0, (1.0, 1.0, 1.0))
+    segs = [make_seg(shape, {1: ((10.3, 12.6, 14.2), 3.0), 3: ((1.0, 12, 12), 3.0)}),  # 3 cut by the border
+            make_seg(shape, {2: ((15.1, 9.4, 20.7), 2.5), 3: ((4.2, 20.8, 7.7), 3.0)}),
+            make_seg(shape, {})]
+    if profile == "gaussian":
+        dense, drawing = LandmarkHeatmapTransform(3, 4.0, scales, expected), GaussianTargets(4.0, scales)
+    else:
+        dense, drawing = LinearBallHeatmapTransform(3, 15.0, scales, expected), LinearBallTargets(15.0, scales)
+    points = torch.stack([LandmarkPointsTransform(3, expected)(segmentation=s.clone())["segmentation"] for s in segs])
+    assert points.shape == (3, 3, 3) and points.dtype == torch.float64
+    assert torch.isfinite(points).all(-1).tolist() == [[True, False, True], [False, True, True], [False] * 3]
+    per_sample = [dense(segmentation=s.clone())["segmentation"] for s in segs]
+    drawn = drawing(points, shape)
+    assert [tuple(d.shape) for d in drawn] == [(3, 3, 21, 26, 30), (3, 3, 10, 13, 15), (3, 3, 5, 6, 15)]
+    for k, d in enumerate(drawn):
+        reference = torch.stack([p[k] for p in per_sample])
+        assert (d - reference).abs().max() < 1e-5
+        assert torch.equal(d.flatten(2).amax(2) > 0, torch.isfinite(points).all(-1))
+    # an independent dense formula at full resolution for one landmark
+    if profile == "gaussian":
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"), -1)
+        ref = torch.exp(-((grid - points[0, 0]) ** 2).sum(-1) / (2 * 4.0 ** 2))
+        assert (drawn[0][0, 0] - ref).abs().max() < 1e-6
+
+
+def test_targets_refuse_points_of_the_wrong_dimension():
+    from nnlandmark_h3de.heatmaps import GaussianTargets
+    with pytest.raises(ValueError, match="do not match a 3D patch"):
+        GaussianTargets(2.0)(torch.zeros(2, 4, 2, dtype=torch.float64), (8, 8, 8))

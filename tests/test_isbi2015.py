@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnlandmark_h3de.conversion import ConversionError, ConversionWarning, load_dataset_landmarks, load_dataset_test_sets
-from nnlandmark_h3de.landmarks import ImageGeometry
+from nnlandmark_h3de.conversion import ConversionError, ConversionWarning
+from nnlandmark_h3de.landmarks import ImageGeometry, load_dataset_landmarks, load_dataset_test_sets
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE_YX = (40, 48)

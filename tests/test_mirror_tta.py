@@ -29,7 +29,8 @@ def _predictors(mirror_axes):
 def test_whole_volume_mirroring_averages_the_mirrors_like_nnunet():
     stock, ours = _predictors((0, 1, 2))
     x = torch.randn(1, 24, 32, 16)  # tile 16^3, step 8: symmetric tile positions on every axis
-    got, members = ours.sliding_window_with_member_peaks(x)  # no pairs: all axes mirrored without properties
+    _, _, folds, got, _ = ours.locate(x, None)  # the product path; no pairs: all axes mirrored without properties
+    members = folds[0].member_idx
     got = got.float().numpy()
     assert ours.use_mirroring, "mirroring must be restored"
     assert len(members) == 8  # identity + 7 mirror combinations, one peak set each

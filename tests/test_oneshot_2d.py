@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnlandmark_h3de.demo.phantoms_2d import LANDMARK_NAMES_2D, generate_phantom_cases_2d
-from nnlandmark_h3de.demo.reposing import repose_case
+from nnlandmark_h3de.synthesis.reposing import repose_case
 from nnlandmark_h3de.landmarks import read_landmarks
 from nnlandmark_h3de.oneshot import OneShotError
 from nnlandmark_h3de.oneshot.registration_labels import registration_pseudo_labels

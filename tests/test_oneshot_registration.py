@@ -13,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from nnlandmark_h3de.conversion import ConversionError
-from nnlandmark_h3de.demo.phantoms import generate_phantom_cases, random_rotation
-from nnlandmark_h3de.demo.reposing import IntensityChange, Pose, image_centre, repose_case, resample_posed
+from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
+from nnlandmark_h3de.synthesis.rotations import random_rotation
+from nnlandmark_h3de.synthesis.reposing import IntensityChange, Pose, image_centre, repose_case, resample_posed
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet, read_landmarks, write_landmarks
 from nnlandmark_h3de.oneshot import (PSEUDO_LABELS_FILE, OneShotError, OneShotWarning, PseudoLabels,
                                      load_pseudo_labels, read_pseudo_labels_file, save_pseudo_labels)

@@ -153,3 +153,42 @@ def test_bad_arguments_are_refused(tmp_path):
         generate_phantom_cases(tmp_path, 1, shape=(8, 64, 64), progress=False)
     with pytest.raises(ValueError, match="n_cases"):
         generate_phantom_cases(tmp_path, 0, progress=False)
+
+
+def _affine_residual_mm(before: np.ndarray, after: np.ndarray) -> float:
+    """RMS residual (mm) of the least-squares affine map between two landmark sets."""
+    a = np.c_[before, np.ones(len(before))]
+    coef, *_ = np.linalg.lstsq(a, after, rcond=None)
+    return float(np.sqrt(np.mean(np.sum((a @ coef - after) ** 2, axis=1))))
+
+
+def _pairwise_affine_residuals(cases):
+    sets = [_load(pair)[2].points_lps for pair in cases.values()]
+    return [_affine_residual_mm(sets[i], sets[j]) for i in range(len(sets)) for j in range(i + 1, len(sets))]
+
+
+def test_deformed_phantoms_vary_nonlinearly_with_exact_landmarks(tmp_path):
+    """deform_mm > 0: landmark sets of different cases are no longer affine images of each other, and
+    each structure's drawn centre is still its (moved) landmark."""
+    kw = dict(n_cases=3, shape=SHAPE, spacing=SPACING, seed=7, oblique_deg=25.0, progress=False)
+    rigid = generate_phantom_cases(tmp_path / "rigid", **kw)
+    deformed = generate_phantom_cases(tmp_path / "deformed", deform_mm=4.0, control_spacing_mm=24.0, **kw)
+    empty = generate_phantom_cases(tmp_path / "empty", deform_mm=4.0, absent_fraction=1.0, **kw)
+    r_rigid, r_deformed = _pairwise_affine_residuals(rigid), _pairwise_affine_residuals(deformed)
+    assert max(r_rigid) < 1e-6, r_rigid  # similarity poses of one canonical phantom
+    assert min(r_deformed) > 0.5, r_deformed
+    assert json.loads((tmp_path / "deformed" / "phantoms.json").read_text())["deform_mm"] == 4.0
+    centre_names = [s.landmarks[0] for s in STRUCTURES if s.kind == "ellipsoid"]
+    for case in deformed:
+        arr, geometry, ls = _load(deformed[case])
+        arr0, _, _ = _load(empty[case])
+        _, _, ls_rigid = _load(rigid[case])
+        shift = np.linalg.norm(ls.points_lps - ls_rigid.points_lps, axis=1)
+        assert shift.mean() > 1.5, f"{case}: the deformation hardly moved the landmarks ({shift})"
+        diff, world = arr - arr0, _world_grid(geometry)
+        for name in centre_names:
+            p = ls.points_lps[ls.names.index(name)]
+            w = np.abs(diff) * _component_at(diff, geometry, p)
+            err = np.linalg.norm((world * w[..., None]).sum((0, 1, 2)) / w.sum() - p)
+            # the landmark is exact; a curved map moves a blob's centroid off its centre's image a little
+            assert err < 0.35, f"{case}/{name}: drawn centre {err:.3f} mm from the moved landmark"

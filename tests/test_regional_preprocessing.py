@@ -5,6 +5,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from nnlandmark_h3de.inference.two_stage_tiles import plan_regional_tiles
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 from rotations import rotation_matrix
 from test_index_mapping import _plans
@@ -53,7 +54,7 @@ def _predictor(plans, names, net, stage, radius_mm, regional=True):
 
 
 def _case(p, files, regional):
-    from nnlandmark_h3de.inference.landmark_predictor import preprocess_case
+    from nnlandmark_h3de.inference.preprocessing_pool import preprocess_case
     item = preprocess_case(files, None, None, p.plans_manager, p.configuration_manager, p.dataset_json, regional)
     assert "error" not in item, item.get("error")
     return item
@@ -79,7 +80,7 @@ def test_tile_inputs_equal_nnunet_preprocessing_where_the_grids_align(tmp_path):
     whole = _case(p, [str(path)], regional=False)
     assert case.data.shape[1:] == (60, 64, 64) and case.network_shape == tuple(whole["data"].shape[1:])
     assert case.properties["bbox_used_for_cropping"] == whole["data_properties"]["bbox_used_for_cropping"]
-    inputs, plan = p.plan_regional_tiles(case, p.global_estimate([str(path)]))
+    inputs, plan = plan_regional_tiles(p.local_search(), case, p.global_estimate([str(path)]))
     assert plan.n_tiles == len(plan.regions) == inputs.shape[0] == 3
     patch = np.asarray(p.configuration_manager.patch_size)
     for g, ((origin, _), region) in enumerate(zip(plan.groups, plan.regions)):

@@ -1,11 +1,13 @@
 """Re-posing: a bright dot drawn at a landmark ends exactly at the moved landmark; crops make
-landmarks absent only when they leave the field of view."""
+landmarks absent only when they leave the field of view; a nonlinear deformation composed with the
+pose carries the landmarks through both, and without one the result is the pose-only one, bit for bit."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnlandmark_h3de.demo.phantoms import random_rotation
-from nnlandmark_h3de.demo.reposing import IntensityChange, random_pose, repose_case
+from nnlandmark_h3de.synthesis.rotations import random_rotation
+from nnlandmark_h3de.synthesis.reposing import (IntensityChange, change_intensity, image_centre, random_crop,
+                                                random_pose, repose_case, resample_posed)
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 
 SIGMA_MM = 2.0
@@ -125,3 +127,72 @@ def test_bad_crop_fraction_is_refused():
     image, ls = _dot_image()
     with pytest.raises(ValueError, match="crop_fraction"):
         repose_case(image, ls, np.random.default_rng(0), crop_fraction=(0.0, 0.5))
+
+
+def _pose_only_expectation(image, ls, seed, crop_fraction, margin_vox):
+    """Today's pose-only path from its building blocks (default pose ranges, intensity change), and
+    the generator's state after it."""
+    rng = np.random.default_rng(seed)
+    geometry = ImageGeometry.from_sitk(image)
+    pose = random_pose(rng, image_centre(geometry), 15.0, 10.0, (0.9, 1.1), geometry.ndim)
+    output = random_crop(geometry, rng, crop_fraction)
+    arr = sitk.GetArrayFromImage(resample_posed(image, pose, output))
+    arr = change_intensity(arr, rng, IntensityChange())
+    points = pose.apply(ls.points_lps)
+    present = np.isfinite(points).all(axis=1)
+    inside = np.zeros(len(points), bool)
+    inside[present] = output.contains_array_index(output.world_to_array_index(points[present]), margin=margin_vox)
+    points[~inside] = np.nan
+    return arr, points, output, rng.bit_generator.state
+
+
+@pytest.mark.parametrize("ndim", [3, 2])
+def test_no_deformation_gives_the_pose_only_result_bit_for_bit(ndim):
+    image, ls = _dot_image(ndim)
+    for seed in range(3):
+        arr, points, output, state = _pose_only_expectation(image, ls, seed, (0.6, 0.9), -1.0)
+        rng = np.random.default_rng(seed)
+        new_image, new_ls = repose_case(image, ls, rng, crop_fraction=(0.6, 0.9), margin_vox=-1.0, deform_mm=0.0)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(new_image), arr)
+        np.testing.assert_array_equal(new_ls.points_lps, points)
+        assert ImageGeometry.from_sitk(new_image) == output
+        assert rng.bit_generator.state == state, "deform_mm=0 must draw exactly what the pose-only path draws"
+
+
+def _smooth_image(ndim: int):
+    """A smooth function of world position on the dot image's grid (same landmarks)."""
+    image, ls = _dot_image(ndim)
+    geom = ImageGeometry.from_sitk(image)
+    idx = np.stack(np.meshgrid(*(np.arange(n, dtype=float) for n in geom.shape_zyx), indexing="ij"), -1)
+    arr = _smooth_value(geom.array_index_to_world(idx))
+    return geom.to_sitk_image(arr.astype(np.float32)), ls
+
+
+def _smooth_value(world):
+    return np.sin(world[..., 0] / 6.0) + np.cos(world[..., 1] / 7.0 + 1) + np.sin(world[..., 2] / 5.0 + 2)
+
+
+@pytest.mark.parametrize("ndim", [3, 2])
+def test_deformation_and_pose_carry_landmarks_through_both(ndim):
+    image, ls = _smooth_image(ndim)
+    kw = dict(max_rotation_deg=25, max_translation_mm=5, intensity=None, control_spacing_mm=20)
+    posed_image, posed = repose_case(image, ls, np.random.default_rng(4), **kw)
+    new_image, new_ls, displacement = repose_case(image, ls, np.random.default_rng(4), deform_mm=4.0,
+                                                  return_displacement=True, **kw)
+    assert ImageGeometry.from_sitk(new_image) == ImageGeometry.from_sitk(posed_image), "same seed, same pose and crop"
+    present = new_ls.present
+    assert present[:-1].all() and not present[-1] and np.isnan(displacement[-1])
+    d = image.GetDimension()
+    truth = _smooth_value(ls.points_lps[present])
+
+    def sample(points):
+        return np.array([new_image.EvaluateAtPhysicalPoint(tuple(p[:d]), sitk.sitkLinear) for p in points])
+    err = np.abs(sample(new_ls.points_lps[present]) - truth)
+    wrong = np.abs(sample(posed.points_lps[present]) - truth)
+    assert err.max() < 0.05 and np.median(wrong) > 4 * err.max(), (err, wrong)
+    # the deformation's own displacement, scaled by the pose's isotropic scale, separates the two
+    pose = random_pose(np.random.default_rng(4), image_centre(ImageGeometry.from_sitk(image)), 25, 5, (0.9, 1.1), ndim)
+    scale = np.cbrt(np.linalg.det(pose.matrix))
+    separation = np.linalg.norm(new_ls.points_lps - posed.points_lps, axis=1)[present]
+    np.testing.assert_allclose(separation, scale * displacement[present], rtol=1e-9, atol=1e-9)
+    assert displacement[present].mean() > 1.5

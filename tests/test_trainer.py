@@ -97,17 +97,19 @@ def test_grad_clip_hook_clips_to_one_before_the_step():
 def test_patch_radial_errors_match_known_offsets():
     shape = (20, 20, 20)
     centres = torch.tensor([[8.2, 9.7, 10.1], [5.0, 5.0, 5.0], [12.3, 11.1, 7.9]], dtype=torch.float64)
-    present = torch.tensor([True, False, True])
-    target = gaussian_heatmaps(centres, present, shape, [4.0] * 3)[None]
+    points = centres.clone()[None]
+    points[0, 1] = float("nan")  # the batch's target: landmark 1 absent from the patch
     shift = torch.tensor([0.6, -0.3, 0.2], dtype=torch.float64)
     pred = gaussian_heatmaps(centres + shift, torch.ones(3, dtype=torch.bool), shape, [4.0] * 3)[None]
     logits = torch.cat((torch.zeros(1, 1, *shape), torch.logit(pred.clamp(1e-6, 1 - 1e-6))), 1)
     spacing = (2.0, 1.0, 0.5)
-    sums, counts = patch_radial_errors(logits, target, spacing)
+    sums, counts = patch_radial_errors(logits, points, spacing)
     expected = float(np.linalg.norm(shift.numpy() * np.array(spacing)))
     assert counts.tolist() == [1, 0, 1]
     assert sums[1] == 0
     assert sums[0] == pytest.approx(expected, abs=0.02) and sums[2] == pytest.approx(expected, abs=0.02)
+    with pytest.raises(ValueError, match="for a 3D output"):
+        patch_radial_errors(logits, points[..., :2], spacing)
 
 
 def test_threshold_calibration():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nnlandmark_h3de.inference.atlas import Atlas, atlas_estimate, choose_atlases, combine
-from nnlandmark_h3de.inference.local_refinement import refine_in_tiles, tile_groups
+from nnlandmark_h3de.inference.two_stage_tiles import TilePlan, tile_groups, tile_peaks
 from nnlandmark_h3de.landmarks import LandmarkSet
 
 
@@ -37,22 +37,28 @@ def test_tiles_cover_each_estimate_once_and_keep_balls_inside():
 
 
 def test_local_search_prefers_the_peak_near_the_estimate():
+    """The predictor's path: tiles planned around the estimates, each landmark's peak read in its ball; a
+    peak in the tile but outside the ball is not taken (the maximum on the ball's surface: the estimate)."""
     shape = (60, 60, 60)
-    truth = np.array([[20.3, 30.6, 25.2], [40.0, 20.0, 45.5]])
-    # landmark 0 has a brighter look-alike far away (what a whole-image argmax would pick)
-    full = [blob_logits(shape, [(truth[0], 0.7, 2.0), ((45.0, 45.0, 10.0), 0.95, 2.0)]),
-            blob_logits(shape, [(truth[1], 0.9, 2.0)])]
+    truth = np.array([[20.3, 30.6, 25.2], [40.0, 20.0, 45.5], [30.0, 30.0, 30.0]])
+    # landmark 0 has a brighter look-alike far away (what a whole-image argmax would pick) and one in its
+    # tile, outside its search ball
+    full = [blob_logits(shape, [(truth[0], 0.7, 2.0), ((45.0, 45.0, 10.0), 0.95, 2.0),
+                                ((20.3, 30.6, 37.2), 0.9, 2.0)]),
+            blob_logits(shape, [(truth[1], 0.9, 2.0)]), blob_logits(shape, [(truth[2], 0.9, 2.0)])]
     full = torch.stack(full)
-    calls = []
+    with_zero_channel = torch.cat([torch.zeros_like(full[:1]), full])  # the network's channel 0
 
-    def tile(lo):
-        calls.append(tuple(lo))
-        return full[:, lo[0]:lo[0] + 32, lo[1]:lo[1] + 32, lo[2]:lo[2] + 32]
-
-    estimate = truth + np.array([[2.0, -2.5, 1.0], [-3.0, 1.0, 2.0]])
-    idx, peak, n_tiles = refine_in_tiles(tile, shape, estimate, (32, 32, 32), (6.0, 6.0, 6.0))
-    np.testing.assert_allclose(idx, truth, atol=0.05)
-    assert peak[0] == pytest.approx(0.7, abs=0.05) and n_tiles == len(calls) == 2
+    estimate = truth + np.array([[2.0, -2.5, 1.0], [-3.0, 1.0, 2.0], [0.0, 0.0, 9.0]])  # 2: 9 voxels off
+    radius = np.array([6.0, 6.0, 6.0])
+    plan = TilePlan(tile_groups(estimate, shape, (32, 32, 32), radius), estimate, radius, np.zeros(3))
+    tiles = torch.stack([with_zero_channel[:, lo[0]:lo[0] + 32, lo[1]:lo[1] + 32, lo[2]:lo[2] + 32]
+                         for lo, _ in plan.groups])
+    idx, peak, _, fallback = tile_peaks(tiles, plan)
+    np.testing.assert_allclose(idx[:2], truth[:2], atol=0.05)
+    assert peak[0] == pytest.approx(0.7, abs=0.05) and len(plan.groups) <= 3
+    assert list(fallback) == [False, False, True]
+    np.testing.assert_allclose(idx[2], estimate[2])
     whole_image_argmax = np.unravel_index(int(full[0].argmax()), shape)
     assert np.linalg.norm(np.array(whole_image_argmax) - truth[0]) > 20
 
@@ -71,7 +77,7 @@ def test_combine_is_a_robust_median_over_the_atlases_that_have_the_landmark():
 def test_atlas_recovers_landmarks_through_a_known_pose():
     import SimpleITK as sitk
     from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
-    from nnlandmark_h3de.demo.reposing import repose_case
+    from nnlandmark_h3de.synthesis.reposing import repose_case
     from nnlandmark_h3de.landmarks import read_landmarks
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,7 +210,7 @@ def test_choose_atlases_takes_exact_labels_first(tmp_path):
     incomplete copy before a complete pseudo-label; exact_label_cases reads them from pseudo_labels.json."""
     import json
 
-    from nnlandmark_h3de.conversion.dataset_landmarks import exact_label_cases
+    from nnlandmark_h3de.landmarks.dataset_file import exact_label_cases
     sets = [LandmarkSet(["a", "b"], np.array([[i * 10.0, 0, 0], [0, i * 10.0, 0]])) for i in range(5)]
     sets[3].points_lps[1] = np.nan
     exact = [False, False, False, True, True]

@@ -20,7 +20,8 @@ def choice_names(raw):
 
 
 def test_two_stage_prediction_with_the_stock_commands(nnunet_env, tmp_path):
-    from nnlandmark_h3de.conversion import convert_dataset, load_dataset_landmarks
+    from nnlandmark_h3de.conversion import convert_dataset
+    from nnlandmark_h3de.landmarks import load_dataset_landmarks
     from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
     from nnlandmark_h3de.landmarks import read_landmarks
 

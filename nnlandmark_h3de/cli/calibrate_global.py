@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnlandmark_h3de.inference.global_stage import KINDS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Calibrate the global stage of two-stage prediction for a trained "
@@ -15,8 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", type=int, default=0, help="fold (default 0)")
     p.add_argument("-tr", default="nnLandmarkTrainer", help="trainer of the local model")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("--kinds", nargs="+", choices=["atlas", "learned"], default=["atlas", "learned"],
-                   help="global stages to measure (learned needs --learned_model)")
+    p.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS),
+                   help="global stages to measure (default all; learned needs --learned_model): atlas = affine "
+                        "registration of a few training images, deformable = the same followed by demons (about "
+                        "1 s more per atlas and case at the 4 mm grid), learned = a coarse whole-image model; the "
+                        "lowest validation MRE is kept")
     p.add_argument("--learned_model", default=None,
                    help="model folder of a trained coarse whole-image configuration (e.g. nnUNet_results/"
                         "DatasetX/nnLandmarkTrainer__nnUNetPlans__3d_lowres)")

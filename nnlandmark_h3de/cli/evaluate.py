@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
 def _test_set_cases(reference, name: str) -> list:
     """The case ids of test set `name` in the reference dataset's landmarks.json."""
-    from nnlandmark_h3de.conversion import load_dataset_test_sets
+    from nnlandmark_h3de.landmarks.dataset_file import load_dataset_test_sets
     from nnlandmark_h3de.evaluation.landmark_files import reference_kind
     if reference_kind(reference) != "dataset_json":
         raise ValueError(f"--test_set needs a dataset's landmarks.json as -ref, got the folder {reference}")

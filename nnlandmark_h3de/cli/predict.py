@@ -56,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-landmark uncertainty (mm): 'calibrated' = the landmark's validation RMS error scaled by "
                         "its peak height and the members' spread (fold_X/landmark_uncertainty.json; falls back to 'spread' without it), "
                         "'spread' = scatter of the folds' and mirrors' peaks (heatmap width with one member)")
-    p.add_argument("--global", dest="global_stage", default="auto", choices=["auto", "atlas", "learned", "none"],
+    p.add_argument("--global", dest="global_stage", default="auto", choices=["auto", "atlas", "deformable", "learned", "none"],
                    help="two-stage prediction: a global stage finds every landmark in the whole image, the network "
                         "refines it on the tiles around it. 'auto' (default) = the stage nnLandmark_calibrate_global "
                         "kept for the first fold (fold_X/global_stage.json), or the whole-image sliding window when "
-                        "the fold has none; 'none' = always the whole-image sliding window")
+                        "the fold has none; 'atlas' (affine registration), 'deformable' (affine + demons) or 'learned' "
+                        "force a calibrated kind; 'none' = always the whole-image sliding window")
     p.add_argument("--save_global_estimates", action="store_true",
                    help="two-stage prediction: also write the global stage's own estimates to OUT/global_stage/ "
                         "(to see, or evaluate, what each stage contributes)")

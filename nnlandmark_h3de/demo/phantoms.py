@@ -12,18 +12,26 @@ to the same analytic point) agrees with the image to sub-voxel accuracy.
 
 Random draws use independent streams per case (pose, intensities, absence, noise), so switching
 `absent_fraction` changes only which structures are drawn; the rest of the image is bit-identical.
+
+`deform_mm` > 0 gives each phantom a random smooth nonlinear deformation (`synthesis.deformation`,
+its own random stream; RMS displacement over the head): every voxel centre x is drawn with the
+anatomy at the deformation's sampling point x + u(x), and the landmarks are moved by the exact
+inverse, so subjects differ nonlinearly (an atlas's affine registration is no longer near the truth)
+while the landmarks stay exact. With the default 0 the phantoms are those drawn without it.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 from nnlandmark_h3de.landmarks.atomic import atomic_path, atomic_write_text
+from nnlandmark_h3de.synthesis.deformation import random_deformation
+from nnlandmark_h3de.synthesis.rotations import random_rotation
 
 # ---------------------------------------------------------------- the phantom in its own frame
 # Lengths are fractions of R = half the smallest field-of-view extent, so any shape/spacing fits.
@@ -32,7 +40,7 @@ SKULL_OUTER = 0.94  # skull shell, as a fraction of HEAD_AXES
 SKULL_INNER = 0.84  # brain = inside of the skull
 
 # Random stream ids (one independent generator per case and purpose).
-_POSE, _INTENSITY, _ABSENCE, _NOISE, _GEOMETRY = range(5)
+_POSE, _INTENSITY, _ABSENCE, _NOISE, _GEOMETRY, _DEFORMATION = range(6)
 
 
 @dataclass(frozen=True)
@@ -118,21 +126,6 @@ def _bias_field(p: np.ndarray, direction: np.ndarray, curvature: float, strength
     return 1.0 + strength * (p @ direction) + 0.5 * strength * curvature * np.einsum("...i,...i->...", p, p)
 
 
-def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    """Rotation about a uniformly random axis by an angle uniform in [-max_deg, max_deg]."""
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rng.uniform(-max_deg, max_deg))
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
-
-
-def rotation_about_z(angle_deg: float) -> np.ndarray:
-    """3x3 rotation by `angle_deg` in the x-y plane (a 2D image's rotation)."""
-    a = np.deg2rad(angle_deg)
-    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
-
-
 # ------------------------------------------------------------------------------- one phantom
 @dataclass
 class PhantomCase:
@@ -178,8 +171,10 @@ def _removed_structures(seed: int, case_index: int, structures, absent_fraction:
 def render_phantom(case_id: str, geometry: ImageGeometry, seed: int, case_index: int,
                    absent_fraction: float = 0.0, max_rotation_deg: float = 15.0,
                    max_translation_fraction: float = 0.05, scale_range=(0.92, 1.05),
-                   noise_std: float = 0.03, bias_strength: float = 0.15) -> PhantomCase:
-    """Draw one phantom on `geometry`; removed structures' landmarks are NaN (absent)."""
+                   noise_std: float = 0.03, bias_strength: float = 0.15, deform_mm: float = 0.0,
+                   control_spacing_mm: float = 24.0) -> PhantomCase:
+    """Draw one phantom on `geometry`; removed structures' landmarks are NaN (absent). `deform_mm` > 0:
+    a random nonlinear deformation of that RMS over the head (see the module doc)."""
     R = 0.5 * float(np.min(np.asarray(geometry.spacing) * np.asarray(geometry.shape_ijk)))
     pose_rng = _case_rng(seed, case_index, _POSE)
     rot = random_rotation(pose_rng, max_rotation_deg)
@@ -197,6 +192,13 @@ def render_phantom(case_id: str, geometry: ImageGeometry, seed: int, case_index:
     world = geometry.array_index_to_world(np.stack([zz, yy, xx], axis=-1))
     world_to_frame = np.linalg.inv(frame_to_world)
     p = world @ world_to_frame[:3, :3].T + world_to_frame[:3, 3]
+    deformation = None
+    if deform_mm > 0:  # each voxel shows the anatomy at its sampling point
+        head_mask = _ellipsoid_sd(p, (0, 0, 0), HEAD_AXES) < 0
+        deformation = random_deformation(geometry, _case_rng(seed, case_index, _DEFORMATION), deform_mm,
+                                         control_spacing_mm, head_mask)
+        world = world + deformation.sample_displacement(world.reshape(-1, 3)).reshape(world.shape)
+        p = world @ world_to_frame[:3, :3].T + world_to_frame[:3, 3]
     ramp = float(np.mean(geometry.spacing)) / (scale * R)  # one voxel, in frame units
 
     head = HEAD_AXES
@@ -216,6 +218,8 @@ def render_phantom(case_id: str, geometry: ImageGeometry, seed: int, case_index:
 
     pts_frame = np.concatenate([s.landmark_points() for s in STRUCTURES])
     pts_world = pts_frame @ frame_to_world[:3, :3].T + frame_to_world[:3, 3]
+    if deformation is not None:
+        pts_world = deformation.move_points(pts_world)
     absent_names = {n for s in STRUCTURES if s.name in removed for n in s.landmarks}
     for i, n in enumerate(LANDMARK_NAMES):
         if n in absent_names:
@@ -256,19 +260,23 @@ def generate_phantom_cases(output_dir, n_cases: int, shape=(64, 64, 64), spacing
                            seed: int = 0, absent_fraction: float = 0.0, oblique_deg: float = 0.0,
                            max_rotation_deg: float = 15.0, max_translation_fraction: float = 0.05,
                            scale_range=(0.92, 1.05), noise_std: float = 0.03, bias_strength: float = 0.15,
-                           case_prefix: str = "phantom", progress: bool = True
-                           ) -> Dict[str, Tuple[Path, Path]]:
+                           case_prefix: str = "phantom", progress: bool = True, deform_mm: float = 0.0,
+                           control_spacing_mm: float = 24.0) -> Dict[str, Tuple[Path, Path]]:
     """Write `n_cases` phantoms as `images/<case>.nii.gz` + `landmarks/<case>.mrk.json` (LPS).
 
     shape is (z, y, x) voxels, spacing (x, y, z) mm like SimpleITK. `absent_fraction` is the
     probability that each structure is left out of a case (its landmarks are then
     `positionStatus: undefined`). `oblique_deg` > 0 gives each image a random non-identity
-    direction matrix. Also writes `phantoms.json` (the parameters, for reproducibility).
+    direction matrix. `deform_mm` > 0 deforms each phantom nonlinearly (RMS displacement over the
+    head, smooth on the scale of `control_spacing_mm`), its landmarks moved exactly. Also writes
+    `phantoms.json` (the parameters, for reproducibility).
     Returns {case_id: (image_path, landmark_path)}; the same seed gives the same files.
     """
     from tqdm import tqdm
 
     _check_args(n_cases, shape, spacing, absent_fraction)
+    if not deform_mm >= 0 or not control_spacing_mm > 0:
+        raise ValueError(f"deform_mm must be >= 0 and control_spacing_mm > 0, got {deform_mm}, {control_spacing_mm}")
     out = Path(output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "landmarks").mkdir(parents=True, exist_ok=True)
@@ -277,13 +285,15 @@ def generate_phantom_cases(output_dir, n_cases: int, shape=(64, 64, 64), spacing
         case_id = f"{case_prefix}_{i:03d}"
         geometry = make_geometry(shape, spacing, oblique_deg, _case_rng(seed, i, _GEOMETRY))
         case = render_phantom(case_id, geometry, seed, i, absent_fraction, max_rotation_deg,
-                              max_translation_fraction, scale_range, noise_std, bias_strength)
+                              max_translation_fraction, scale_range, noise_std, bias_strength,
+                              deform_mm, control_spacing_mm)
         cases[case_id] = _write_case(out, case)
     params = {"generator": "nnlandmark_h3de.demo.phantoms", "n_cases": int(n_cases),
               "shape_zyx": [int(s) for s in shape], "spacing_xyz": [float(s) for s in spacing],
               "seed": int(seed), "absent_fraction": float(absent_fraction), "oblique_deg": float(oblique_deg),
               "max_rotation_deg": float(max_rotation_deg), "max_translation_fraction": float(max_translation_fraction),
               "scale_range": [float(s) for s in scale_range], "noise_std": float(noise_std),
-              "bias_strength": float(bias_strength), "landmarks": LANDMARK_NAMES, "cases": sorted(cases)}
+              "bias_strength": float(bias_strength), "deform_mm": float(deform_mm),
+              "control_spacing_mm": float(control_spacing_mm), "landmarks": LANDMARK_NAMES, "cases": sorted(cases)}
     atomic_write_text(out / "phantoms.json", json.dumps(params, indent=2) + "\n")
     return cases

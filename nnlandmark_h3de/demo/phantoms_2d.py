@@ -39,9 +39,10 @@ import numpy as np
 # random streams (one independent generator per case and purpose) shared with the 3D generator
 from nnlandmark_h3de.demo.phantoms import (_NOISE, _POSE, PhantomCase, _bias_field, _case_rng, _check_args,
                                            _ellipsoid_sd, _intensity_draws, _occupancy, _removed_structures,
-                                           _write_case, rotation_about_z)
+                                           _write_case)
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
+from nnlandmark_h3de.synthesis.rotations import rotation_about_z
 
 # The design fits the box |u| <= 1.0, |v| <= 1.2 (the landmarks a much smaller one, so that any pose
 # within the default ranges keeps them well inside); R is chosen so that box fills the field of view.

@@ -21,45 +21,26 @@ figures it did not measure.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import os
-import re
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
+# the command helpers stay importable from here (benchmarks and tests use them through the pipeline)
+from nnlandmark_h3de.demo.commands import (COMMANDS, DemoError, count_epochs, environment, find_command,
+                                           missing_commands, nnunet_environment, run_command)
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 
 STAGES = ("generate", "convert", "plan_and_preprocess", "small_configuration", "train", "calibrate_global",
           "predict", "evaluate", "report")
 
-# Console scripts the demo runs, with the package module behind each of ours (to say what is missing).
-COMMANDS = {
-    "plan_and_preprocess": ("nnUNetv2_plan_and_preprocess", None),
-    "small_configuration": ("nnLandmark_add_small_config", "nnlandmark_h3de.cli.small_config"),
-    "train": ("nnUNetv2_train", None),
-    "calibrate_global": ("nnLandmark_calibrate_global", "nnlandmark_h3de.cli.calibrate_global"),
-    "predict": ("nnLandmark_predict", "nnlandmark_h3de.cli.predict"),
-    "evaluate": ("nnLandmark_evaluate", "nnlandmark_h3de.cli.evaluate"),
-}
 # Folders and files the demo creates in OUTPUT_DIR (the only things --overwrite deletes).
 OWNED = ("phantoms", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "trainers", "predictions",
          "evaluation", "logs", "report.md", "demo.json")
-
-
-class DemoError(RuntimeError):
-    """A demo stage failed or cannot run; the message names the stage."""
-
-    def __init__(self, stage: str, message: str):
-        super().__init__(f"demo stage '{stage}': {message}")
-        self.stage = stage
 
 
 @dataclass
@@ -88,6 +69,9 @@ class DemoSettings:
     val_iterations_per_epoch: int = 4
     n_atlases: int = 4  # training cases registered per case by the atlas global stage
     two_d: bool = False  # 2D X-ray phantoms, nnU-Net's 2d configuration, no global stage
+    # RMS (mm) of a smooth random nonlinear deformation per 3D phantom (synthesis.deformation); > 0 also
+    # calibrates the deformable global stage beside the affine one and predicts with the one validation keeps
+    deform_mm: float = 0.0
     overwrite: bool = False
 
     @classmethod
@@ -160,93 +144,8 @@ class DemoResult:
         return d
 
 
-# --------------------------------------------------------------------------------- commands
-def find_command(name: str) -> Optional[str]:
-    """The console script beside this Python first (the venv), else on PATH."""
-    local = Path(sys.executable).parent / name
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    return shutil.which(name)
-
-
-def missing_commands(stages: Sequence[str] = tuple(COMMANDS)) -> Dict[str, str]:
-    """{stage: why it cannot run} for the stages whose command or module is unavailable."""
-    missing = {}
-    for stage in stages:
-        command, module = COMMANDS[stage]
-        if module is not None and importlib.util.find_spec(module) is None:
-            missing[stage] = f"module {module} (command {command}) is not part of this installation"
-        elif find_command(command) is None:
-            missing[stage] = f"command {command} not found beside {sys.executable} or on PATH (reinstall the package)"
-    return missing
-
-
 def demo_environment(s: DemoSettings) -> Dict[str, str]:
     return nnunet_environment(s.output_dir)
-
-
-def nnunet_environment(root: Path) -> Dict[str, str]:
-    """os.environ with nnUNet_raw/preprocessed/results inside `root` and the trainer folders
-    (`root/trainers` for generated budget trainers, then the package's)."""
-    from nnlandmark_h3de.training.trainer_folder import trainer_folder
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[name] = str(Path(root) / name)
-    env["nnUNet_extTrainer"] = os.pathsep.join([str(Path(root) / "trainers"), str(trainer_folder())])
-    env.setdefault("nnUNet_n_proc_DA", "0")  # 2-core machines: augmentation in the training process
-    # (the planner calls torch.set_num_threads(nnUNet_n_proc_DA), so plan_and_preprocess gets >= 1)
-    env["nnUNet_compile"] = "false"  # torch.compile costs minutes on CPU and gains nothing here
-    env["PYTHONUNBUFFERED"] = "1"  # stream progress lines
-    return env
-
-
-@contextlib.contextmanager
-def environment(env: Dict[str, str]):
-    """Temporarily use `env` in this process (for in-process steps that read nnU-Net variables)."""
-    old = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-
-
-def run_command(stage: str, cmd: List[str], env: Dict[str, str], log_path: Path,
-                progress_pattern: Optional[str] = None, show_progress: bool = True) -> List[str]:
-    """Run `cmd`, copy its output to `log_path`, tick a progress bar on lines matching the pattern.
-    Raises DemoError with the log's last lines when the command fails."""
-    from tqdm import tqdm
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(progress_pattern) if progress_pattern else None
-    lines: List[str] = []
-    with open(log_path, "w", encoding="utf-8") as log, \
-            tqdm(desc=f"  {stage}", unit=" lines" if pattern is None else " epochs", disable=not show_progress,
-                 leave=False) as bar:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        try:
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1, errors="replace")
-        except OSError as e:
-            raise DemoError(stage, f"cannot start {cmd[0]}: {e}") from None
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()  # the log is where users look while a long stage runs
-                lines.append(line.rstrip("\n"))
-                if pattern is None or pattern.search(line):
-                    bar.update(1)
-            rc = proc.wait()
-        except BaseException:
-            proc.terminate()  # only the child we started
-            proc.wait()
-            raise
-    if rc != 0:
-        tail = "\n".join("    " + l for l in lines[-25:])
-        raise DemoError(stage, f"`{shlex.join(cmd)}` exited with status {rc}; see {log_path}. Last lines:\n{tail}")
-    return lines
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -278,7 +177,7 @@ def stage_generate(s: DemoSettings, result: DemoResult, show_progress: bool):
         from nnlandmark_h3de.demo.phantoms import generate_phantom_cases
         cases = generate_phantom_cases(s.output_dir / "phantoms", s.n_train + s.n_test, shape=s.shape_zyx,
                                        spacing=s.spacing_xyz, seed=s.seed, absent_fraction=s.absent_fraction,
-                                       oblique_deg=s.oblique_deg, progress=show_progress)
+                                       oblique_deg=s.oblique_deg, progress=show_progress, deform_mm=s.deform_mm)
     has_absent = {c: not read_landmarks(lm).present.all() for c, (_, lm) in cases.items()}
     result.cases = _split_cases(s, sorted(cases), has_absent)
     return cases
@@ -304,11 +203,6 @@ def _training_budget(s: DemoSettings, elapsed: float) -> float:
     # 2D: no global-stage calibration, and validation / prediction of a 96 x 80 image take a second or two
     reserve = (60.0 + 0.15 * total) if s.two_d else (120.0 + 0.4 * total)
     return max(20.0, total - elapsed - reserve)
-
-
-def _count_epochs(lines: List[str]) -> Optional[int]:
-    epochs = [int(m.group(1)) for l in lines for m in [re.search(r"Epoch (\d+)\s*$", l)] if m]
-    return (max(epochs) + 1) if epochs else None
 
 
 class _Stages:
@@ -373,9 +267,15 @@ def stage_train(st: _Stages, elapsed: float) -> str:
                                   f"{name}__nnUNetPlans__{s.configuration}")
         lines = st.command("train", [find_command("nnUNetv2_train"), str(s.dataset_id), s.configuration, "0",
                                      "-tr", name, "-device", "cpu"], pattern=r"Epoch \d+\s*$")
-        result.epochs_done = _count_epochs(lines)
+        result.epochs_done = count_epochs(lines)
         rec.note = f"{result.epochs_done} epochs of {s.iterations_per_epoch} iterations"
     return name
+
+
+def global_kinds(s: DemoSettings) -> list:
+    """The global stages the demo calibrates: the affine atlas; with nonlinear phantoms also the deformable
+    one (the validation cases choose between them, as a user's calibration would)."""
+    return ["atlas", "deformable"] if s.deform_mm > 0 else ["atlas"]
 
 
 def stage_calibrate_global(st: _Stages, trainer_name: str) -> None:
@@ -391,7 +291,7 @@ def stage_calibrate_global(st: _Stages, trainer_name: str) -> None:
                                       f"images registered per case), re-validation in two stages") as rec:
         lines = st.command("calibrate_global", [find_command("nnLandmark_calibrate_global"), "-d", str(s.dataset_id),
                                                 "-c", s.configuration, "-tr", trainer_name, "-f", "0", "--kinds",
-                                                "atlas", "--n_atlases", str(s.n_atlases), "-device", "cpu"])
+                                                *global_kinds(s), "--n_atlases", str(s.n_atlases), "-device", "cpu"])
         rec.note = next((l.strip() for l in lines if "local peak floor" in l), "")
 
 
@@ -401,7 +301,8 @@ def stage_predict(st: _Stages, folder: Path, trainer_name: str) -> Path:
     how = "on the whole image" if s.two_d else "in two stages"
     with st.stage("predict", f"nnLandmark_predict {how} on {len(result.cases['test'])} held-out test cases"):
         pred = s.output_dir / "predictions"
-        stages = ["--global", "none"] if s.two_d else ["--global", "atlas", "--save_global_estimates"]
+        kind = "atlas" if global_kinds(s) == ["atlas"] else "auto"
+        stages = ["--global", "none"] if s.two_d else ["--global", kind, "--save_global_estimates"]
         st.command("predict", [find_command("nnLandmark_predict"), "-i", str(folder / "imagesTs"), "-o", str(pred),
                                "-d", str(s.dataset_id), "-c", s.configuration, "-tr", trainer_name, "-f", "0",
                                "-device", "cpu", "-npp", "1", *stages])

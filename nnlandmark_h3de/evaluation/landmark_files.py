@@ -92,7 +92,7 @@ def load_reference(path, chill: bool = False, skipped: Optional[List[dict]] = No
     """Reference landmarks per case from a landmarks.json or a folder of landmark files."""
     path = Path(path)
     if reference_kind(path) == "dataset_json":
-        from nnlandmark_h3de.conversion import load_dataset_landmarks  # the converter owns that format
+        from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
         return load_dataset_landmarks(path)
     files = find_landmark_files(path)
     if not files:

@@ -1,17 +1,21 @@
-"""Landmark positions in an augmented patch -> one Gaussian heatmap per landmark (the training target).
+"""Landmark positions in an augmented patch, and their heatmap targets (one per landmark and scale).
 
-Why here and not in preprocessing: the heatmap is built LAST, after nnU-Net's crop and spatial
-augmentation, from wherever the augmentation put each landmark. Two sources of that position:
+Why the targets are drawn late: the heatmap comes LAST, after nnU-Net's crop and spatial augmentation,
+from wherever the augmentation put each landmark; and it is drawn where the network runs: nnU-Net's
+loader carries only the points (LandmarkPointsTransform, target_transforms.py: (L, ndim) per sample,
+B x L x ndim per batch), and the trainer draws every deep-supervision scale on its device
+(`HeatmapTargets`). Dense (L, *patch) float volumes through the loader's worker processes would be
+~270 MB per sample for 32 landmarks at 128^3. Two sources of the position:
 - exact points (`keypoints`, see keypoint_transforms.py): the converter's world coordinates mapped
   into the preprocessed grid and moved by the same crop/rotation/scaling/mirroring as the image. A
   landmark is present in the patch when its point lies within the patch's voxels
   (-0.5 <= x <= n - 0.5 on every axis); no limit on how close landmarks are or how coarse the grid is;
 - label balls (fallback for hand-made datasets without landmarks.json): the sub-voxel centre of
   mass of each ball (one pass over the foreground voxels: bincount / index_add by label value).
-The Gaussian is a separable outer product of three 1D profiles per landmark, so the cost is one
-write of the (L, ...) target per scale.
+The Gaussian is a separable outer product of one 1D profile per axis per landmark, so the cost is one
+write of the (..., L, *shape) target per scale.
 
-Ball presence rule (a landmark whose channel is all zeros is "absent from this patch"): the ball has at
+Ball presence rule (an absent landmark has a NaN point and an all-zero heatmap): the ball has at
 least one voxel in the patch AND either it does not touch the patch border (the whole ball is
 visible, whatever the scaling augmentation did to its size) or its visible voxel count is at least
 `min_visible_fraction` of the ball's expected volume. A ball cut by the border has a centre of mass
@@ -29,9 +33,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
-
-__all__ = ["LandmarkHeatmapTransform", "ball_centres", "keypoint_centres", "gaussian_heatmaps", "expected_ball_voxels"]
+__all__ = ["ball_centres", "keypoint_centres", "gaussian_heatmaps", "expected_ball_voxels", "HeatmapTargets",
+           "GaussianTargets"]
 
 
 def expected_ball_voxels(radius_mm: Optional[float], spacing: Sequence[float]) -> Optional[float]:
@@ -93,69 +96,60 @@ def keypoint_centres(keypoints: torch.Tensor, shape: Sequence[int]) -> Tuple[tor
     return centres, present
 
 
+def axis_profiles(centres: torch.Tensor, present: torch.Tensor, shape: Sequence[int]):
+    """Per axis: (the voxel grid minus each centre) (..., L, n_axis) in the centres' dtype and device
+    (absent centres at 0), and the view that puts that axis in place in a (..., L, *shape) tensor."""
+    lead = list(centres.shape[:-1])
+    zero = torch.zeros((), dtype=centres.dtype, device=centres.device)
+    for axis, n in enumerate(shape):
+        grid = torch.arange(n, dtype=centres.dtype, device=centres.device)
+        c = torch.where(present, centres[..., axis], zero)
+        view = lead + [1] * len(shape)
+        view[len(lead) + axis] = n
+        yield axis, grid - c[..., None], view
+
+
 def gaussian_heatmaps(centres: torch.Tensor, present: torch.Tensor, shape: Sequence[int],
                       sigma: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(L, *shape) heatmaps exp(-|x - c|^2 / 2 sigma^2) (peak 1 at c), zeros where not present.
+    """(..., L, *shape) heatmaps exp(-|x - c|^2 / 2 sigma^2) (peak 1 at c), zeros where not present.
 
-    Built as an outer product of one 1D profile per axis: L * sum(shape) exponentials.
+    centres (..., L, ndim), present (..., L); on their device. Built as an outer product of one 1D
+    profile per axis: L * sum(shape) exponentials (in the centres' dtype), products in `dtype`.
     """
-    L = centres.shape[0]
     out = None
-    for axis, n in enumerate(shape):
-        grid = torch.arange(n, dtype=torch.float64)
-        c = torch.where(present, centres[:, axis], torch.zeros((), dtype=torch.float64))
-        prof = torch.exp(-0.5 * ((grid[None, :] - c[:, None]) / float(sigma[axis])) ** 2)
+    for axis, d, view in axis_profiles(centres, present, shape):
+        prof = torch.exp(-0.5 * (d / float(sigma[axis])) ** 2)
         if axis == 0:
-            prof = prof * present[:, None]
-        view = [L] + [1] * len(shape)
-        view[axis + 1] = n
+            prof = prof * present[..., None]
         prof = prof.to(dtype).view(view)
         out = prof if out is None else out * prof
     return out.contiguous()
 
 
-class LandmarkHeatmapTransform(BasicTransform):
-    """Replaces the label patch (1, ...) by float heatmaps (L, ...), or a list of them, one per
-    deep-supervision scale (nnU-Net's `_get_deep_supervision_scales()` order: full resolution first).
+def _per_axis(value, ndim: int) -> List[float]:
+    return [float(value)] * ndim if not isinstance(value, (list, tuple)) else [float(v) for v in value]
 
-    from_keypoints: take the landmarks from the `keypoints` entry (exact points); a pipeline that lost
-        them is an error. False: from the label balls (datasets without exact points).
-    sigma: voxels of the target spacing at full resolution (scalar or one per axis).
-    expected_voxels / min_visible_fraction: the partial-ball rule of the module doc (balls only).
+
+class HeatmapTargets:
+    """Heatmaps of points at full resolution, or one per deep-supervision scale (nnU-Net's
+    `_get_deep_supervision_scales()` order: full resolution first), drawn on the points' device.
+
+    width: the profile's width in voxels of the full-resolution patch (scalar or one per axis);
+    subclasses define the profile in `render`.
     """
 
-    def __init__(self, num_landmarks: int, sigma: Union[float, Sequence[float]] = 4.0,
-                 ds_scales: Optional[Sequence[Sequence[float]]] = None,
-                 expected_voxels: Optional[float] = None, min_visible_fraction: float = 0.5,
-                 from_keypoints: bool = False):
-        super().__init__()
-        if num_landmarks < 1:
-            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
-        self.num_landmarks = int(num_landmarks)
-        self.sigma = sigma
+    def __init__(self, width: Union[float, Sequence[float]], ds_scales: Optional[Sequence[Sequence[float]]] = None):
+        self.width = width
         self.ds_scales = None if ds_scales is None else [tuple(float(x) for x in s) for s in ds_scales]
-        self.expected_voxels = expected_voxels
-        self.min_visible_fraction = float(min_visible_fraction)
-        self.from_keypoints = bool(from_keypoints)
 
-    def apply(self, data_dict, **params):
-        segmentation = data_dict.get("segmentation")
-        if segmentation is None:
-            raise ValueError("LandmarkHeatmapTransform needs the 'segmentation' entry (its patch shape, or its balls)")
-        shape = tuple(segmentation.shape[1:])
-        if self.from_keypoints:
-            keypoints = data_dict.get("keypoints")
-            if keypoints is None:
-                raise ValueError("LandmarkHeatmapTransform(from_keypoints=True): the data has no 'keypoints' "
-                                 "(a transform without keypoint support dropped them, or the loader did not add them)")
-            if keypoints.shape[0] != self.num_landmarks:
-                raise ValueError(f"{keypoints.shape[0]} keypoints for {self.num_landmarks} landmarks")
-            centres, present = keypoint_centres(keypoints, shape)
-        else:
-            centres, present = ball_centres(segmentation[0], self.num_landmarks, self.expected_voxels,
-                                            self.min_visible_fraction)
-        data_dict["segmentation"] = self.render_scales(centres, present, shape)
-        return data_dict
+    def __call__(self, points: torch.Tensor, shape: Sequence[int]) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """points (..., L, ndim) indices in the patch (NaN rows = absent, as the loader gives them)."""
+        if points.ndim < 2 or points.shape[-1] != len(shape):
+            raise ValueError(f"points of shape {tuple(points.shape)} do not match a {len(shape)}D patch "
+                             "(expected (..., L, ndim), NaN rows for absent landmarks)")
+        # float64 profiles where the device has it (the loader's points are float64); MPS has no float64
+        dtype = torch.float32 if points.device.type == "mps" else torch.float64
+        return self.render_scales(points.to(dtype), torch.isfinite(points).all(-1), shape)
 
     def render_scales(self, centres: torch.Tensor, present: torch.Tensor,
                       shape: Sequence[int]) -> Union[torch.Tensor, List[torch.Tensor]]:
@@ -168,19 +162,29 @@ class LandmarkHeatmapTransform(BasicTransform):
             if len(s) != ndim:
                 raise ValueError(f"deep supervision scale {s} does not match a {ndim}D patch")
             new_shape = [round(n * f) for n, f in zip(shape, s)]
-            ratio = torch.tensor([m / n for m, n in zip(new_shape, shape)], dtype=torch.float64)
-            c = (centres + 0.5) * ratio - 0.5
-            results.append(self.render(c, present, new_shape, [float(r) for r in ratio]))
+            ratio = [m / n for m, n in zip(new_shape, shape)]
+            c = (centres + 0.5) * centres.new_tensor(ratio) - 0.5
+            results.append(self.render(c, present, new_shape, ratio))
         return results
 
-    @staticmethod
-    def _per_axis(value, ndim: int = 3) -> List[float]:
-        return [float(value)] * ndim if not isinstance(value, (list, tuple)) else [float(v) for v in value]
+    def widths(self, ndim: int, ratio: Sequence[float]) -> List[float]:
+        """The profile width per axis at a scale of `ratio` voxels per full-resolution voxel."""
+        width = _per_axis(self.width, ndim)
+        if len(width) != ndim:
+            raise ValueError(f"heatmap width {self.width} does not match a {ndim}D patch")
+        return [w * r for w, r in zip(width, ratio)]
 
     def render(self, centres: torch.Tensor, present: torch.Tensor, shape: Sequence[int],
                ratio: Sequence[float]) -> torch.Tensor:
-        """The target at one scale; `ratio` = this scale's voxels per full-resolution voxel, per axis."""
-        sigma = self._per_axis(self.sigma, len(shape))
-        if len(sigma) != len(shape):
-            raise ValueError(f"sigma {self.sigma} does not match a {len(shape)}D patch")
-        return gaussian_heatmaps(centres, present, shape, [sg * r for sg, r in zip(sigma, ratio)])
+        raise NotImplementedError
+
+
+class GaussianTargets(HeatmapTargets):
+    """Gaussians of `sigma` voxels (the nnLandmark paper's target)."""
+
+    def __init__(self, sigma: Union[float, Sequence[float]] = 4.0,
+                 ds_scales: Optional[Sequence[Sequence[float]]] = None):
+        super().__init__(sigma, ds_scales)
+
+    def render(self, centres, present, shape, ratio):
+        return gaussian_heatmaps(centres, present, shape, self.widths(len(shape), ratio))

@@ -10,21 +10,27 @@ estimates of all atlases are combined per landmark by the coordinate-wise median
 nothing about the case (registration cannot see a missing structure): the median is over the
 atlases that have it, and only a landmark no atlas has is absent. Atlases are chosen complete first.
 
-2D images register in their plane (SimpleITK 2D transforms); their world points are the z = 0
-plane of the lifted 3D geometry (landmarks/geometry.py), so points move by their (x, y) and keep z.
+With `nonlinear=True` each affine registration is followed by demons on the same coarse grid
+(deformable_registration.py): the `deformable` global-stage kind. `atlas_estimates` gives both from
+one affine registration per atlas, with the seconds each took (what calibration compares).
+
+2D images register in their plane (SimpleITK 2D transforms, and a 2D demons field); their world
+points are the z = 0 plane of the lifted 3D geometry (landmarks/geometry.py), so points move by
+their (x, y) and keep z.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
 __all__ = ["Atlas", "AtlasEstimate", "coarse_image", "register_affine", "execute_two_levels", "atlas_estimate",
-           "choose_atlases", "transform_points", "carry_points"]
+           "atlas_estimates", "choose_atlases", "transform_points", "carry_points"]
 
 
 @dataclass
@@ -40,6 +46,7 @@ class AtlasEstimate:
     points_lps: np.ndarray  # (L, 3) combined estimate, NaN where absent
     spread_mm: np.ndarray  # (L,) RMS distance of the atlases' points from it
     per_atlas: np.ndarray  # (A, L, 3) each atlas's carried points
+    seconds: float = float("nan")  # registering all atlases to this case (the case's resampling included)
 
 
 def coarse_image(image, spacing_mm: float):
@@ -109,7 +116,10 @@ def transform_points(transform, points_lps: np.ndarray) -> np.ndarray:
 
 
 def carry_points(transform, points_lps: np.ndarray) -> np.ndarray:
-    """Atlas points into the case: the inverse of the case -> atlas transform (NaN rows stay NaN)."""
+    """Atlas points into the case: the inverse of the case -> atlas transform (NaN rows stay NaN); a
+    deformable transform inverts itself (its own `carry_points`)."""
+    if hasattr(transform, "carry_points"):
+        return transform.carry_points(points_lps)
     return transform_points(transform.GetInverse(), points_lps)
 
 
@@ -123,15 +133,41 @@ def combine(per_atlas: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return median, spread
 
 
-def atlas_estimate(image, atlases: Sequence[Atlas], spacing_mm: float = 4.0) -> AtlasEstimate:
-    """Register every atlas to `image` and combine their carried landmarks. The case is smoothed and
-    resampled to the registration grid once (on a CT-sized case that is most of the cost; register_affine
-    leaves an image already on the grid as it is)."""
+def atlas_estimate(image, atlases: Sequence[Atlas], spacing_mm: float = 4.0, nonlinear: bool = False) -> AtlasEstimate:
+    """Register every atlas to `image` (affine; then demons where `nonlinear`) and combine their carried
+    landmarks."""
+    return atlas_estimates(image, atlases, spacing_mm, (nonlinear,))[nonlinear]
+
+
+def atlas_estimates(image, atlases: Sequence[Atlas], spacing_mm: float = 4.0,
+                    nonlinear: Sequence[bool] = (False, True)) -> Dict[bool, AtlasEstimate]:
+    """{nonlinear: estimate} for each asked kind from one affine registration per atlas (the deformable
+    kind refines the affine one), each estimate timed as if it ran alone. The case is smoothed and
+    resampled to the registration grid once (on a CT-sized case that is most of the cost;
+    register_affine leaves an image already on the grid as it is)."""
+    from nnlandmark_h3de.inference.deformable_registration import register_deformable
+    start = time.perf_counter()
     fixed = coarse_image(image, spacing_mm)
-    per = np.stack([carry_points(register_affine(fixed, a.image, spacing_mm), a.landmarks.points_lps)
-                    for a in atlases])
-    median, spread = combine(per)
-    return AtlasEstimate(median, spread, per)
+    affine_seconds, nonlinear_seconds = time.perf_counter() - start, 0.0
+    per: Dict[bool, list] = {False: [], True: []}
+    for a in atlases:
+        t = time.perf_counter()
+        affine = register_affine(fixed, a.image, spacing_mm)
+        affine_seconds += time.perf_counter() - t
+        if False in nonlinear:
+            per[False].append(carry_points(affine, a.landmarks.points_lps))
+        if True in nonlinear:
+            t = time.perf_counter()
+            per[True].append(carry_points(register_deformable(fixed, a.image, spacing_mm, affine=affine),
+                                          a.landmarks.points_lps))
+            nonlinear_seconds += time.perf_counter() - t
+    seconds = {False: affine_seconds, True: affine_seconds + nonlinear_seconds}
+    out = {}
+    for kind in dict.fromkeys(nonlinear):
+        stacked = np.stack(per[kind])
+        median, spread = combine(stacked)
+        out[kind] = AtlasEstimate(median, spread, stacked, seconds[kind])
+    return out
 
 
 def choose_atlases(landmark_sets: Sequence[LandmarkSet], n: int, names: Optional[Sequence[str]] = None,

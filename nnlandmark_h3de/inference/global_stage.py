@@ -1,16 +1,19 @@
 """The global stage of two-stage prediction: where each landmark roughly is in the whole image.
 
-Two kinds behind one interface, `estimate(image files) -> LandmarkSet` (world LPS mm, NaN = absent,
+Three kinds behind one interface, `estimate(image files) -> LandmarkSet` (world LPS mm, NaN = absent,
 `uncertainty_mm`):
-- atlas (`AtlasGlobalStage`): a few training images, chosen for coverage, registered to the case
-  (atlas.py). They are stored with the model (`fold_X/global_atlases/`, resampled to the
+- atlas (`AtlasGlobalStage`): a few training images, chosen for coverage, registered (affine) to the
+  case (atlas.py). They are stored with the model (`fold_X/global_atlases/`, resampled to the
   registration grid, a few hundred kB), so prediction needs no raw dataset;
+- deformable (`AtlasGlobalStage(nonlinear=True)`): the same atlases, the affine registration followed
+  by demons on the same grid (deformable_registration.py), for subjects that differ nonlinearly;
 - learned (`LearnedGlobalStage`): a model of a coarse whole-image configuration (e.g.
   `nnLandmark_add_small_config --spacing 4 4 4`, or nnU-Net's 3d_lowres) predicted with
   nnLandmarkPredictor; its existence thresholds decide which landmarks are absent.
 `calibrate_global_stage` measures each available kind on the local model's validation cases (the atlas
-on the fold's validation images with atlases from its training cases; the learned model by its own
-final validation, the same cases when both use the same splits), keeps the one with the lower mean
+kinds on the fold's validation images with atlases from its training cases, both from one affine
+registration per atlas, each with its seconds per case; the learned model by its own final
+validation, the same cases when both use the same splits), keeps the one with the lowest mean
 radial error, and sets each kind's local search radius to twice its 90th-percentile error (at least 3
 voxels of the local configuration). Everything is written to `fold_X/global_stage.json`, which
 `nnLandmark_predict --global auto` reads.
@@ -31,18 +34,20 @@ from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
 __all__ = ["GLOBAL_STAGE_FILE", "ATLAS_FOLDER", "KINDS", "GlobalStageChoice", "search_radius_mm", "raw_case_images",
            "AtlasGlobalStage", "LearnedGlobalStage", "load_global_stage", "atlas_validation_errors",
-           "learned_validation_errors", "calibrate_global_stage"]
+           "registration_validation_errors", "learned_validation_errors", "calibrate_global_stage"]
 
 GLOBAL_STAGE_FILE = "global_stage.json"
 ATLAS_FOLDER = "global_atlases"
-KINDS = ("atlas", "learned")
+KINDS = ("atlas", "deformable", "learned")
+ATLAS_KINDS = ("atlas", "deformable")  # registration kinds: the same atlases, affine or affine + demons
 
 
 @dataclass
 class GlobalStageChoice:
-    kind: str  # the kind that validated better
-    validation: Dict[str, dict] = field(default_factory=dict)  # per kind: mre_mm, p90_mm, rms_mm, n, radius_mm
-    atlases: List[str] = field(default_factory=list)  # training case ids (atlas kind)
+    kind: str  # the kind that validated best
+    # per kind: mre_mm, p90_mm, rms_mm, n, radius_mm, seconds_per_case (None where not measured here)
+    validation: Dict[str, dict] = field(default_factory=dict)
+    atlases: List[str] = field(default_factory=list)  # training case ids (atlas and deformable kinds)
     registration_spacing_mm: float = 4.0
     learned_model: Optional[str] = None  # model folder of the coarse configuration (learned kind)
     learned_folds: List = field(default_factory=list)
@@ -105,22 +110,29 @@ def raw_case_images(raw_dataset, case: str, dataset_json: Optional[dict] = None)
     return files
 
 
-# --------------------------------------------------------------------------- the two kinds
+# --------------------------------------------------------------------------- the kinds
 class AtlasGlobalStage:
-    """Atlas registration; atlases are (name, SimpleITK image, LandmarkSet)."""
+    """Atlas registration (affine; `nonlinear`: then demons, the deformable kind); atlases are (name,
+    SimpleITK image, LandmarkSet)."""
 
-    def __init__(self, atlases: Sequence, registration_spacing_mm: float = 4.0):
+    def __init__(self, atlases: Sequence, registration_spacing_mm: float = 4.0, nonlinear: bool = False):
         if not atlases:
             raise ValueError("the atlas global stage needs at least one atlas")
         self.atlases = list(atlases)
         self.names = list(self.atlases[0].landmarks.names)
         self.spacing = float(registration_spacing_mm)
+        self.nonlinear = bool(nonlinear)
+
+    @property
+    def kind(self) -> str:
+        return "deformable" if self.nonlinear else "atlas"
 
     @classmethod
-    def from_raw(cls, raw_dataset: Path, cases: Sequence[str], registration_spacing_mm: float = 4.0):
+    def from_raw(cls, raw_dataset: Path, cases: Sequence[str], registration_spacing_mm: float = 4.0,
+                 nonlinear: bool = False):
         """Atlases from the raw dataset's imagesTr (first channel) and landmarks.json."""
         import SimpleITK as sitk
-        from nnlandmark_h3de.conversion.dataset_landmarks import load_dataset_landmarks
+        from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
         from nnlandmark_h3de.inference.atlas import Atlas
         raw_dataset = Path(raw_dataset)
         landmarks = load_dataset_landmarks(raw_dataset)
@@ -130,13 +142,13 @@ class AtlasGlobalStage:
                 raise FileNotFoundError(f"atlas case {case!r}: no landmarks in {raw_dataset / 'landmarks.json'}")
             image_file = raw_case_images(raw_dataset, case)[0]
             atlases.append(Atlas(case, sitk.ReadImage(image_file, sitk.sitkFloat32), landmarks[case]))
-        return cls(atlases, registration_spacing_mm)
+        return cls(atlases, registration_spacing_mm, nonlinear)
 
     def save(self, folder) -> Path:
         """Atlas images on the registration grid + their landmarks, written to a temporary folder and
         renamed, so the model folder never holds half a set."""
         import SimpleITK as sitk
-        from nnlandmark_h3de.conversion.dataset_landmarks import landmarks_json_dict
+        from nnlandmark_h3de.landmarks.dataset_file import landmarks_json_dict
         from nnlandmark_h3de.inference.atlas import coarse_image
         folder = Path(folder)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -153,9 +165,9 @@ class AtlasGlobalStage:
         return folder
 
     @classmethod
-    def load(cls, folder, names: Sequence[str], registration_spacing_mm: float = 4.0):
+    def load(cls, folder, names: Sequence[str], registration_spacing_mm: float = 4.0, nonlinear: bool = False):
         import SimpleITK as sitk
-        from nnlandmark_h3de.conversion.dataset_landmarks import load_dataset_landmarks
+        from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
         from nnlandmark_h3de.inference.atlas import Atlas
         folder = Path(folder)
         landmarks = load_dataset_landmarks(folder / "landmarks.json")
@@ -165,12 +177,12 @@ class AtlasGlobalStage:
             if not image_file.is_file():
                 raise FileNotFoundError(f"{image_file}: atlas image missing (rerun nnLandmark_calibrate_global)")
             atlases.append(Atlas(case, sitk.ReadImage(str(image_file), sitk.sitkFloat32), ls.reordered(list(names))))
-        return cls(atlases, registration_spacing_mm)
+        return cls(atlases, registration_spacing_mm, nonlinear)
 
     def estimate_image(self, image) -> LandmarkSet:
         from nnlandmark_h3de.inference.atlas import atlas_estimate
-        est = atlas_estimate(image, self.atlases, self.spacing)
-        return LandmarkSet(self.names, est.points_lps, uncertainty_mm=est.spread_mm, source="atlas global stage")
+        est = atlas_estimate(image, self.atlases, self.spacing, nonlinear=self.nonlinear)
+        return LandmarkSet(self.names, est.points_lps, uncertainty_mm=est.spread_mm, source=f"{self.kind} global stage")
 
     def estimate(self, files: Sequence[str]) -> LandmarkSet:
         import SimpleITK as sitk
@@ -192,7 +204,7 @@ class LearnedGlobalStage:
 
     def estimate(self, files: Sequence[str]) -> LandmarkSet:
         import torch
-        from nnlandmark_h3de.inference.landmark_predictor import preprocess_case
+        from nnlandmark_h3de.inference.preprocessing_pool import preprocess_case
         p = self.predictor
         item = preprocess_case(list(files), None, None, p.plans_manager, p.configuration_manager, p.dataset_json)
         if "error" in item:
@@ -212,33 +224,57 @@ def load_global_stage(fold_folder, kind: str = "auto", device=None) -> Tuple[obj
     kind = choice.kind if kind == "auto" else kind
     if kind not in choice.validation:
         raise ValueError(f"{file}: the {kind!r} global stage was not calibrated (calibrated: {sorted(choice.validation)})")
-    if kind == "atlas":
+    if kind in ATLAS_KINDS:  # both read the same atlas folder
         names = json.loads((fold_folder.parent / "dataset.json").read_text(encoding="utf-8"))
         from nnlandmark_h3de.landmarks import landmark_names
-        return (AtlasGlobalStage.load(fold_folder / ATLAS_FOLDER, landmark_names(names), choice.registration_spacing_mm),
-                choice, kind)
+        return (AtlasGlobalStage.load(fold_folder / ATLAS_FOLDER, landmark_names(names), choice.registration_spacing_mm,
+                                      nonlinear=kind == "deformable"), choice, kind)
     return LearnedGlobalStage(choice.learned_model, choice.learned_folds, device), choice, kind
 
 
 # --------------------------------------------------------------------------- calibration
-def atlas_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_cases: Sequence[str],
-                            n_atlases: int = 4, registration_spacing_mm: float = 4.0):
-    """(the atlas stage built from chosen training cases, (V, L) radial errors in mm on the validation cases).
-    In a one-shot dataset the cases with exact labels are chosen first (`exact_label_cases`)."""
+def registration_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_cases: Sequence[str],
+                                   n_atlases: int = 4, registration_spacing_mm: float = 4.0,
+                                   kinds: Sequence[str] = ATLAS_KINDS):
+    """(the atlas stage built from chosen training cases, {kind: ((V, L) radial errors in mm on the validation
+    cases, seconds per case)}) for the registration kinds asked ('atlas', 'deformable'), both from one
+    affine registration per atlas and case. In a one-shot dataset the cases with exact labels are
+    chosen first (`exact_label_cases`)."""
+    import SimpleITK as sitk
     from tqdm import tqdm
-    from nnlandmark_h3de.conversion.dataset_landmarks import exact_label_cases, load_dataset_landmarks
-    from nnlandmark_h3de.inference.atlas import choose_atlases
+    from nnlandmark_h3de.landmarks.dataset_file import exact_label_cases, load_dataset_landmarks
+    from nnlandmark_h3de.inference.atlas import atlas_estimates, choose_atlases
+    unknown = [k for k in kinds if k not in ATLAS_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"registration kinds must be among {ATLAS_KINDS}, got {list(kinds)}")
     landmarks = load_dataset_landmarks(raw_dataset)
     train_cases = [c for c in train_cases if c in landmarks]
     exact = exact_label_cases(raw_dataset)
     exact = None if exact is None else [c in exact for c in train_cases]
     chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases, exact=exact)]
     stage = AtlasGlobalStage.from_raw(raw_dataset, chosen, registration_spacing_mm)
-    errors = []
-    for case in tqdm(val_cases, desc="Atlas global stage on validation cases", unit="case"):
-        est = stage.estimate(raw_case_images(raw_dataset, case))
-        errors.append(np.linalg.norm(est.points_lps - landmarks[case].reordered(est.names).points_lps, axis=1))
-    return stage, np.asarray(errors)
+    nonlinear = {kind: kind == "deformable" for kind in kinds}
+    errors: Dict[str, list] = {kind: [] for kind in kinds}
+    seconds: Dict[str, float] = {kind: 0.0 for kind in kinds}
+    for case in tqdm(val_cases, desc=f"{' and '.join(kinds)} global stage on validation cases", unit="case"):
+        image = sitk.ReadImage(str(raw_case_images(raw_dataset, case)[0]), sitk.sitkFloat32)
+        estimates = atlas_estimates(image, stage.atlases, registration_spacing_mm, tuple(nonlinear.values()))
+        truth = landmarks[case].reordered(stage.names).points_lps
+        for kind, nl in nonlinear.items():
+            errors[kind].append(np.linalg.norm(estimates[nl].points_lps - truth, axis=1))
+            seconds[kind] += estimates[nl].seconds
+    return stage, {kind: (np.asarray(errors[kind]), seconds[kind] / max(1, len(val_cases))) for kind in kinds}
+
+
+def atlas_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_cases: Sequence[str],
+                            n_atlases: int = 4, registration_spacing_mm: float = 4.0, nonlinear: bool = False):
+    """(the atlas stage built from chosen training cases, (V, L) radial errors in mm on the validation
+    cases) of one registration kind (affine, or affine + demons where `nonlinear`)."""
+    kind = "deformable" if nonlinear else "atlas"
+    stage, measured = registration_validation_errors(raw_dataset, train_cases, val_cases, n_atlases,
+                                                     registration_spacing_mm, (kind,))
+    stage.nonlinear = nonlinear
+    return stage, measured[kind][0]
 
 
 def learned_validation_errors(coarse_fold_folder: Path) -> np.ndarray:
@@ -256,21 +292,29 @@ def calibrate_global_stage(local_fold_folder: Path, raw_dataset: Path, train_cas
                            val_cases: Sequence[str], local_spacing: Sequence[float], kinds: Sequence[str] = KINDS,
                            learned_model: Optional[Path] = None, learned_folds: Sequence = (0,), n_atlases: int = 4,
                            registration_spacing_mm: float = 4.0) -> GlobalStageChoice:
-    """Measure each kind on validation, keep the better one, write fold_X/global_stage.json (+ atlases)."""
+    """Measure each kind on validation, keep the one with the lowest MRE, write fold_X/global_stage.json
+    (+ the atlases, shared by the atlas and deformable kinds). The learned kind's seconds per case are
+    not measured here (its errors come from its own final validation): None."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown global stage kind(s) {unknown}: choose among {list(KINDS)}")
     local_fold_folder = Path(local_fold_folder)
     floor = 3.0 * float(max(local_spacing))
     validation: Dict[str, dict] = {}
     choice = GlobalStageChoice(kind="", registration_spacing_mm=registration_spacing_mm)
-    if "atlas" in kinds:
-        stage, errors = atlas_validation_errors(raw_dataset, train_cases, val_cases, n_atlases, registration_spacing_mm)
-        validation["atlas"] = _error_stats(errors, floor)
+    registration_kinds = [k for k in ATLAS_KINDS if k in kinds]
+    if registration_kinds:
+        stage, measured = registration_validation_errors(raw_dataset, train_cases, val_cases, n_atlases,
+                                                         registration_spacing_mm, registration_kinds)
+        for kind, (errors, seconds) in measured.items():
+            validation[kind] = dict(_error_stats(errors, floor), seconds_per_case=float(seconds))
         choice.atlases = [a.name for a in stage.atlases]
         stage.save(local_fold_folder / ATLAS_FOLDER)
     if "learned" in kinds and learned_model is None:
         print("learned global stage not measured: no model folder of a whole-image configuration given")
     if "learned" in kinds and learned_model is not None:
         errors = np.concatenate([learned_validation_errors(Path(learned_model) / f"fold_{f}") for f in learned_folds])
-        validation["learned"] = _error_stats(errors, floor)
+        validation["learned"] = dict(_error_stats(errors, floor), seconds_per_case=None)
         choice.learned_model, choice.learned_folds = str(Path(learned_model).resolve()), list(learned_folds)
     if not validation:
         raise ValueError(f"no global stage to calibrate among {list(kinds)} (a learned one needs its model folder)")

@@ -21,40 +21,39 @@ left/right axis swaps the pair channels (`case_mirroring`).
 Two-stage prediction (`use_global_stage`): a global stage (atlas registration or a coarse model,
 global_stage.py) estimates every landmark in the whole image; the network then runs only on the
 tiles around the estimates, each landmark's peak searched within the calibrated radius of its
-estimate (local_refinement.py). Where the maximum lies on the search ball's surface (no local peak
+estimate (two_stage_tiles.py). Where the maximum lies on the search ball's surface (no local peak
 inside), or the local peak is under the floor fitted in the two-stage validation, the global estimate
 stands, with the global stage's validated error as its uncertainty. The
 per-fold calibration above applies unchanged: each fold's tiles are one FoldOutput. From image files,
 only the tiles' regions are resampled to the model's spacing (`regional_preprocessing`, on by default;
-regional_preprocessing.py); a preprocessed case (the final validation) is tiled as it is.
+regional_preprocessing.py); a preprocessed case (the final validation) is tiled as it is. Cases are
+preprocessed ahead in worker processes (preprocessing_pool.py).
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import multiprocessing
 import os
 import traceback
-from collections import deque
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import dummy_context
 from tqdm import tqdm
 
 from nnlandmark_h3de.heatmaps import pair_permutation
 from nnlandmark_h3de.inference.case_mirroring import CaseMirroring, case_mirroring, logit_channel_permutation
-from nnlandmark_h3de.inference.index_mapping import network_index_to_world, world_to_network_index
-from nnlandmark_h3de.inference.local_refinement import peaks_in_tiles, tile_groups
+from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_thresholds_per_fold,
                                                       resolve_pairs)
-from nnlandmark_h3de.inference.regional_preprocessing import NormalizedCase, Region, read_normalized_case, \
-    region_box
+from nnlandmark_h3de.inference.preprocessing_pool import preprocessed_cases
+from nnlandmark_h3de.inference.regional_preprocessing import NormalizedCase
+from nnlandmark_h3de.inference.two_stage_tiles import (LocalSearch, TilePlan, keep_weak_estimates, plan_regional_tiles,
+                                                       plan_tiles, tile_peaks)
 from nnlandmark_h3de.inference.uncertainty import (axis_step_mm, heatmap_spread_mm, member_spread_mm,
                                                    per_fold_uncertainty, read_uncertainty_per_fold)
 from nnlandmark_h3de.inference.save_heatmaps import HEATMAP_SUFFIX
@@ -71,28 +70,6 @@ class FoldOutput:
     peak: np.ndarray  # (L,) their heights
     member_idx: List[np.ndarray]  # each test-time mirror's own peaks ([idx] without mirroring)
     existence: Optional[np.ndarray] = None  # (L,) anchor existence (max over tiles and mirrors), if recorded
-
-
-@dataclass
-class TilePlan:
-    """Two-stage prediction of one case: the tiles to predict and where to search (padded array indices)."""
-    groups: list  # [(tile origin, landmark indices)] from tile_groups
-    centres: np.ndarray  # (L, 3) global estimates, NaN = absent
-    radius: np.ndarray  # (3,) search radius per axis in voxels
-    offset: np.ndarray  # (3,) padding before the array: padded index = index + offset
-    whole_image: bool = False  # search balls so large that tiles would cost more: one sliding window
-    n_tiles: int = 0  # network tiles per fold and mirror
-    regions: Optional[list] = None  # regional preprocessing: one Region per group, whose padded space its
-    # tile origin and its landmarks' centres are in; the tiles' inputs are then stacked (G, C, *patch)
-
-    def to_case_index(self, idx: np.ndarray) -> np.ndarray:
-        """Indices in tile space (padded array or, per group, its region) -> the case's network indices."""
-        if self.regions is None:
-            return idx - self.offset
-        out = np.full_like(np.asarray(idx, dtype=np.float64), np.nan)
-        for (_, members), region in zip(self.groups, self.regions):
-            out[members] = region.to_case_index(idx[members])
-        return out
 
 
 @dataclass
@@ -242,7 +219,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
             if anchor_net is not None:
                 anchor_net.record_existence = False
         if case.tiles is not None:
-            idx, peak, _, _ = self._tile_peaks(logits, case.tiles)
+            idx, peak, _, _ = tile_peaks(logits, case.tiles)
         else:
             idx, peak, _ = decode_peaks(logits[1:], logits=True)
         existence = None if anchor_net is None else anchor_net.anchor_existence.detach().cpu().numpy().astype(np.float64)
@@ -299,19 +276,8 @@ class nnLandmarkPredictor(nnUNetPredictor):
                         out = out[self._flipped_channels]
                     outs.append(out)
                 per_mirror.append(torch.stack(outs))
-        member_idx = [self._tile_peaks(m, tiles)[0] for m in per_mirror] if len(per_mirror) > 1 else []
+        member_idx = [tile_peaks(m, tiles)[0] for m in per_mirror] if len(per_mirror) > 1 else []
         return torch.stack(per_mirror).mean(0).cpu(), member_idx
-
-    @staticmethod
-    def _tile_peaks(tile_logits: torch.Tensor, tiles: TilePlan):
-        """(idx (L, 3) network indices, peak, width, fallback): each landmark's peak in its search ball;
-        `fallback` marks landmarks whose maximum lies on the ball's surface, whose idx is the global estimate."""
-        patch = tuple(tile_logits.shape[2:])
-        idx, peak, width, on_border = peaks_in_tiles(tile_logits[:, 1:], tiles.groups, tiles.centres, tiles.radius,
-                                                     patch)
-        fallback = on_border & np.all(np.isfinite(tiles.centres), axis=1)
-        idx[fallback] = tiles.centres[fallback]
-        return tiles.to_case_index(idx), peak, width, fallback
 
     def global_estimate(self, files) -> LandmarkSet:
         """The global stage on the case's image files, in the model's landmark order."""
@@ -319,69 +285,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
             raise ValueError("two-stage prediction needs the case's image files for the global stage")
         return self.global_stage.estimate(files).reordered(self.names)
 
-    def _estimate_centres(self, estimate: LandmarkSet, properties: dict, network_shape) -> np.ndarray:
-        """Global estimates as network indices of the case; one outside the image (cut off by the field of
-        view) is absent (NaN)."""
-        shape = np.asarray(network_shape, dtype=np.float64)
-        centres = world_to_network_index(estimate.points_lps, properties, self.plans_manager,
-                                         self.configuration_manager, network_shape=tuple(network_shape))
-        centres[np.any((centres < -0.5) | (centres > shape - 0.5), axis=1)] = np.nan
-        return centres
-
-    def _search_radius_voxels(self) -> np.ndarray:
-        return self.global_radius_mm / np.asarray(self.configuration_manager.spacing, dtype=np.float64)
-
-    def plan_tiles(self, data: torch.Tensor, properties: dict, estimate: LandmarkSet) -> Tuple[torch.Tensor, TilePlan]:
-        """Preprocessed case + global estimate -> (padded data, TilePlan)."""
-        centres = self._estimate_centres(estimate, properties, data.shape[1:])
-        patch = list(self.configuration_manager.patch_size)
-        padded, slicer = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-        offset = np.asarray([s.start for s in slicer[1:]], dtype=np.float64)
-        radius = self._search_radius_voxels()
-        groups = tile_groups(centres + offset, padded.shape[1:], patch, radius)
-        n_window = len(self._internal_get_sliding_window_slicers(padded.shape[1:]))
-        if len(groups) < n_window:
-            return padded, TilePlan(groups, centres + offset, radius, offset, False, len(groups))
-        # the search balls need as many tiles as the whole image: one sliding window, the balls masked in it
-        present = [k for k in range(len(centres)) if np.all(np.isfinite(centres[k]))]
-        return padded, TilePlan([(np.zeros(len(patch), dtype=int), present)], centres + offset, radius, offset, True,
-                                n_window)
-
-    def plan_regional_tiles(self, case: NormalizedCase, estimate: LandmarkSet) -> Optional[Tuple[torch.Tensor, TilePlan]]:
-        """Normalised, not yet resampled case + global estimate -> (the tiles' inputs (G, C, *patch), TilePlan),
-        each tile resampled from its own region (regional_preprocessing.py); None where the image is smaller
-        than a patch or the tiles would cost as much as the whole image (then it is resampled whole)."""
-        shape, patch = np.asarray(case.network_shape), np.asarray(self.configuration_manager.patch_size)
-        if np.any(shape < patch):
-            return None
-        centres = self._estimate_centres(estimate, case.properties, case.network_shape)
-        radius = self._search_radius_voxels()
-        groups = tile_groups(centres, shape, patch, radius)
-        if len(groups) >= len(self._internal_get_sliding_window_slicers(tuple(shape))):
-            return None
-        inputs, local_groups, regions = [], [], []
-        local_centres = np.full_like(centres, np.nan)
-        for lo, members in groups:
-            data, props = case.resample(region_box(lo, patch, case), self.configuration_manager)
-            padded, slicer = pad_nd_image(torch.from_numpy(data), list(patch), "constant", {"value": 0}, True, None)
-            region = Region(props, tuple(data.shape[1:]), np.asarray([s.start for s in slicer[1:]], dtype=np.float64),
-                            case, self.plans_manager, self.configuration_manager)
-            origin = np.round(region.from_case_index(np.asarray(lo, dtype=np.float64)[None])[0])
-            origin = np.clip(origin, 0, np.asarray(padded.shape[1:]) - patch).astype(int)
-            inputs.append(padded[(slice(None),) + tuple(slice(o, o + p) for o, p in zip(origin, patch))])
-            local_centres[members] = region.from_case_index(centres[members])
-            local_groups.append((origin, members))
-            regions.append(region)
-        return torch.stack(inputs), TilePlan(local_groups, local_centres, radius, np.zeros(3), False, len(groups),
-                                             regions)
-
-    def sliding_window_with_member_peaks(self, data: torch.Tensor, properties: Optional[dict] = None):
-        """The loaded network's sliding-window logits of one case (mirrors averaged) and each mirror's
-        own network-space peaks: what the final validation calibrates on. `properties` (nnU-Net's
-        per-case dict) tells the case's left/right axis; without them a dataset with pairs is not mirrored."""
-        with self.case_in_flight(properties) as case:
-            logits = self.predict_sliding_window_return_logits(data)
-        return logits, case.folds[0].member_idx
+    def local_search(self) -> LocalSearch:
+        """What two_stage_tiles plans with: this model's plans and configuration, the search radius and
+        nnU-Net's sliding-window tile count."""
+        return LocalSearch(self.plans_manager, self.configuration_manager, self.global_radius_mm,
+                           lambda shape: len(self._internal_get_sliding_window_slicers(shape)))
 
     def locate(self, data, properties: dict, files=None, record_existence: bool = False, source: str = "<memory>"):
         """Network-space landmarks of one case (preprocessed tensor, or a NormalizedCase for regional
@@ -395,26 +303,29 @@ class nnLandmarkPredictor(nnUNetPredictor):
                 logits = self._ensemble_logits(self._resampled_whole(data))
                 idx, _, width = decode_peaks(logits[1:], logits=True)
                 return idx, width, case.folds, logits, None
-            estimate = self.global_estimate(files)
-            planned = self.plan_regional_tiles(data, estimate) if isinstance(data, NormalizedCase) else None
-            padded, case.tiles = planned if planned is not None else \
-                self.plan_tiles(self._resampled_whole(data), properties, estimate)
-            if not case.tiles.groups:  # no landmark in the image: nothing to predict
-                L = len(self.names)
-                nan = np.full((L, 3), np.nan)
-                folds = [FoldOutput(nan, np.zeros(L), [nan], np.zeros(L) if record_existence else None)
-                         for _ in (self.list_of_parameters or [None])]
-                return nan, np.full((L, 3), np.nan), folds, None, \
-                    {"estimate": estimate, "fallback": np.zeros(L, bool), "n_tiles": 0}
-            tile_logits = self._ensemble_logits(padded)
-            idx, _, width, fallback = self._tile_peaks(tile_logits, case.tiles)
-            if self.local_peak_floor is not None:  # a weak local peak does not overrule the global estimate
-                weak = (np.mean([f.peak for f in case.folds], axis=0) < self.local_peak_floor) & \
-                    np.all(np.isfinite(case.tiles.centres), axis=1)
-                idx[weak] = case.tiles.to_case_index(case.tiles.centres)[weak]
-                fallback = fallback | weak
-            return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback,
-                                                  "n_tiles": case.tiles.n_tiles, "whole_image": case.tiles.whole_image}
+            return self._locate_in_tiles(case, data, properties, files, record_existence)
+
+    def _locate_in_tiles(self, case: _CaseInFlight, data, properties: dict, files, record_existence: bool):
+        """`locate`'s two stages: the global estimate, then the network on the tiles around it."""
+        estimate = self.global_estimate(files)
+        search = self.local_search()
+        planned = plan_regional_tiles(search, data, estimate) if isinstance(data, NormalizedCase) else None
+        padded, case.tiles = planned if planned is not None else \
+            plan_tiles(search, self._resampled_whole(data), properties, estimate)
+        if not case.tiles.groups:  # no landmark in the image: nothing to predict
+            L = len(self.names)
+            nan = np.full((L, 3), np.nan)
+            folds = [FoldOutput(nan, np.zeros(L), [nan], np.zeros(L) if record_existence else None)
+                     for _ in (self.list_of_parameters or [None])]
+            return nan, np.full((L, 3), np.nan), folds, None, \
+                {"estimate": estimate, "fallback": np.zeros(L, bool), "n_tiles": 0}
+        tile_logits = self._ensemble_logits(padded)
+        idx, _, width, fallback = tile_peaks(tile_logits, case.tiles)
+        if self.local_peak_floor is not None:  # a weak local peak does not overrule the global estimate
+            idx, fallback = keep_weak_estimates(idx, fallback, np.mean([f.peak for f in case.folds], axis=0),
+                                                self.local_peak_floor, case.tiles)
+        return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback,
+                                              "n_tiles": case.tiles.n_tiles, "whole_image": case.tiles.whole_image}
 
     def _resampled_whole(self, data):
         """A NormalizedCase resampled whole (what nnU-Net's preprocessing gives); a preprocessed tensor as it is."""
@@ -518,15 +429,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
 
         Unlike nnU-Net's iterator, an unreadable case yields an error record instead of aborting the run.
         """
-        outs = output_filenames_truncated or [None] * len(input_list_of_lists)
-        segs = seg_from_prev_stage_files or [None] * len(input_list_of_lists)
         regional = self.global_stage is not None and self.regional_preprocessing and \
             len(self.configuration_manager.patch_size) == 3
-        jobs = [(files, seg, o, self.plans_manager, self.configuration_manager, self.dataset_json, regional)
-                for files, seg, o in zip(input_list_of_lists, segs, outs)]
-        if num_processes == 0:
-            return (preprocess_case(*job) for job in jobs)
-        return _pooled(jobs, min(num_processes, len(jobs)))
+        return preprocessed_cases(input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated,
+                                  self.plans_manager, self.configuration_manager, self.dataset_json, regional,
+                                  num_processes)
 
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
                                    num_processes_segmentation_export: int = 0):
@@ -583,35 +490,3 @@ class nnLandmarkPredictor(nnUNetPredictor):
         """Same as predict_from_files without worker processes (nnU-Net's -npp 0 -nps 0)."""
         return self.predict_from_files(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                                        save_probabilities, overwrite, 0, 0, folder_with_segs_from_prev_stage)
-
-
-# ------------------------------------------------------------------- preprocessing workers
-def preprocess_case(files, seg_prev, ofile, plans_manager, configuration_manager, dataset_json,
-                    regional: bool = False) -> dict:
-    """nnU-Net's preprocessor on one case (`regional`: all but the resampling, see regional_preprocessing.py);
-    errors come back as a record naming the files."""
-    try:
-        if regional:
-            case = read_normalized_case(list(files), plans_manager, configuration_manager, dataset_json)
-            return {"data": case, "data_properties": case.properties, "ofile": ofile, "files": list(files)}
-        pre = configuration_manager.preprocessor_class(verbose=False)
-        data, _, props = pre.run_case(files, seg_prev, plans_manager, configuration_manager, dataset_json)
-        return {"data": data, "data_properties": props, "ofile": ofile, "files": list(files)}
-    except Exception as e:  # noqa: BLE001
-        return {"error": f"{type(e).__name__}: {e} ({', '.join(map(str, files))})", "ofile": ofile}
-
-
-def _pooled(jobs, n_proc: int):
-    """Ordered results of preprocess_case from a spawn pool, at most n_proc + 1 cases in flight."""
-    with multiprocessing.get_context("spawn").Pool(n_proc) as pool:
-        pending, it = deque(), iter(jobs)
-        for job in it:
-            pending.append(pool.apply_async(preprocess_case, job))
-            if len(pending) > n_proc:
-                break
-        while pending:
-            result = pending.popleft().get()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.apply_async(preprocess_case, nxt))
-            yield result

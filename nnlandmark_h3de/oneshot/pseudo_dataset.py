@@ -13,7 +13,7 @@ Cases:
   out, with a `OneShotWarning` listing it and its name under `dropped_cases` in pseudo_labels.json.
 - the template itself, its landmarks exact (method "template", confidence 1);
 - `template_copies` augmented template data (ATD): re-posed copies of the template made with
-  `demo.reposing.repose_case` (rotation up to 15 degrees, translation up to 10 mm, scale 0.9-1.1,
+  `synthesis.reposing.repose_case` (rotation up to 15 degrees, translation up to 10 mm, scale 0.9-1.1,
   field of view cropped to 80-100 %, intensity changes; as benchmarks/afids_benchmark.py's
   build_cases), their landmarks moved exactly with the anatomy (those within 3 voxels of the
   cropped edge become absent). Named `<template>_atdNN`, method "template_copy", confidence 1;
@@ -37,9 +37,10 @@ import numpy as np
 from tqdm import tqdm
 
 from nnlandmark_h3de.conversion.case_matching import IMAGE_SUFFIXES, strip_suffix
-from nnlandmark_h3de.conversion.dataset_landmarks import LANDMARKS_FILE, load_dataset_landmarks
-from nnlandmark_h3de.conversion.raw_dataset import resolve_output_folder, replace_folder, convert_dataset
+from nnlandmark_h3de.conversion.output_folder import replace_folder, resolve_output_folder
+from nnlandmark_h3de.conversion.raw_dataset import convert_dataset
 from nnlandmark_h3de.landmarks.atomic import atomic_path
+from nnlandmark_h3de.landmarks.dataset_file import LANDMARKS_FILE, load_dataset_landmarks
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 from nnlandmark_h3de.oneshot.pseudo_labels import (PSEUDO_LABELS_FILE, OneShotError, OneShotWarning, PseudoLabels,
                                                    image_label, read_template, save_pseudo_labels)
@@ -97,7 +98,7 @@ def _check_pseudo(pseudo: Mapping, names) -> Dict[str, Tuple[object, PseudoLabel
 def _write_template_copies(image, landmarks: LandmarkSet, name: str, n: int, seed: int, folder: Path,
                            progress: bool) -> Dict[str, Tuple[Path, LandmarkSet]]:
     import SimpleITK as sitk
-    from nnlandmark_h3de.demo.reposing import IntensityChange, repose_case
+    from nnlandmark_h3de.synthesis.reposing import IntensityChange, repose_case
     out = {}
     for k in tqdm(range(n), desc="template copies", unit="case", disable=not progress or n == 0):
         new_image, new_ls = repose_case(image, landmarks, np.random.default_rng([int(seed), k]),
@@ -129,37 +130,14 @@ def write_pseudo_label_dataset(template_image, template_landmarks,
     on_error, convert_options (pairs, ball_radius_mm, channel_name, target_spacing, ...): passed
         on to `convert_dataset`. header: extra top-level fields for pseudo_labels.json.
     """
-    if not (isinstance(min_confidence, (int, float)) and 0.0 <= float(min_confidence) <= 1.0):
-        raise OneShotError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
-    if isinstance(template_copies, bool) or not isinstance(template_copies, (int, np.integer)) or template_copies < 0:
-        raise OneShotError(f"template_copies must be an integer >= 0, got {template_copies!r}")
-    if int(seed) < 0:
-        raise OneShotError(f"seed must be >= 0, got {seed!r}")
-    convert_options = dict(convert_options or {})
-    clash = sorted(set(convert_options) & {"names", "test_cases", "overwrite", "on_error", "progress",
-                                           "output_folder", "dataset_id", "dataset_name"})
-    if clash:
-        raise OneShotError(f"convert_options may not set {clash} (write_pseudo_label_dataset sets them)")
+    convert_options = _checked_options(min_confidence, template_copies, seed, convert_options)
     target = resolve_output_folder(target, dataset_id, dataset_name, overwrite)  # checks ids, nnUNet_raw, overwrite
     image, template_ls = read_template(template_image, template_landmarks, convert_options.get("spacing"))
     names = list(template_ls.names)
     name = _template_name(template_image, template_name)
     pseudo = _check_pseudo(pseudo, names)
-    copy_names = [template_copy_name(name, k) for k in range(int(template_copies))]
-    taken = sorted(set(pseudo) & ({name} | set(copy_names)))
-    if taken:
-        raise OneShotError(f"case id(s) {taken} of the pseudo-labelled images clash with the template "
-                           f"{image_label(template_image)} or its copies; rename them or pass template_name=")
-
-    kept, dropped = {}, []
-    for case, (img, p) in pseudo.items():
-        if p.kept_mask(min_confidence).any():
-            kept[case] = (img, p)
-        else:
-            dropped.append(case)
-    if dropped:
-        warnings.warn(f"{len(dropped)} pseudo-labelled case(s) have no landmark with confidence >= {min_confidence} "
-                      f"and are left out: {sorted(dropped)}", OneShotWarning, stacklevel=2)
+    _check_no_clash(pseudo, name, int(template_copies), template_image)
+    kept, dropped = _split_by_confidence(pseudo, min_confidence)
 
     stage = target.parent / f".{target.name}.oneshot-{uuid.uuid4().hex[:8]}"
     try:
@@ -172,16 +150,8 @@ def write_pseudo_label_dataset(template_image, template_landmarks,
         folder = convert_dataset(cases, stage / target.name, names=names, on_error=on_error, progress=progress,
                                  **convert_options)
         written = set(load_dataset_landmarks(folder / LANDMARKS_FILE))
-        records: Dict[str, PseudoLabels] = {}
-        if name in written:
-            records[name] = PseudoLabels(template_ls, _exact(template_ls), TEMPLATE_METHOD,
-                                         {"image": image_label(template_image)})
-        for k, (c, (_, ls)) in enumerate(copies.items()):
-            if c in written:
-                records[c] = PseudoLabels(ls, _exact(ls), TEMPLATE_COPY_METHOD, {"seed": int(seed), "copy": k})
-        records.update({c: p for c, (_, p) in kept.items() if c in written})
-        methods = sorted({p.method for _, p in kept.values()})
-        fields = dict(method=methods[0] if len(methods) == 1 else methods, min_confidence=float(min_confidence),
+        records = _written_records(written, name, template_image, template_ls, copies, kept, seed)
+        fields = dict(method=_method_field(kept), min_confidence=float(min_confidence),
                       template=name, template_image=_provenance(template_image),
                       template_landmarks=(template_landmarks.source if isinstance(template_landmarks, LandmarkSet)
                                           else _provenance(template_landmarks)),
@@ -192,3 +162,63 @@ def write_pseudo_label_dataset(template_image, template_landmarks,
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return target
+
+
+def _checked_options(min_confidence, template_copies, seed, convert_options: Optional[dict]) -> dict:
+    """The arguments checked before any work; returns a copy of `convert_options`."""
+    if not (isinstance(min_confidence, (int, float)) and 0.0 <= float(min_confidence) <= 1.0):
+        raise OneShotError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+    if isinstance(template_copies, bool) or not isinstance(template_copies, (int, np.integer)) or template_copies < 0:
+        raise OneShotError(f"template_copies must be an integer >= 0, got {template_copies!r}")
+    if int(seed) < 0:
+        raise OneShotError(f"seed must be >= 0, got {seed!r}")
+    convert_options = dict(convert_options or {})
+    clash = sorted(set(convert_options) & {"names", "test_cases", "overwrite", "on_error", "progress",
+                                           "output_folder", "dataset_id", "dataset_name"})
+    if clash:
+        raise OneShotError(f"convert_options may not set {clash} (write_pseudo_label_dataset sets them)")
+    return convert_options
+
+
+def _check_no_clash(pseudo: Mapping, name: str, template_copies: int, template_image) -> None:
+    """The pseudo-labelled case ids must differ from the template's and its copies'."""
+    copy_names = [template_copy_name(name, k) for k in range(template_copies)]
+    taken = sorted(set(pseudo) & ({name} | set(copy_names)))
+    if taken:
+        raise OneShotError(f"case id(s) {taken} of the pseudo-labelled images clash with the template "
+                           f"{image_label(template_image)} or its copies; rename them or pass template_name=")
+
+
+def _split_by_confidence(pseudo: Dict[str, Tuple[object, PseudoLabels]], min_confidence: float):
+    """(cases with at least one landmark at `min_confidence`, ids of the others: left out, warned)."""
+    kept, dropped = {}, []
+    for case, (img, p) in pseudo.items():
+        if p.kept_mask(min_confidence).any():
+            kept[case] = (img, p)
+        else:
+            dropped.append(case)
+    if dropped:
+        warnings.warn(f"{len(dropped)} pseudo-labelled case(s) have no landmark with confidence >= {min_confidence} "
+                      f"and are left out: {sorted(dropped)}", OneShotWarning, stacklevel=3)
+    return kept, dropped
+
+
+def _written_records(written: set, name: str, template_image, template_ls: LandmarkSet,
+                     copies: Dict[str, Tuple[Path, LandmarkSet]], kept: Dict[str, Tuple[object, PseudoLabels]],
+                     seed: int) -> Dict[str, PseudoLabels]:
+    """pseudo_labels.json's records of the cases the conversion wrote: template, copies, pseudo-labels."""
+    records: Dict[str, PseudoLabels] = {}
+    if name in written:
+        records[name] = PseudoLabels(template_ls, _exact(template_ls), TEMPLATE_METHOD,
+                                     {"image": image_label(template_image)})
+    for k, (c, (_, ls)) in enumerate(copies.items()):
+        if c in written:
+            records[c] = PseudoLabels(ls, _exact(ls), TEMPLATE_COPY_METHOD, {"seed": int(seed), "copy": k})
+    records.update({c: p for c, (_, p) in kept.items() if c in written})
+    return records
+
+
+def _method_field(kept: Dict[str, Tuple[object, PseudoLabels]]):
+    """The one-shot method of the pseudo-labels: a name, or a sorted list when they differ."""
+    methods = sorted({p.method for _, p in kept.values()})
+    return methods[0] if len(methods) == 1 else methods

@@ -27,7 +27,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 
 import numpy as np
 
-from nnlandmark_h3de.conversion.dataset_landmarks import PSEUDO_LABELS_FILE
+from nnlandmark_h3de.landmarks.dataset_file import PSEUDO_LABELS_FILE
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 

@@ -1,10 +1,10 @@
 """Targets and loss of the anchor head, built on the device inside the training step.
 
-Why from the heatmap target: `LandmarkHeatmapTransform` already found each landmark's sub-voxel
-centre in the augmented patch and drew an untruncated Gaussian there (all zeros when the landmark
-is absent from the patch). The log of a Gaussian is a parabola along every axis, so three samples
-around the peak give the centre back exactly (to float32 rounding): no change to the data pipeline,
-and the anchor targets follow the same presence rule as the heatmaps.
+From the batch's landmark points (B, L, ndim) in the patch, NaN rows = absent: the loader's target,
+the same points the trainer draws the heatmaps from, so the anchor targets follow the heatmaps'
+presence rule. `centres_from_heatmaps` recovers those points from drawn Gaussian heatmaps instead
+(the log of a Gaussian is a parabola along every axis, so three samples around the peak give the
+centre back exactly, to float32 rounding), for callers that only have the heatmaps.
 
 Positives (anchor a of cell f, landmark k): k present in the patch and |g_k - f| <= r_a (grid units),
 plus every anchor of the cell nearest to g_k, so each present landmark has positives whatever the

@@ -8,7 +8,9 @@ thresholds fell back to a default. Two more sources of (case, landmark) pairs:
   `nnLandmark_calibrate_existence` (every fold on its own scale, medians pooled; one relative
   threshold for all).
 Each fit is also scored on cases it was not fitted on (`held_out_existence_check`,
-`leave_one_fold_out`), so the figure a user reads is not the one the threshold was chosen on.
+`leave_one_fold_out`), so the figure a user reads is not the one the threshold was chosen on; the
+scored cases' labels only count the calls (references and scale come from the fitted cases and from
+label-free peak medians).
 
 The final validation stores the scores it saw in fold_X/validation/existence_scores.json.
 """
@@ -45,19 +47,52 @@ def _fittable(present: np.ndarray) -> bool:
 
 def held_out_existence_check(scores: np.ndarray, present: np.ndarray, groups: np.ndarray) -> Optional[Dict]:
     """Fit the relative threshold on the training cases (group 1) alone and score the validation cases
-    (group 0) with it: how well in-sample calibration carries to unseen cases. Each set is relative to
-    its own medians (pooled references would let the validation cases shape the training fit). None when
-    either set cannot say (no present or no absent landmark)."""
+    (group 0) with it: how well in-sample calibration carries to unseen cases. None when either set
+    cannot say (no present or no absent landmark).
+
+    The validation labels only count the calls, never shape them (`_calls_without_labels`): the
+    per-landmark references are the training cases' median present peaks, and the validation peaks
+    are put on the training scale by a factor estimated from all their peaks, present or not. Dividing
+    the validation cases by their own median present peaks would hand the check each landmark's true
+    level on exactly the cases it scores (an optimistic F1)."""
     val, train = groups == 0, groups == 1
     if not (_fittable(present[val]) and _fittable(present[train])):
         return None
-    relative = np.empty_like(np.asarray(scores, dtype=np.float64))
-    for rows in (val, train):
-        relative[rows] = relative_scores(scores[rows], present[rows], np.zeros(int(rows.sum()), dtype=int))[0]
-    t, _ = calibrate_peak_threshold(relative[train], present[train])
+    t, called, factor = _calls_without_labels(scores[train], present[train], np.zeros(int(train.sum()), dtype=int),
+                                              scores[val])
     return {"fitted_on": f"{int(train.sum())} training cases (in-sample)",
-            "scored_on": f"{int(val.sum())} validation cases", "relative_threshold": float(t),
-            **existence_f1(relative[val] >= t, present[val])}
+            "scored_on": f"{int(val.sum())} validation cases (their labels unused until scoring)",
+            "relative_threshold": float(t), "validation_scale_factor": factor,
+            **existence_f1(called, present[val])}
+
+
+def _label_free_factor(held: np.ndarray, fitted: np.ndarray) -> float:
+    """How much higher the held-out peaks run than the fitted cases' (on the fit's scale), without any
+    label: per landmark the median of all held-out peaks over the median of all fitted peaks, present
+    or not, then the median over landmarks (1.0 where no landmark has peaks in both). In-sample peaks
+    run higher than unseen cases' by about one factor (calibration.relative_scores); the product
+    estimates it from the validation labels, which a check on those cases must not see. Present
+    landmarks are the majority, so the medians sit among present peaks; when the held-out set has a
+    different absent fraction the factor errs, and that error counts against the check."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.array([np.nanmedian(held[:, l]) / np.nanmedian(fitted[:, l])
+                          if np.isfinite(held[:, l]).any() and np.isfinite(fitted[:, l]).any() else np.nan
+                          for l in range(held.shape[1])])
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    return float(np.median(ratio)) if ratio.size else 1.0
+
+
+def _calls_without_labels(fit_scores: np.ndarray, fit_present: np.ndarray, fit_groups: np.ndarray,
+                          held_scores: np.ndarray) -> Tuple[float, np.ndarray, float]:
+    """The product's relative fit on the fitting cases alone (calibration.relative_scores: each group on
+    its own scale, references pooled on group 0's) -> (relative threshold, present calls (N_h, L) on
+    the held-out cases, their scale factor). The held-out labels are not an argument."""
+    relative, ref = relative_scores(fit_scores, fit_present, fit_groups)
+    t, _ = calibrate_peak_threshold(relative, fit_present)
+    factor = _label_free_factor(np.asarray(held_scores, dtype=np.float64), relative * ref[None])
+    with np.errstate(invalid="ignore"):
+        called = np.asarray(held_scores, dtype=np.float64) / factor / ref[None] >= t
+    return float(t), called, factor
 
 
 def write_existence_scores(path, names: Sequence[str], validation: Dict[str, tuple], training: Dict[str, tuple]) -> None:
@@ -106,17 +141,19 @@ def calibrate_out_of_fold(scores: Sequence[np.ndarray], present: Sequence[np.nda
 
 
 def _leave_one_fold_out(scores: Sequence[np.ndarray], present: Sequence[np.ndarray]) -> Optional[Dict]:
-    """Existence calls on every fold from the relative threshold fitted on the other folds, pooled."""
+    """Existence calls on every fold from the fit on the other folds (as `calibrate_out_of_fold` fits:
+    each fold on its own scale, references pooled), pooled. The held-out fold's labels only count the
+    calls (`_calls_without_labels`)."""
     if len(scores) < 2:
         return None
     calls, truth = [], []
-    relative = [relative_scores(s, p, np.zeros(len(s), dtype=int))[0] for s, p in zip(scores, present)]
     for f in range(len(scores)):
         rest = [g for g in range(len(scores)) if g != f]
         rest_present = np.concatenate([present[g] for g in rest])
-        if not _fittable(rest_present):
+        if not (_fittable(rest_present) and present[rest[0]].any()):
             return None
-        t, _ = calibrate_peak_threshold(np.concatenate([relative[g] for g in rest]), rest_present)
-        calls.append(relative[f] >= t)
+        groups = np.concatenate([np.full(len(scores[g]), i) for i, g in enumerate(rest)])
+        _, called, _ = _calls_without_labels(np.concatenate([scores[g] for g in rest]), rest_present, groups, scores[f])
+        calls.append(called)
         truth.append(present[f])
     return existence_f1(np.concatenate([c.ravel() for c in calls]), np.concatenate([p.ravel() for p in truth]))

@@ -228,7 +228,7 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
     """Predict, calibrate the existence thresholds of every score computed ("peak" and, with
     `existence_net`, "anchor"), keep the one with the best validation F1 (`score` preferred on ties),
     write the landmark files, thresholds and summary.json (other scores' calibrations as alternatives)."""
-    from nnlandmark_h3de.conversion import load_dataset_landmarks
+    from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
     from nnlandmark_h3de.evaluation import evaluate_landmarks
     from nnlandmark_h3de.evaluation.report import write_summary_json
 

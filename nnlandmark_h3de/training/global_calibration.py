@@ -51,8 +51,9 @@ def calibrate_fold(dataset: str, configuration: str, fold: int, trainer: str = "
     choice = calibrate_global_stage(fold_folder, Path(nnUNet_raw) / name, train, val, spacing, kinds,
                                     learned_model, learned_folds, n_atlases, registration_spacing_mm)
     for kind, v in choice.validation.items():
+        timing = "" if v.get("seconds_per_case") is None else f", {v['seconds_per_case']:.1f} s per case"
         print(f"{kind} global stage on {len(val)} validation case(s): MRE {v['mre_mm']:.2f} mm, p90 "
-              f"{v['p90_mm']:.2f} mm -> local search radius {v['radius_mm']:.1f} mm")
+              f"{v['p90_mm']:.2f} mm{timing} -> local search radius {v['radius_mm']:.1f} mm")
     print(f"kept: {choice.kind} (lower validation MRE); written to {fold_folder / 'global_stage.json'}")
     if revalidate:
         print("re-running the final validation in two stages (thresholds and uncertainty refitted)")

@@ -3,8 +3,9 @@
 The converter keeps every landmark's world coordinates (`landmarks.json`); `exact_points_per_case`
 maps them once into each case's preprocessed grid (nnU-Net's transpose, crop and resampling, inverted
 by `world_to_network_index`). For every patch the loader shifts them by the patch's crop origin
-(`get_bbox`), and the transforms move them with the image (keypoint_transforms.py) until the heatmap
-transform draws them.
+(`get_bbox`), and the transforms move them with the image (keypoint_transforms.py) until the last
+one (LandmarkPointsTransform) makes them the batch's target, B x L x ndim (the trainer draws the
+heatmaps from them on its device).
 
 nnUNetDataLoader.generate_train_batch loads, crops and transforms one case at a time
 (get_indices -> per key: load_case, get_bbox, transforms), so the loader records the keys and the
@@ -82,7 +83,8 @@ class nnLandmarkDataLoader(nnUNetDataLoader):
             raise KeyError(f"no exact landmark points for cases {missing[:5]}")
         self.points_by_case = points_by_case
         if self.transforms is None:
-            raise ValueError("nnLandmarkDataLoader needs transforms ending in a heatmap transform")
+            raise ValueError("nnLandmarkDataLoader needs transforms ending in LandmarkPointsTransform "
+                             "(the keypoints become the target there)")
         self.transforms = _TransformsWithKeypoints(self.transforms, self._current_keypoints)
         self._keys, self._next, self._origin = [], 0, None
 

@@ -1,9 +1,9 @@
 """What the landmark trainer measures: radial errors on validation patches every epoch, and the
 existence threshold calibrated in the final validation.
 
-Patch errors compare the sub-voxel peak of each predicted heatmap with the sub-voxel peak of its
-target (the Gaussian drawn at the ball's centre of mass, recovered exactly by the log-quadratic
-fit of `decode_peaks`), in mm of the target spacing, for the landmarks present in the patch only.
+Patch errors compare the sub-voxel peak of each predicted heatmap with the landmark's point in the
+patch (the batch's target, where the heatmap target is centred), in mm of the target spacing, for
+the landmarks present in the patch only.
 """
 from __future__ import annotations
 
@@ -24,25 +24,27 @@ DEFAULT_PEAK_THRESHOLD = 0.1
 
 
 @torch.no_grad()
-def patch_radial_errors(output: torch.Tensor, target: torch.Tensor, spacing: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
-    """output (B, 1 + L, z, y, x) logits, target (B, L, z, y, x) heatmaps (zero = absent).
+def patch_radial_errors(output: torch.Tensor, points: torch.Tensor, spacing: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """output (B, 1 + L, *patch) logits, points (B, L, ndim) patch indices (NaN rows = absent).
 
     Returns per landmark the sum of radial errors (mm) and the number of patches it was present in.
     """
-    B, L = target.shape[:2]
+    B, L = points.shape[:2]
     if output.shape[1] != L + 1:
         raise ValueError(f"network output has {output.shape[1]} channels, expected 1 + {L}")
+    if points.shape[2] != output.ndim - 2:
+        raise ValueError(f"points of shape {tuple(points.shape)} for a {output.ndim - 2}D output")
     spacing = np.asarray(spacing, dtype=np.float64)
     sums, counts = np.zeros(L), np.zeros(L, dtype=np.int64)
-    present = (target.flatten(2).amax(2) > 0).cpu().numpy()
+    ref_all = points.detach().double().cpu().numpy()
+    present = np.isfinite(ref_all).all(2)
     for b in range(B):
         idx = np.flatnonzero(present[b])
         if idx.size == 0:
             continue
-        sel = torch.as_tensor(idx, device=target.device)
+        sel = torch.as_tensor(idx, device=output.device)
         pred, _, _ = decode_peaks(output[b, 1:].index_select(0, sel), logits=True)
-        ref, _, _ = decode_peaks(target[b].index_select(0, sel).float())
-        err = np.linalg.norm((pred - ref) * spacing, axis=1)
+        err = np.linalg.norm((pred - ref_all[b, idx]) * spacing, axis=1)
         sums[idx] += err
         counts[idx] += 1
     return sums, counts

@@ -5,8 +5,9 @@
   `anchor_stride` (paper: 4); the stage's output is taken with a forward hook, so any body whose
   `decoder.stages[j]` produce the encoder's skip resolutions works (PlainConvUNet, H3DEUNet);
 - loss: the trainer's heatmap loss + `anchor_loss_weight` * `AnchorLoss` (offsets, balanced BCE,
-  case-level BCE); the anchor targets are built on the device from the full-resolution heatmap
-  target (`centres_from_heatmaps`), so the data pipeline is unchanged;
+  case-level BCE); the anchor targets are built on the device from the batch's landmark points (the
+  same points the heatmaps are drawn from, handed to the loss in `targets_from_points`), so the data
+  pipeline is unchanged;
 - final validation: besides the heatmap peaks, the anchor existence probability of every case
   (max over the anchors of all sliding-window tiles) is recorded; both scores are calibrated (best
   F1) and compared in summary.json; `landmark_thresholds.json` stores the one with the better
@@ -20,7 +21,7 @@ in `anchor_existence` (the predictor hook), or `forward_with_anchors(x)` gives b
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -101,19 +102,34 @@ class AnchorHeatmapNetwork(LandmarkHeatmapNetwork):
 
 
 class HeatmapAnchorLoss(nn.Module):
-    """heatmap loss(heatmaps, target) + weight * AnchorLoss; heatmap loss only for plain (eval) outputs."""
+    """heatmap loss(heatmaps, target) + weight * AnchorLoss; heatmap loss only for plain (eval) outputs.
+
+    The anchor targets come from the landmark points given to `use_points` before the call (the
+    trainer does, in `targets_from_points`; each call consumes them); without points, from the
+    centres of the full-resolution heatmap target (`centres_from_heatmaps`, exact for Gaussians)."""
 
     def __init__(self, heatmap_loss: nn.Module, anchor_loss: AnchorLoss, weight: float = 1.0):
         super().__init__()
         self.heatmap_loss, self.anchor_loss, self.weight = heatmap_loss, anchor_loss, float(weight)
         self.last_parts: Dict[str, torch.Tensor] = {}
+        self._points: Optional[torch.Tensor] = None
+
+    def use_points(self, points: torch.Tensor) -> None:
+        """The next call's landmark points (B, L, ndim) in voxels of the patch, NaN rows = absent."""
+        self._points = points
 
     def forward(self, output, target):
+        points, self._points = self._points, None
         if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], AnchorOutput)):
             return self.heatmap_loss(output, target)
         heat, anchors = output
         full = target[0] if isinstance(target, (list, tuple)) else target
-        centres, present = centres_from_heatmaps(full)
+        if points is None:
+            centres, present = centres_from_heatmaps(full)
+        else:
+            if points.shape[:2] != full.shape[:2] or points.shape[2] != full.ndim - 2:
+                raise ValueError(f"points {tuple(points.shape)} do not match the heatmap target {tuple(full.shape)}")
+            centres, present = points, torch.isfinite(points).all(-1)
         l_anchor, self.last_parts = self.anchor_loss(anchors.offsets, anchors.logits, centres, present, full.shape[2:])
         return self.heatmap_loss(heat, target) + self.weight * l_anchor
 
@@ -161,6 +177,11 @@ class AnchorTrainerMixin:
                 torch.nn.utils.clip_grad_norm_(g, max_norm)
 
         optimizer.register_step_pre_hook(clip)
+
+    def targets_from_points(self, points: torch.Tensor, patch_shape):
+        """The heatmap targets, and the same points handed to the loss for the anchor targets."""
+        self.loss.use_points(points)
+        return super().targets_from_points(points, patch_shape)
 
     def train_step(self, batch: dict) -> dict:
         out = super().train_step(batch)

@@ -3,10 +3,12 @@
 What changes against nnUNetTrainer, and only that:
 - targets: each case's exact landmark points (landmarks.json, mapped into the preprocessed grid) ride
   through the crop and augmentation as `keypoints` (nnLandmarkDataLoader, keypoint-aware spatial,
-  mirror and dummy-2D transforms) and become Gaussian heatmaps (LandmarkHeatmapTransform, appended
-  last; it also makes every deep-supervision scale, replacing DownsampleSegForDSTransform). The label
-  balls then only serve nnU-Net's planning and foreground sampling. Datasets without landmarks.json
-  fall back to the balls' centres of mass, with a warning;
+  mirror and dummy-2D transforms); the loader's target is those points, B x L x ndim with NaN rows
+  for landmarks outside the patch (LandmarkPointsTransform, appended last, replacing
+  DownsampleSegForDSTransform), and `train_step` / `validation_step` draw the Gaussian heatmaps of
+  every deep-supervision scale on the training device (`targets_from_points`). The label balls then
+  only serve nnU-Net's planning and foreground sampling. Datasets without landmarks.json fall back to
+  the balls' centres of mass (computed in the loader's workers), with a warning;
 - network: the plans' network with L outputs, wrapped to emit 1 + L channels (channel 0 = 0), so the
   stock predictor still runs; built in `build_landmark_body` (subclasses swap the body there);
 - loss: MSE of sigmoid(channels 1..L) vs heatmaps, deep supervision weighted like nnU-Net;
@@ -37,8 +39,8 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnlandmark_h3de.landmarks import landmark_names
-from nnlandmark_h3de.heatmaps import (LandmarkHeatmapTransform, dataset_left_right_axes, expected_ball_voxels,
-                                      make_landmark_aware, pair_permutation)
+from nnlandmark_h3de.heatmaps import (GaussianTargets, HeatmapTargets, LandmarkPointsTransform, dataset_left_right_axes,
+                                      expected_ball_voxels, make_landmark_aware, pair_permutation)
 from nnlandmark_h3de.training.landmark_data_loader import exact_points_per_case, loaders_built_as
 from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
 from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
@@ -200,10 +202,10 @@ class nnLandmarkTrainer(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = inference_axes if inference_axes else None
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
-    def build_heatmap_transform(self, deep_supervision_scales) -> BasicTransform:
-        return LandmarkHeatmapTransform(
-            self.num_landmarks, sigma=self.heatmap_sigma, ds_scales=deep_supervision_scales,
-            expected_voxels=expected_ball_voxels(self.ball_radius_mm, self.configuration_manager.spacing),
+    def build_points_transform(self) -> BasicTransform:
+        """The pipelines' last transform: the patch's landmark points (exact, or the balls' centres) as target."""
+        return LandmarkPointsTransform(
+            self.num_landmarks, expected_voxels=expected_ball_voxels(self.ball_radius_mm, self.configuration_manager.spacing),
             min_visible_fraction=self.min_visible_fraction, from_keypoints=self.exact_points is not None)
 
     def _with_landmark_transforms(self, compose) -> BasicTransform:
@@ -218,21 +220,49 @@ class nnLandmarkTrainer(nnUNetTrainer):
                                                   use_mask_for_norm, is_cascaded, foreground_labels, regions,
                                                   ignore_label)
         compose = self._with_landmark_transforms(compose)
-        compose.transforms.append(self.build_heatmap_transform(deep_supervision_scales))
+        compose.transforms.append(self.build_points_transform())
         return compose
 
     def get_validation_transforms(self, deep_supervision_scales, is_cascaded=False, foreground_labels=None,
                                   regions=None, ignore_label=None) -> BasicTransform:
         compose = super().get_validation_transforms(None, is_cascaded, foreground_labels, regions, ignore_label)
         compose = self._with_landmark_transforms(compose)
-        compose.transforms.append(self.build_heatmap_transform(deep_supervision_scales))
+        compose.transforms.append(self.build_points_transform())
         return compose
+
+    # --------------------------------------------------- targets on the device
+    def build_heatmap_targets(self, deep_supervision_scales) -> HeatmapTargets:
+        """What `targets_from_points` draws (override to change the profile)."""
+        return GaussianTargets(self.heatmap_sigma, deep_supervision_scales)
+
+    def batch_points(self, batch: dict) -> torch.Tensor:
+        """The batch's landmark points (B, L, ndim) on the training device (NaN rows = absent)."""
+        points = batch["target"]
+        if not torch.is_tensor(points) or points.ndim != 3 or points.shape[1] != self.num_landmarks \
+                or not points.is_floating_point():
+            what = f"a list of {len(points)}" if isinstance(points, (list, tuple)) else \
+                f"{type(points).__name__} {tuple(getattr(points, 'shape', ()))}"
+            raise ValueError(f"{self.__class__.__name__}: the batch's target must be the landmark points "
+                             f"(B, {self.num_landmarks}, ndim) float that LandmarkPointsTransform gives, got {what} "
+                             "(a pipeline drawing dense targets in the loader?)")
+        return points.to(self.device, non_blocking=True)
+
+    def targets_from_points(self, points: torch.Tensor, patch_shape: Sequence[int]):
+        """nnU-Net's target for the loss: the heatmaps of `points` (B, L, ndim) at every deep-supervision
+        scale (a list, full resolution first; one tensor without deep supervision), drawn where they are."""
+        return self.build_heatmap_targets(self._get_deep_supervision_scales())(points, tuple(patch_shape))
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's train step on the heatmaps drawn on the device from the batch's points."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = self.targets_from_points(self.batch_points(batch), data.shape[2:])
+        return super().train_step({**batch, "data": data, "target": target})
 
     # ------------------------------------------------------------- data loading
     def load_exact_points(self) -> Optional[dict]:
         """Every training/validation case's exact points in its preprocessed grid, or None (with a
         warning) when the dataset has no landmarks.json: then the label balls' centres are the targets."""
-        from nnlandmark_h3de.conversion.dataset_landmarks import load_dataset_landmarks
+        from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
         file = self.reference_landmarks_file()
         if file is None:
             msg = ("no landmarks.json for this dataset (nnUNet_raw/<dataset>/ or beside the plans): heatmap targets "
@@ -260,17 +290,17 @@ class nnLandmarkTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------- epoch validation
     def validation_step(self, batch: dict) -> dict:
+        """Loss on the heatmaps drawn from the batch's points, radial errors of the peaks vs the points."""
         data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+        points = self.batch_points(batch)
+        target = self.targets_from_points(points, data.shape[2:])
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
             del data
             loss = self.loss(output, target)
         if self.enable_deep_supervision:
-            output, target = output[0], target[0]
-        re_sum, re_count = patch_radial_errors(output, target, self.configuration_manager.spacing)
+            output = output[0]
+        re_sum, re_count = patch_radial_errors(output, points, self.configuration_manager.spacing)
         return {"loss": loss.detach().cpu().numpy(), "re_sum": re_sum, "re_count": re_count}
 
     def _worst_error_mm(self) -> float:

@@ -6,8 +6,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnlandmark_h3de.heatmaps.linear_ball_heatmap import LinearBallHeatmapTransform
-from nnlandmark_h3de.heatmaps import expected_ball_voxels
+from nnlandmark_h3de.heatmaps.linear_ball_heatmap import LinearBallTargets
 from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
@@ -67,11 +66,8 @@ class nnLandmarkTrainer_publicDefault(nnLandmarkTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-2
 
-    def build_heatmap_transform(self, deep_supervision_scales):
-        return LinearBallHeatmapTransform(
-            self.num_landmarks, radius=self.target_radius, ds_scales=deep_supervision_scales,
-            expected_voxels=expected_ball_voxels(self.ball_radius_mm, self.configuration_manager.spacing),
-            min_visible_fraction=self.min_visible_fraction, from_keypoints=self.exact_points is not None)
+    def build_heatmap_targets(self, deep_supervision_scales):
+        return LinearBallTargets(self.target_radius, deep_supervision_scales)
 
     def build_heatmap_loss(self):
         return TopKHeatmapBCELoss(self.topk_percent)

@@ -14,6 +14,11 @@ points to INPUT points, i.e. the inverse x = A^-1 (x' - c) + c - A^-1 t.
 2D images (the z = 0 plane of a 3D geometry, see landmarks/geometry.py) are re-posed in their
 plane: a rotation about z, a translation with z = 0, the crop in x and y; the pose is still a
 3D one (points keep z = 0), resampled with its 2x2 block.
+
+`deform_mm` > 0 adds a random smooth nonlinear deformation (`synthesis.deformation`) of the input
+anatomy before the pose: p -> pose(deformation(p)), resampled once through the composite transform.
+Its random draws come after the pose and the crop, so a seed gives the same pose and crop with and
+without deformation; with `deform_mm` = 0 nothing else is drawn and the result is the pose-only one.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from nnlandmark_h3de.landmarks import ImageGeometry, LandmarkSet
-from nnlandmark_h3de.demo.phantoms import random_rotation, rotation_about_z
+from nnlandmark_h3de.synthesis.deformation import Deformation, foreground_mask, random_deformation
+from nnlandmark_h3de.synthesis.rotations import random_rotation, rotation_about_z
 
 
 @dataclass(frozen=True)
@@ -103,26 +109,35 @@ def change_intensity(array: np.ndarray, rng: np.random.Generator, change: Intens
     return (x * span + lo).astype(np.float32)
 
 
-def resample_posed(image, pose: Pose, output: ImageGeometry, interpolator=None, default_value=None):
-    """The image with its anatomy moved by `pose`, sampled on the `output` grid."""
+def resample_posed(image, pose: Pose, output: ImageGeometry, interpolator=None, default_value=None,
+                   deformation: Optional[Deformation] = None):
+    """The image with its anatomy moved by `pose` (after `deformation`, when given), sampled on the
+    `output` grid in one resampling."""
     import SimpleITK as sitk
     ref = output.to_sitk_image(np.zeros(output.shape_zyx, np.uint8))
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(image).min())
-    return sitk.Resample(image, ref, pose.resampling_transform(image.GetDimension()),
-                         sitk.sitkLinear if interpolator is None else interpolator,
+    transform = pose.resampling_transform(image.GetDimension())
+    if deformation is not None:  # ITK applies the last transform first: output -> un-posed -> input
+        transform = sitk.CompositeTransform([deformation.sampling_transform(), transform])
+    return sitk.Resample(image, ref, transform, sitk.sitkLinear if interpolator is None else interpolator,
                          float(default_value), sitk.sitkFloat32)
 
 
 def repose_case(image, landmark_set: LandmarkSet, rng: np.random.Generator, max_rotation_deg: float = 15.0,
                 max_translation_mm: float = 10.0, scale_range=(0.9, 1.1), crop_fraction=(1.0, 1.0),
                 intensity: Optional[IntensityChange] = IntensityChange(), interpolator=None,
-                margin_vox: float = 0.0):
-    """Randomly re-pose one case (2D or 3D); returns (new sitk image (float32), new LandmarkSet).
+                margin_vox: float = 0.0, deform_mm: float = 0.0, control_spacing_mm: float = 24.0,
+                return_displacement: bool = False):
+    """Randomly re-pose one case (2D or 3D); returns (new sitk image (float32), new LandmarkSet), and
+    with `return_displacement` also each landmark's displacement (mm) by the nonlinear deformation
+    alone (NaN where the new landmark is absent; zeros without deformation).
 
     Landmarks follow the anatomy exactly; those that end up outside the new field of view (beyond
     the outermost voxel centres widened by `margin_vox`; negative = a safety margin inside) become
     absent, as do landmarks that were absent. `intensity=None` keeps the resampled intensities.
+    `deform_mm` > 0: a random nonlinear deformation of that RMS displacement over the foreground,
+    smooth on the scale of `control_spacing_mm`, before the pose (see the module doc).
     """
     import SimpleITK as sitk
     geometry = ImageGeometry.from_sitk(image)
@@ -130,10 +145,15 @@ def repose_case(image, landmark_set: LandmarkSet, rng: np.random.Generator, max_
         raise ValueError(f"{landmark_set.source}: repose_case needs a scalar 2D or 3D image")
     pose = random_pose(rng, image_centre(geometry), max_rotation_deg, max_translation_mm, scale_range, geometry.ndim)
     output = random_crop(geometry, rng, crop_fraction)
-    new_image = resample_posed(image, pose, output, interpolator)
+    deformation = None
+    if deform_mm > 0:
+        deformation = random_deformation(geometry, rng, deform_mm, control_spacing_mm,
+                                         foreground_mask(sitk.GetArrayViewFromImage(image)))
+    new_image = resample_posed(image, pose, output, interpolator, deformation=deformation)
     if intensity is not None:
         new_image = output.to_sitk_image(change_intensity(sitk.GetArrayFromImage(new_image), rng, intensity))
-    points = pose.apply(landmark_set.points_lps)
+    deformed = landmark_set.points_lps if deformation is None else deformation.move_points(landmark_set.points_lps)
+    points = pose.apply(deformed)
     present = ~np.isnan(points).any(axis=1)
     inside = np.zeros(len(points), bool)
     if present.any():
@@ -141,4 +161,8 @@ def repose_case(image, landmark_set: LandmarkSet, rng: np.random.Generator, max_
     points[~inside] = np.nan
     new_ls = LandmarkSet(list(landmark_set.names), points, descriptions=landmark_set.descriptions,
                          source=landmark_set.source)
-    return new_image, new_ls
+    if not return_displacement:
+        return new_image, new_ls
+    displacement = np.linalg.norm(deformed - landmark_set.points_lps, axis=1)
+    displacement[~inside] = np.nan
+    return new_image, new_ls, displacement

@@ -1,7 +1,9 @@
 """The landmark sidecars of a raw dataset: `landmarks.json` (exact world coordinates) and the
-`landmarks` block of `dataset.json`. Evaluation reads these, never the voxelised balls. A one-shot
-dataset also has `pseudo_labels.json` (written by oneshot/pseudo_dataset.py); from it this module
-reads only which cases carry exact labels (`exact_label_cases`)."""
+`landmarks` block of `dataset.json`. The converter writes them (conversion/), and training,
+inference, evaluation and one-shot read them here, never the voxelised balls: the format lives
+beside the other landmark formats, so readers do not depend on the converter. A one-shot dataset
+also has `pseudo_labels.json` (written by oneshot/pseudo_dataset.py); from it this module reads only
+which cases carry exact labels (`exact_label_cases`)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +12,15 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnlandmark_h3de.conversion.errors import ConversionError
-from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
+from nnlandmark_h3de.landmarks.landmark_set import LandmarkError, LandmarkSet
 
 LANDMARKS_FILE = "landmarks.json"
 PSEUDO_LABELS_FILE = "pseudo_labels.json"
+
+
+class DatasetFileError(LandmarkError):
+    """A raw dataset's landmarks.json, dataset.json `landmarks` block or pseudo_labels.json is missing
+    or malformed; the message names the file and the problem."""
 
 
 def landmarks_json_dict(landmarks: Dict[str, LandmarkSet], names: Sequence[str], test_cases: Iterable[str] = (),
@@ -40,9 +46,9 @@ def _load_json(path: Path, what: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ConversionError(f"{path}: {what} not found") from None
+        raise DatasetFileError(f"{path}: {what} not found") from None
     except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: unreadable {what} ({e})") from None
+        raise DatasetFileError(f"{path}: unreadable {what} ({e})") from None
 
 
 def load_dataset_landmarks(path) -> Dict[str, LandmarkSet]:
@@ -54,18 +60,18 @@ def load_dataset_landmarks(path) -> Dict[str, LandmarkSet]:
     file = path / LANDMARKS_FILE if path.is_dir() else path
     d = _load_json(file, "landmarks file")
     if not isinstance(d, dict) or not isinstance(d.get("names"), list) or not isinstance(d.get("cases"), dict):
-        raise ConversionError(f"{file}: not a landmarks.json (needs 'names' list and 'cases' mapping)")
+        raise DatasetFileError(f"{file}: not a landmarks.json (needs 'names' list and 'cases' mapping)")
     if d.get("coordinate_system", "LPS") != "LPS":
-        raise ConversionError(f"{file}: coordinate_system {d.get('coordinate_system')!r} is not LPS")
+        raise DatasetFileError(f"{file}: coordinate_system {d.get('coordinate_system')!r} is not LPS")
     names: List[str] = [str(n) for n in d["names"]]
     out = {}
     for case, entry in d["cases"].items():
         src = f"{file} (case {case})"
         if not isinstance(entry, dict):
-            raise ConversionError(f"{src}: expected a mapping of landmark name -> [x, y, z] or null")
+            raise DatasetFileError(f"{src}: expected a mapping of landmark name -> [x, y, z] or null")
         unknown = [n for n in entry if n not in names]
         if unknown:
-            raise ConversionError(f"{src}: unknown landmark names {unknown}")
+            raise DatasetFileError(f"{src}: unknown landmark names {unknown}")
         pts = np.full((len(names), 3), np.nan)
         for i, n in enumerate(names):
             v = entry.get(n)
@@ -76,7 +82,7 @@ def load_dataset_landmarks(path) -> Dict[str, LandmarkSet]:
             except (TypeError, ValueError):
                 p = np.empty(0)
             if p.shape != (3,) or not np.all(np.isfinite(p)):
-                raise ConversionError(f"{src}: landmark {n!r} must be [x, y, z] of finite numbers or null, got {v!r}")
+                raise DatasetFileError(f"{src}: landmark {n!r} must be [x, y, z] of finite numbers or null, got {v!r}")
             pts[i] = p
         out[str(case)] = LandmarkSet(list(names), pts, source=src)
     return out
@@ -95,7 +101,7 @@ def load_dataset_test_sets(path) -> Dict[str, List[str]]:
     file = path / LANDMARKS_FILE if path.is_dir() else path
     sets = _load_json(file, "landmarks file").get("test_sets") or {}
     if not isinstance(sets, dict) or not all(isinstance(v, list) for v in sets.values()):
-        raise ConversionError(f"{file}: 'test_sets' must map a name to a list of case ids")
+        raise DatasetFileError(f"{file}: 'test_sets' must map a name to a list of case ids")
     return {str(k): [str(c) for c in v] for k, v in sets.items()}
 
 
@@ -112,24 +118,24 @@ def read_dataset_landmark_info(dataset_json) -> dict:
         d, src = _load_json(p, "dataset.json"), str(p)
     block = d.get("landmarks")
     if not isinstance(block, dict) or not isinstance(block.get("names"), list):
-        raise ConversionError(f"{src}: no 'landmarks' block with 'names' (was it written by nnLandmark_convert?)")
+        raise DatasetFileError(f"{src}: no 'landmarks' block with 'names' (was it written by nnLandmark_convert?)")
     names = [str(n) for n in block["names"]]
     labels = d.get("labels")
     if isinstance(labels, dict):
         expected = {"background": 0, **{n: i + 1 for i, n in enumerate(names)}}
         if {k: v for k, v in labels.items()} != expected:
-            raise ConversionError(f"{src}: 'labels' do not match landmarks.names in channel order")
+            raise DatasetFileError(f"{src}: 'labels' do not match landmarks.names in channel order")
     pairs = []
     for pair in block.get("pairs", []):
         if len(pair) != 2 or pair[0] not in names or pair[1] not in names:
-            raise ConversionError(f"{src}: landmark pair {pair} does not name two landmarks of {names}")
+            raise DatasetFileError(f"{src}: landmark pair {pair} does not name two landmarks of {names}")
         pairs.append((str(pair[0]), str(pair[1])))
     radius = block.get("ball_radius_mm")
     if not isinstance(radius, (int, float)) or not radius > 0:
-        raise ConversionError(f"{src}: landmarks.ball_radius_mm must be a positive number, got {radius!r}")
+        raise DatasetFileError(f"{src}: landmarks.ball_radius_mm must be a positive number, got {radius!r}")
     cs = block.get("coordinate_system", "LPS")
     if cs != "LPS":
-        raise ConversionError(f"{src}: landmarks.coordinate_system {cs!r} is not LPS")
+        raise DatasetFileError(f"{src}: landmarks.coordinate_system {cs!r} is not LPS")
     return {"names": names, "pairs": pairs, "ball_radius_mm": float(radius), "coordinate_system": cs}
 
 
