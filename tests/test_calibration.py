@@ -226,3 +226,40 @@ def test_leave_one_fold_out_never_uses_the_held_out_folds_labels():
     shifted = folds[2][1][:, 2]
     assert not honest[2][shifted, 2].any() and leaky[2][shifted, 2].all()
     assert honest_f1["fn"] >= shifted.sum() and leaky_f1["f1"] > honest_f1["f1"] + 0.05 and leaky_f1["f1"] > 0.95
+
+
+def test_local_weight_blends_independent_errors_and_keeps_the_better_alone():
+    """Fitted on validation points: two estimates with independent errors of the same size are best
+    averaged (w near 0.5, blended MRE below both); a perfect global stage gets w = 0, a perfect local
+    peak w = 1; a tie keeps w = 1 (the behaviour before the weight existed)."""
+    from nnlandmark_h3de.training.calibration import blend_points, fit_local_weight
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 100, size=(40, 8, 3))
+    local = truth + rng.normal(0, 2.0, size=truth.shape)
+    glob = truth + rng.normal(0, 2.0, size=truth.shape)
+    w, info = fit_local_weight(local, glob, truth)
+    assert 0.35 <= w <= 0.65
+    assert info["mre_mm"] < 0.8 * min(info["mre_local_mm"], info["mre_global_mm"])
+    assert fit_local_weight(local, truth, truth)[0] == 0.0
+    assert fit_local_weight(truth, glob, truth)[0] == 1.0
+    assert fit_local_weight(truth, truth, truth)[0] == 1.0
+    # a missing global estimate leaves the local point, a missing local point the estimate
+    g = glob[0].copy(); g[0] = np.nan
+    l = local[0].copy(); l[1] = np.nan
+    b = blend_points(g, l, 0.5)
+    assert np.allclose(b[0], l[0]) and np.allclose(b[1], g[1]) and np.allclose(b[2], (g[2] + l[2]) / 2)
+
+
+def test_prediction_blends_in_case_indices_like_the_calibration_in_world():
+    """blend_with_estimates moves each local peak towards its tile plan's estimate by the weight, in the
+    case's indices; a landmark without an estimate keeps its peak; w = 1 changes nothing."""
+    from nnlandmark_h3de.inference.two_stage_tiles import TilePlan, blend_with_estimates
+    from nnlandmark_h3de.training.calibration import blend_points
+    centres = np.array([[10.0, 12.0, 14.0], [20.0, 20.0, 20.0], [np.nan] * 3])  # padded indices
+    offset = np.array([2.0, 2.0, 2.0])
+    plan = TilePlan([], centres, np.full(3, 5.0), offset)
+    idx = np.array([[9.0, 13.0, 15.0], [24.0, 16.0, 20.0], [5.0, 5.0, 5.0]])
+    out = blend_with_estimates(idx, plan, 0.25)
+    assert np.allclose(out[:2], blend_points(centres[:2] - offset, idx[:2], 0.25))
+    assert np.allclose(out[2], idx[2])
+    assert blend_with_estimates(idx, plan, 1.0) is idx

@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global", dest="global_stage", default="auto", choices=["auto", "atlas", "deformable", "learned", "none"],
                    help="two-stage prediction: a global stage finds every landmark in the whole image, the network "
                         "refines it on the tiles around it. 'auto' (default) = the stage nnLandmark_calibrate_global "
-                        "kept for the first fold (fold_X/global_stage.json), or the whole-image sliding window when "
-                        "the fold has none; 'atlas' (affine registration), 'deformable' (affine + demons) or 'learned' "
-                        "force a calibrated kind; 'none' = always the whole-image sliding window")
+                        "kept for the folds (fold_X/global_stage.json; every fold must have chosen the same kind, "
+                        "the first fold's stage gives the estimate, each fold's own local peak floor judges its "
+                        "peaks), or the whole-image sliding window when no fold has one; 'atlas' (affine "
+                        "registration), 'deformable' (affine + demons) or 'learned' force a calibrated kind; "
+                        "'none' = always the whole-image sliding window")
     p.add_argument("--save_global_estimates", action="store_true",
                    help="two-stage prediction: also write the global stage's own estimates to OUT/global_stage/ "
                         "(to see, or evaluate, what each stage contributes)")
@@ -74,27 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def attach_global_stage(predictor, model_folder: str, folds, kind: str, device) -> None:
-    """The first fold's calibrated global stage, if asked for and present (see --global)."""
+    """The calibrated global stage, if asked for and present (see --global): the first fold's stage places
+    the tiles of every fold, each fold's own local peak floor judges its own peaks
+    (global_stage.ensemble_local_peak_floors); a fold without the calibration stops the run."""
     from pathlib import Path
-    from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, load_global_stage
+    from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, ensemble_local_peak_floors, load_global_stage
     if kind == "none":
         return
     fold_folder = Path(model_folder) / f"fold_{folds[0]}"
-    if kind == "auto" and not (fold_folder / GLOBAL_STAGE_FILE).is_file():
-        print(f"no global stage calibrated for {fold_folder.name} (nnLandmark_calibrate_global): predicting with the "
-              f"whole-image sliding window")
+    if kind == "auto" and not any((Path(model_folder) / f"fold_{f}" / GLOBAL_STAGE_FILE).is_file() for f in folds):
+        print(f"no global stage calibrated for {', '.join(f'fold_{f}' for f in folds)} (nnLandmark_calibrate_global): "
+              f"predicting with the whole-image sliding window")
         return
     try:
-        stage, choice, used = load_global_stage(fold_folder, kind, device)
+        used, floors = ensemble_local_peak_floors(model_folder, folds, kind)
+        stage, choice, used = load_global_stage(fold_folder, used, device)
+        radius = choice.radius_mm(used)
+        predictor.use_global_stage(stage, radius, choice.fallback_uncertainty_mm(used), floors,
+                                   choice.local_weight(used))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"nnLandmark_predict: --global {kind}: {e}")
-    radius = choice.radius_mm(used)
-    try:
-        predictor.use_global_stage(stage, radius, choice.fallback_uncertainty_mm(used), choice.local_peak_floor(used))
-    except ValueError as e:
-        raise SystemExit(f"nnLandmark_predict: --global {kind}: {e}")
     print(f"two-stage prediction: {used} global stage (validation MRE {choice.validation[used]['mre_mm']:.2f} mm), "
-          f"local search radius {radius:.1f} mm")
+          f"local search radius {radius:.1f} mm, local weight {choice.local_weight(used):.2f}" + ("" if floors is None else
+                                                    f", each of {len(floors)} fold(s) with its own local peak floor"))
 
 
 def warn_ignored_flags(args) -> None:
@@ -137,9 +141,13 @@ def main(argv=None) -> int:
         print("--save_heatmaps: whole-image sliding window (two-stage prediction predicts tiles only)")
         kind = "none"
     attach_global_stage(predictor, model_folder, folds, kind, torch.device(args.device))
-    predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=not args.continue_prediction,
-                                 num_processes_preprocessing=args.npp, num_processes_segmentation_export=0,
-                                 num_parts=args.num_parts, part_id=args.part_id)
+    from nnlandmark_h3de.inference.device_errors import PredictionStopped
+    try:
+        predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=not args.continue_prediction,
+                                     num_processes_preprocessing=args.npp, num_processes_segmentation_export=0,
+                                     num_parts=args.num_parts, part_id=args.part_id)
+    except PredictionStopped as e:  # out of memory or a device error: every later case would fail too
+        raise SystemExit(f"nnLandmark_predict: {e}")
     return 1 if predictor.failed else 0
 
 

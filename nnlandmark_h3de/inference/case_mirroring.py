@@ -6,15 +6,22 @@ mirrors are averaged. Which array axis is left/right is a property of each case 
 the plans' transpose_forward), not of the training cases the trainer looked at, so it is read per
 case (`nnlandmark_h3de.heatmaps.left_right_axis`). When it cannot be told (no SimpleITK geometry,
 an oblique direction) and the dataset has pairs, the case is not mirrored at all.
+
+The mirrors' logits are summed as they come (`add_on_one_device`), on one device whatever nnU-Net's
+sliding window returned: after a device out-of-memory it gives its logits on the CPU.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+import torch
+
 from nnlandmark_h3de.heatmaps import left_right_axis
 
-__all__ = ["CaseMirroring", "case_mirroring", "logit_channel_permutation"]
+__all__ = ["CaseMirroring", "case_mirroring", "logit_channel_permutation", "mirror_combos",
+           "add_on_one_device"]
 
 
 @dataclass(frozen=True)
@@ -42,3 +49,22 @@ def logit_channel_permutation(pair_permutation: Sequence[int]) -> list:
     """Channel order of a left/right-flipped output: channel 0 (constant zero) stays, landmark channel
     1 + i takes 1 + p[i]."""
     return [0] + [1 + p for p in pair_permutation]
+
+
+def mirror_combos(plan: CaseMirroring) -> list:
+    """Every subset of the case's mirroring axes, the identity first."""
+    return [c for k in range(len(plan.axes) + 1) for c in itertools.combinations(plan.axes, k)]
+
+
+def add_on_one_device(total: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The running fp32 sum of the mirrors' logits plus one more mirror's (`total` None: the first).
+
+    nnU-Net's sliding window returns fp16 logits on the device, or on the CPU after it ran out of device
+    memory, so one mirror's logits may lie elsewhere than the sum: then both go to the CPU (the
+    fallback says the device is short of memory). The sum is updated in place where it can be."""
+    if total is None:
+        return out.float().clone() if out.dtype == torch.float32 else out.float()
+    if out.device != total.device:
+        cpu = torch.device("cpu")
+        total, out = total.to(cpu), out.to(cpu)
+    return total.add_(out)

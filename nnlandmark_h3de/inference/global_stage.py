@@ -16,7 +16,8 @@ registration per atlas, each with its seconds per case; the learned model by its
 validation, the same cases when both use the same splits), keeps the one with the lowest mean
 radial error, and sets each kind's local search radius to twice its 90th-percentile error (at least 3
 voxels of the local configuration). Everything is written to `fold_X/global_stage.json`, which
-`nnLandmark_predict --global auto` reads.
+`nnLandmark_predict --global auto` reads. A fold ensemble predicts with the first fold's stage and
+each fold's own local peak floor (`ensemble_local_peak_floors`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
 __all__ = ["GLOBAL_STAGE_FILE", "ATLAS_FOLDER", "KINDS", "GlobalStageChoice", "search_radius_mm", "raw_case_images",
-           "AtlasGlobalStage", "LearnedGlobalStage", "load_global_stage", "atlas_validation_errors",
+           "AtlasGlobalStage", "LearnedGlobalStage", "load_global_stage", "ensemble_local_peak_floors",
+           "atlas_validation_errors",
            "registration_validation_errors", "learned_validation_errors", "calibrate_global_stage"]
 
 GLOBAL_STAGE_FILE = "global_stage.json"
@@ -60,6 +62,11 @@ class GlobalStageChoice:
         final validation; None before it ran)."""
         floor = self.validation[kind].get("local_peak_floor")
         return None if floor is None else np.asarray([np.inf if v is None else v for v in floor], dtype=np.float64)
+
+    def local_weight(self, kind: str) -> float:
+        """How far the local peak moves the global estimate (global + w (local - global)), fitted on
+        validation; 1 (the local peak) in files written before the weight existed."""
+        return float(self.validation[kind].get("local_weight", 1.0))
 
     def fallback_uncertainty_mm(self, kind: str) -> float:
         """What a global estimate is worth where the local stage found no peak: its validated RMS error."""
@@ -230,6 +237,50 @@ def load_global_stage(fold_folder, kind: str = "auto", device=None) -> Tuple[obj
         return (AtlasGlobalStage.load(fold_folder / ATLAS_FOLDER, landmark_names(names), choice.registration_spacing_mm,
                                       nonlinear=kind == "deformable"), choice, kind)
     return LearnedGlobalStage(choice.learned_model, choice.learned_folds, device), choice, kind
+
+
+def ensemble_local_peak_floors(model_folder, folds: Sequence, kind: str = "auto") -> Tuple[str, Optional[np.ndarray]]:
+    """(the global stage kind a fold ensemble predicts with, each fold's own local peak floor (F, L) in the
+    order of `folds`, or None where no fold has one yet).
+
+    Why: a fold's floor was fitted in its own two-stage validation on its own peak heights, so the first
+    fold's floor says little about another fold's peaks; each fold's is applied to its own peak
+    (two_stage_tiles.keep_weak_estimates). The estimate, the radius and the tiles stay the first
+    fold's stage's, so the folds' tile logits can be averaged. A clear error, instead of one fold's
+    calibration applied to all, when a fold has no global_stage.json, when ('auto') the folds chose
+    different kinds or one lacks the kind asked, or when only some folds have a floor for it."""
+    model_folder = Path(model_folder)
+    choices = {}
+    for f in folds:
+        file = model_folder / f"fold_{f}" / GLOBAL_STAGE_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: fold {f} of the ensemble has no calibrated global stage. "
+                                    f"Run nnLandmark_calibrate_global -f {f}, predict with -f of the calibrated folds "
+                                    f"only, or with --global none")
+        choices[f] = GlobalStageChoice.read(file)
+    chosen = {f: c.kind for f, c in choices.items()}
+    if kind == "auto" and len(set(chosen.values())) > 1:
+        raise ValueError(f"{model_folder}: the folds chose different global stages ("
+                         f"{', '.join(f'fold_{f}: {k}' for f, k in chosen.items())}), and each fold's local peak floor "
+                         f"was fitted with its own: predict with -f of folds that agree, or calibrate them alike "
+                         f"(nnLandmark_calibrate_global --kinds)")
+    kind = chosen[folds[0]] if kind == "auto" else kind
+    lacking = [f for f, c in choices.items() if kind not in c.validation]
+    if lacking:
+        raise ValueError(f"{model_folder}: the {kind!r} global stage was not calibrated for fold(s) {lacking}")
+    floors = {f: c.local_peak_floor(kind) for f, c in choices.items()}
+    without = [f for f, v in floors.items() if v is None]
+    if len(without) == len(floors):
+        return kind, None
+    if without:
+        raise ValueError(f"{model_folder}: the local peak floor of the {kind!r} global stage is missing for fold(s) "
+                         f"{without}, fitted for {[f for f in floors if f not in without]}: it is fitted when "
+                         f"nnLandmark_calibrate_global revalidates a fold (without --no_revalidate) on the kind the "
+                         f"fold chose. Calibrate those folds, or predict with -f of folds that have it")
+    if len({len(v) for v in floors.values()}) > 1:
+        raise ValueError(f"{model_folder}: the folds' local peak floors cover different numbers of landmarks "
+                         f"({ {f: len(v) for f, v in floors.items()} })")
+    return kind, np.stack([floors[f] for f in folds])
 
 
 # --------------------------------------------------------------------------- calibration

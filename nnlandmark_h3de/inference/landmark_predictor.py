@@ -4,7 +4,8 @@ nnU-Net does the model loading, fold ensembling, preprocessing and sliding-windo
 replace only the export: heatmap peaks are decoded in network space and just L points are mapped to
 the world, so the heatmaps are never resampled to the original grid (unless `save_heatmaps`). The
 per-case loop also differs from nnU-Net's on purpose: a failing case is reported by name and the
-run goes on, and finished cases are recognised by their landmark file (`--continue_prediction`).
+run goes on (an out-of-memory or device error stops it: device_errors.py), and finished cases are
+recognised by their landmark file (`--continue_prediction`).
 
 Calibration and prediction see the same ensemble members. The existence thresholds and the
 uncertainty model of fold_X were fitted in the final validation on fold X's own predictions (its
@@ -15,24 +16,25 @@ ratios averaged (a soft majority vote, `existence_ratio`); each fold's uncertain
 peak and mirror spread, combined as the RMS over folds (`per_fold_uncertainty`). The written
 confidence is the folds' mean score.
 
-Test-time mirrors run one at a time over the whole volume, and a mirror that flips the case's own
-left/right axis swaps the pair channels (`case_mirroring`).
+Test-time mirrors run one at a time over the whole volume (summed as they come, on one device), and
+a mirror that flips the case's own left/right axis swaps the pair channels (`case_mirroring`).
 
 Two-stage prediction (`use_global_stage`): a global stage (atlas registration or a coarse model,
 global_stage.py) estimates every landmark in the whole image; the network then runs only on the
 tiles around the estimates, each landmark's peak searched within the calibrated radius of its
 estimate (two_stage_tiles.py). Where the maximum lies on the search ball's surface (no local peak
-inside), or the local peak is under the floor fitted in the two-stage validation, the global estimate
-stands, with the global stage's validated error as its uncertainty. The
-per-fold calibration above applies unchanged: each fold's tiles are one FoldOutput. From image files,
-only the tiles' regions are resampled to the model's spacing (`regional_preprocessing`, on by default;
-regional_preprocessing.py); a preprocessed case (the final validation) is tiled as it is. Cases are
-preprocessed ahead in worker processes (preprocessing_pool.py).
+inside), or the folds' local peaks are under their own floors (fitted in each fold's two-stage
+validation, `keep_weak_estimates`), the global estimate stands, with the global stage's validated
+error as its uncertainty; elsewhere the point is the estimate moved towards the local peak by the
+validated weight (`blend_with_estimates`). One global stage (the first fold's) places every fold's
+tiles, so their logits average; each fold's tiles are one FoldOutput, their mirrors summed tile by
+tile (`TileSum`). From image files only the tiles' regions are resampled (regional_preprocessing.py);
+a preprocessed case (the final validation) is tiled as it is. Cases are preprocessed ahead in worker
+processes (preprocessing_pool.py).
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -45,15 +47,18 @@ from nnunetv2.utilities.helpers import dummy_context
 from tqdm import tqdm
 
 from nnlandmark_h3de.heatmaps import pair_permutation
-from nnlandmark_h3de.inference.case_mirroring import CaseMirroring, case_mirroring, logit_channel_permutation
+from nnlandmark_h3de.inference.case_mirroring import (CaseMirroring, add_on_one_device, case_mirroring,
+                                                      logit_channel_permutation, mirror_combos)
+from nnlandmark_h3de.inference.device_errors import PredictionStopped, stops_the_run
 from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_thresholds_per_fold,
                                                       resolve_pairs)
 from nnlandmark_h3de.inference.preprocessing_pool import preprocessed_cases
 from nnlandmark_h3de.inference.regional_preprocessing import NormalizedCase
-from nnlandmark_h3de.inference.two_stage_tiles import (LocalSearch, TilePlan, keep_weak_estimates, plan_regional_tiles,
-                                                       plan_tiles, tile_peaks)
+from nnlandmark_h3de.inference.two_stage_tiles import (LocalSearch, TilePlan, TileSum, blend_with_estimates,
+                                                       global_fallback_uncertainty, keep_weak_estimates,
+                                                       plan_regional_tiles, plan_tiles, tile_peaks)
 from nnlandmark_h3de.inference.uncertainty import (axis_step_mm, heatmap_spread_mm, member_spread_mm,
                                                    per_fold_uncertainty, read_uncertainty_per_fold)
 from nnlandmark_h3de.inference.save_heatmaps import HEATMAP_SUFFIX
@@ -95,17 +100,15 @@ class nnLandmarkPredictor(nnUNetPredictor):
         if uncertainty not in UNCERTAINTY_SOURCES:
             raise ValueError(f"unknown uncertainty {uncertainty!r}; choose one of {UNCERTAINTY_SOURCES}")
         self.uncertainty = uncertainty
-        self.names: List[str] = []
-        self.pairs = []
+        self.names, self.pairs = [], []  # type: List[str], list
         self.fold_thresholds: Optional[np.ndarray] = None  # (F, L), fold order = the loaded parameters' order
         self.fold_uncertainty = None  # per fold: UncertaintyModel or None (fold_X/landmark_uncertainty.json)
         self.failed: List[str] = []
         self._case: Optional[_CaseInFlight] = None  # set while one case is predicted
         self.score_kind = "peak"
-        self.global_stage = None  # two-stage prediction: see use_global_stage
-        self.global_radius_mm: Optional[float] = None
-        self.global_fallback_mm: Optional[float] = None
-        self.local_peak_floor: Optional[np.ndarray] = None
+        # two-stage prediction, see use_global_stage
+        self.global_stage, self.global_radius_mm, self.global_fallback_mm = None, None, None
+        self.local_peak_floor, self.local_weight = None, 1.0  # type: Optional[np.ndarray], float
 
     # ------------------------------------------------------------------ setup
     def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds, checkpoint_name="checkpoint_final.pth"):
@@ -152,9 +155,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
             self.fold_thresholds = None
 
     def use_global_stage(self, stage, radius_mm: float, fallback_uncertainty_mm: float,
-                         local_peak_floor: Optional[np.ndarray] = None) -> None:
+                         local_peak_floor: Optional[np.ndarray] = None, local_weight: float = 1.0) -> None:
         """Predict in two stages: `stage.estimate(files)` first, then the tiles around its estimates.
-        `local_peak_floor` (L,): where the folds' mean local peak is lower, the global estimate stands."""
+        `local_peak_floor`: (L,), or (F, L) each loaded fold's own floor (global_stage.ensemble_local_peak_floors);
+        where the folds' local peaks are under their floors (keep_weak_estimates), the global estimate stands;
+        elsewhere the point is estimate + local_weight (peak - estimate) (blend_with_estimates)."""
         if self.save_heatmaps:
             raise ValueError("--save_heatmaps needs the whole-image sliding window; it cannot be combined with a "
                              "global stage (two-stage prediction predicts tiles only)")
@@ -165,11 +170,14 @@ class nnLandmarkPredictor(nnUNetPredictor):
             raise ValueError(f"the global stage's landmarks {list(stage.names)} differ from the model's {self.names}")
         if not radius_mm > 0:
             raise ValueError(f"the local search radius must be > 0 mm, got {radius_mm}")
-        if local_peak_floor is not None and len(local_peak_floor) != len(self.names):
-            raise ValueError(f"{len(local_peak_floor)} local peak floors for {len(self.names)} landmarks")
+        floor = None if local_peak_floor is None else np.asarray(local_peak_floor, dtype=np.float64)
+        n_folds = len(self.list_of_parameters or [None])
+        if floor is not None and floor.shape not in ((len(self.names),), (n_folds, len(self.names))):
+            raise ValueError(f"local peak floors of shape {floor.shape} for {len(self.names)} landmarks and {n_folds} "
+                             f"fold(s): expected one per landmark, or one row per fold")
         self.global_stage, self.global_radius_mm, self.global_fallback_mm = stage, float(radius_mm), \
             float(fallback_uncertainty_mm)
-        self.local_peak_floor = None if local_peak_floor is None else np.asarray(local_peak_floor, dtype=np.float64)
+        self.local_peak_floor, self.local_weight = floor, float(local_weight)
 
     def _existence_network(self):
         """The network itself (unwrapped from torch.compile) when it records anchor existence, else None."""
@@ -232,7 +240,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         nnU-Net's average up to its tile weighting (its Gaussian map sits half a voxel off-centre in
         even tiles), at the same cost, but every mirror's own peaks are known. Returns the averaged
         logits and each mirror's peaks (none without mirrors)."""
-        combos = self._mirror_combos(plan)
+        combos = mirror_combos(plan)
         use_mirroring, self.use_mirroring = self.use_mirroring, False
         total, member_idx = None, []
         try:
@@ -244,40 +252,33 @@ class nnLandmarkPredictor(nnUNetPredictor):
                     out = out[self._flipped_channels]
                 if len(combos) > 1:
                     member_idx.append(decode_peaks(out[1:], logits=True)[0])
-                total = out.float() if total is None else total.add_(out)  # nnU-Net returns fp16
+                total = add_on_one_device(total, out)  # fp16, on the CPU after a device out-of-memory
         finally:
             self.use_mirroring = use_mirroring
         return total.div_(len(combos)), member_idx
 
-    @staticmethod
-    def _mirror_combos(plan: CaseMirroring) -> list:
-        """Every subset of the case's mirroring axes, the identity first."""
-        return [c for k in range(len(plan.axes) + 1) for c in itertools.combinations(plan.axes, k)]
-
     def _mirrored_tiles(self, padded: torch.Tensor, plan: CaseMirroring, tiles: TilePlan):
         """The two-stage counterpart of `_mirrored_sliding_window`: (G, C, *patch) logits of the planned
-        tiles (mirrors averaged the same way) and each mirror's own peaks (network indices)."""
-        combos = self._mirror_combos(plan)
+        tiles (mirrors averaged the same way) and each mirror's own peaks (network indices). Tile by
+        tile, each mirror in turn goes into a running sum and gives its peaks at once (TileSum), so
+        memory holds the sum and one tile's output, whatever the number of mirrors."""
+        combos = mirror_combos(plan)
         patch = tuple(self.configuration_manager.patch_size)
         self.network = self.network.to(self.device)
         self.network.eval()
-        per_mirror = []
+        tile_sum = TileSum(tiles, len(combos))
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            for combo in combos:
-                dims = [a + 2 for a in combo]  # the tile batch is (1, C, z, y, x)
-                outs = []
-                for g, (lo, _) in enumerate(tiles.groups):
-                    x = padded[g] if tiles.regions is not None else \
-                        padded[(slice(None),) + tuple(slice(int(o), int(o) + p) for o, p in zip(lo, patch))]
-                    x = x[None].to(self.device)
+            for g in range(len(tiles.groups)):
+                x = tiles.tile_input(padded, g, patch)[None].to(self.device)
+                for m, combo in enumerate(combos):
+                    dims = [a + 2 for a in combo]  # the tile batch is (1, C, z, y, x)
                     out = self.network(torch.flip(x, dims) if dims else x)
                     out = (torch.flip(out, dims) if dims else out)[0].float()
                     if plan.swap_axis is not None and plan.swap_axis in combo:
                         out = out[self._flipped_channels]
-                    outs.append(out)
-                per_mirror.append(torch.stack(outs))
-        member_idx = [tile_peaks(m, tiles)[0] for m in per_mirror] if len(per_mirror) > 1 else []
-        return torch.stack(per_mirror).mean(0).cpu(), member_idx
+                    tile_sum.add(g, m, out)
+                    del out
+        return tile_sum.mean().cpu(), tile_sum.member_peaks()
 
     def global_estimate(self, files) -> LandmarkSet:
         """The global stage on the case's image files, in the model's landmark order."""
@@ -321,8 +322,9 @@ class nnLandmarkPredictor(nnUNetPredictor):
                 {"estimate": estimate, "fallback": np.zeros(L, bool), "n_tiles": 0}
         tile_logits = self._ensemble_logits(padded)
         idx, _, width, fallback = tile_peaks(tile_logits, case.tiles)
-        if self.local_peak_floor is not None:  # a weak local peak does not overrule the global estimate
-            idx, fallback = keep_weak_estimates(idx, fallback, np.mean([f.peak for f in case.folds], axis=0),
+        idx = blend_with_estimates(idx, case.tiles, self.local_weight)
+        if self.local_peak_floor is not None:  # each fold's own peak against its own floor
+            idx, fallback = keep_weak_estimates(idx, fallback, np.stack([f.peak for f in case.folds]),
                                                 self.local_peak_floor, case.tiles)
         return idx, width, case.folds, None, {"estimate": estimate, "fallback": fallback,
                                               "n_tiles": case.tiles.n_tiles, "whole_image": case.tiles.whole_image}
@@ -357,7 +359,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
                 raise RuntimeError(f"{len(per_fold)} folds' {what} loaded for {len(folds)} folds predicted")
         uncertainty = self._uncertainty(folds, points, idx, width, to_world)
         if two_stage is not None:
-            uncertainty = self._global_fallback_uncertainty(uncertainty, two_stage)
+            uncertainty = global_fallback_uncertainty(uncertainty, two_stage, self.global_fallback_mm)
         ls = LandmarkSet(self.names, points, uncertainty_mm=uncertainty, source=source)
         ls, report = postprocess(ls, scores, self.postprocessing, self.pairs, self.fold_thresholds)
         if two_stage is not None:
@@ -365,14 +367,6 @@ class nnLandmarkPredictor(nnUNetPredictor):
             report["global_estimate"] = two_stage["estimate"]
             report["n_tiles"] = two_stage["n_tiles"]
         return ls, report, logits
-
-    def _global_fallback_uncertainty(self, uncertainty: np.ndarray, two_stage: dict) -> np.ndarray:
-        """Where the global estimate stands, its uncertainty is at least the global stage's validated
-        RMS error (and its own spread, for the atlas)."""
-        own = two_stage["estimate"].uncertainty_mm
-        own = np.full(len(uncertainty), np.nan) if own is None else np.asarray(own, dtype=np.float64)
-        floor = np.fmax(np.nan_to_num(own, nan=0.0), self.global_fallback_mm)
-        return np.where(two_stage["fallback"], np.fmax(uncertainty, floor), uncertainty)
 
     def _uncertainty(self, folds: List[FoldOutput], points, idx, width, to_world) -> np.ndarray:
         """Calibrated per fold when models exist; else the spread of all members (folds x mirrors)
@@ -439,51 +433,65 @@ class nnLandmarkPredictor(nnUNetPredictor):
                                    num_processes_segmentation_export: int = 0):
         """Predict, decode and write each case; returns the LandmarkSets of cases without an output file.
 
-        Failures are printed with the case name and collected in `self.failed`; the run continues.
+        Failures are printed with the case name and collected in `self.failed`; the run continues. An
+        out-of-memory or device error stops it (PredictionStopped, naming the case and what to change):
+        every later case would fail the same way.
         """
         if save_probabilities:
             raise ValueError("nnLandmarkPredictor writes landmark files; use nnUNetv2_predict --save_probabilities "
                              "and nnLandmark_export for probability maps")
-        self.failed, returned = [], []
+        self.failed, returned, n_written = [], [], 0
         bar = tqdm(data_iterator, total=getattr(self, "_n_cases", None), desc="Predicting landmarks",
                    unit="case", disable=not self.allow_tqdm)
-        for item in bar:
-            ofile = item.get("ofile")
-            case = os.path.basename(ofile) if ofile else f"case {len(returned) + len(self.failed)}"
-            bar.set_postfix_str(case)
-            try:
-                if "error" in item:
-                    raise RuntimeError(f"preprocessing failed: {item['error']}")
-                data = item["data"]
-                if isinstance(data, str):
-                    data = np.load(data)
-                if not isinstance(data, NormalizedCase):
-                    data = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data).float()
-                ls, report, logits = self.predict_case(data, item["data_properties"], source=case,
-                                                       files=item.get("files"))
-                if report["swapped"]:
-                    tqdm.write(f"{case}: left/right swapped {report['swapped']}")
-                if report["absent"]:
-                    tqdm.write(f"{case}: absent {report['absent']}")
-                kept = report.get("global_estimate_kept")
-                if kept:
-                    tqdm.write(f"{case}: global estimate kept (no local peak inside the search radius, or one under "
-                               f"the local peak floor) for "
-                               f"{kept if len(kept) <= 5 else f'{len(kept)} of {len(self.names)} landmarks'}")
+        try:
+            for item in bar:
+                ofile = item.get("ofile")
+                case = os.path.basename(ofile) if ofile else f"case {len(returned) + len(self.failed)}"
+                bar.set_postfix_str(case)
+                try:
+                    ls = self._predict_item(item, case)
+                except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
+                    if stops_the_run(e):
+                        raise PredictionStopped(case, e, n_written) from e
+                    self.failed.append(case)
+                    tqdm.write(f"FAILED {case}: {type(e).__name__}: {e}")
+                    if self.verbose:
+                        traceback.print_exc()
+                    continue
                 if ofile is None:
                     returned.append(ls)
-                else:
-                    self.export_case(ls, logits, item["data_properties"], ofile)
-                    self.export_global_estimate(report, ofile)
-            except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
-                self.failed.append(case)
-                tqdm.write(f"FAILED {case}: {type(e).__name__}: {e}")
-                if self.verbose:
-                    traceback.print_exc()
-        bar.close()
+                n_written += ofile is not None
+        finally:
+            bar.close()
+            if hasattr(data_iterator, "close"):  # stop the preprocessing workers when the run stops early
+                data_iterator.close()
         if self.failed:
             print(f"{len(self.failed)} case(s) failed: {', '.join(self.failed)}")
         return returned
+
+    def _predict_item(self, item: dict, case: str) -> LandmarkSet:
+        """One record of the data iterator: predicted, reported and, when it names an output file, written."""
+        if "error" in item:
+            raise RuntimeError(f"preprocessing failed: {item['error']}")
+        data = item["data"]
+        if isinstance(data, str):
+            data = np.load(data)
+        if not isinstance(data, NormalizedCase):
+            data = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data).float()
+        ls, report, logits = self.predict_case(data, item["data_properties"], source=case, files=item.get("files"))
+        if report["swapped"]:
+            tqdm.write(f"{case}: left/right swapped {report['swapped']}")
+        if report["absent"]:
+            tqdm.write(f"{case}: absent {report['absent']}")
+        kept = report.get("global_estimate_kept")
+        if kept:
+            tqdm.write(f"{case}: global estimate kept (no local peak inside the search radius, or one under "
+                       f"the local peak floor) for "
+                       f"{kept if len(kept) <= 5 else f'{len(kept)} of {len(self.names)} landmarks'}")
+        if item.get("ofile") is not None:
+            self.export_case(ls, logits, item["data_properties"], item["ofile"])
+            self.export_global_estimate(report, item["ofile"])
+        return ls
 
     def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                                       save_probabilities=False, overwrite=True, folder_with_segs_from_prev_stage=None):

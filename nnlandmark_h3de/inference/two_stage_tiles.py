@@ -11,6 +11,8 @@ tile border, where a network sees less context).
 `plan_tiles` plans a preprocessed case's tiles in its padded array, `plan_regional_tiles` those of a
 case not yet resampled (each tile from its own region, regional_preprocessing.py); the predictor runs
 the network on them and `tile_peaks` reads each landmark's peak back in the case's network space.
+`TileSum` sums the tiles' logits over the test-time mirrors as they come and reads each mirror's own
+peaks at once, so memory does not grow with the number of mirrors.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
 from nnlandmark_h3de.inference.index_mapping import world_to_network_index
 from nnlandmark_h3de.inference.peaks import decode_peaks
+from nnlandmark_h3de.inference.postprocessing import existence_ratio
 from nnlandmark_h3de.inference.regional_preprocessing import NormalizedCase, Region, region_box
 from nnlandmark_h3de.landmarks import LandmarkSet
 
 __all__ = ["tile_groups", "peaks_in_tiles", "TilePlan", "LocalSearch", "plan_tiles", "plan_regional_tiles",
-           "tile_peaks", "keep_weak_estimates"]
+           "tile_peaks", "TileSum", "keep_weak_estimates", "global_fallback_uncertainty"]
 
 
 def _tile_origin(centre: np.ndarray, shape: np.ndarray, patch: np.ndarray) -> np.ndarray:
@@ -105,6 +108,13 @@ class TilePlan:
     n_tiles: int = 0  # network tiles per fold and mirror
     regions: Optional[list] = None  # regional preprocessing: one Region per group, whose padded space its
     # tile origin and its landmarks' centres are in; the tiles' inputs are then stacked (G, C, *patch)
+
+    def tile_input(self, padded: torch.Tensor, g: int, patch: Sequence[int]) -> torch.Tensor:
+        """Group g's network input (C, *patch): its slice of the padded case, or its own region's tile."""
+        if self.regions is not None:
+            return padded[g]
+        lo = self.groups[g][0]
+        return padded[(slice(None),) + tuple(slice(int(o), int(o) + p) for o, p in zip(lo, patch))]
 
     def to_case_index(self, idx: np.ndarray) -> np.ndarray:
         """Indices in tile space (padded array or, per group, its region) -> the case's network indices."""
@@ -198,16 +208,89 @@ def tile_peaks(tile_logits: torch.Tensor, tiles: TilePlan):
     patch = tuple(tile_logits.shape[2:])
     idx, peak, width, on_border = peaks_in_tiles(tile_logits[:, 1:], tiles.groups, tiles.centres, tiles.radius,
                                                  patch)
+    idx, fallback = _estimates_where_on_border(idx, on_border, tiles)
+    return idx, peak, width, fallback
+
+
+def _estimates_where_on_border(idx: np.ndarray, on_border: np.ndarray, tiles: TilePlan):
+    """(case network indices with the global estimate where the maximum lies on the ball's surface, fallback)."""
     fallback = on_border & np.all(np.isfinite(tiles.centres), axis=1)
+    idx = idx.copy()
     idx[fallback] = tiles.centres[fallback]
-    return tiles.to_case_index(idx), peak, width, fallback
+    return tiles.to_case_index(idx), fallback
 
 
-def keep_weak_estimates(idx: np.ndarray, fallback: np.ndarray, mean_peak: np.ndarray, floor: np.ndarray,
+class TileSum:
+    """The planned tiles' logits summed over the test-time mirrors as each tile of each mirror comes, and
+    every mirror's own peaks read from it at once (what `tile_peaks` reads from that mirror's tiles).
+
+    Why: keeping every mirror's tiles to average them at the end holds 8 x G x (L + 1) x patch floats
+    (~22 GB for 32 landmarks, 128^3 patches, 10 tiles); the running sum holds one set whatever the
+    number of mirrors. The sum is exact in the same order, so the mean equals the stacked mean."""
+
+    def __init__(self, tiles: TilePlan, n_mirrors: int):
+        self.tiles, self.n_mirrors = tiles, int(n_mirrors)
+        self.total: Optional[torch.Tensor] = None  # (G, C, *patch) fp32, on the device of the first tile
+        n_landmarks = len(tiles.centres)
+        self._idx = np.full((self.n_mirrors, n_landmarks, 3), np.nan)  # each mirror's peaks, tile space
+        self._on_border = np.zeros((self.n_mirrors, n_landmarks), dtype=bool)
+
+    def add(self, g: int, mirror: int, out: torch.Tensor) -> None:
+        """Tile g's logits (C, *patch) in one mirror, flipped back (pair channels swapped where needed)."""
+        if self.total is None:
+            self.total = torch.zeros((len(self.tiles.groups),) + tuple(out.shape), dtype=torch.float32,
+                                     device=out.device)
+        self.total[g].add_(out.to(self.total.device))
+        if self.n_mirrors > 1:
+            lo, members = self.tiles.groups[g]
+            idx, _, _, on_border = peaks_in_tiles(out[None, 1:], [(lo, members)], self.tiles.centres,
+                                                  self.tiles.radius, tuple(out.shape[1:]))
+            self._idx[mirror, members], self._on_border[mirror, members] = idx[members], on_border[members]
+
+    def mean(self) -> torch.Tensor:
+        """The mirrors' mean logits (G, C, *patch), in place of the sum."""
+        return self.total.div_(self.n_mirrors)
+
+    def member_peaks(self) -> List[np.ndarray]:
+        """Each mirror's own peaks (L, 3) in case network indices; none with a single mirror."""
+        if self.n_mirrors < 2:
+            return []
+        return [_estimates_where_on_border(idx, on_border, self.tiles)[0]
+                for idx, on_border in zip(self._idx, self._on_border)]
+
+
+def blend_with_estimates(idx: np.ndarray, tiles: TilePlan, weight: float) -> np.ndarray:
+    """The local peaks moved back towards the global estimates: estimate + weight (peak - estimate) in
+    case indices (an affine map of world points, so the same blend as in world mm); where a landmark has
+    no estimate, its peak."""
+    if weight == 1.0:
+        return idx
+    centres = tiles.to_case_index(tiles.centres)
+    has = np.all(np.isfinite(centres), axis=1) & np.all(np.isfinite(idx), axis=1)
+    out = np.array(idx, dtype=np.float64, copy=True)
+    out[has] = centres[has] + weight * (out[has] - centres[has])
+    return out
+
+
+def keep_weak_estimates(idx: np.ndarray, fallback: np.ndarray, fold_peaks: np.ndarray, floor: np.ndarray,
                         tiles: TilePlan) -> Tuple[np.ndarray, np.ndarray]:
-    """Where the folds' mean local peak is under the landmark's floor (fitted in the two-stage validation),
-    a weak local peak does not overrule the global estimate: (idx with those set to it, widened fallback)."""
-    weak = (mean_peak < floor) & np.all(np.isfinite(tiles.centres), axis=1)
+    """Where the local peak is too weak, it does not overrule the global estimate: (idx with those set to
+    it, widened fallback). fold_peaks: (F, L) each fold's own local peak (or (L,)); floor: (L,), or (F, L)
+    each fold's own floor (fitted in its two-stage validation on its own peaks). Each fold's peak is
+    judged against its floor and the folds' peak/floor ratios are averaged (the soft vote of
+    `existence_ratio`): weak where the mean ratio is under 1. One floor for all folds is the same as
+    the folds' mean peak under it."""
+    weak = (existence_ratio(fold_peaks, floor) < 1.0) & np.all(np.isfinite(tiles.centres), axis=1)
     idx = idx.copy()
     idx[weak] = tiles.to_case_index(tiles.centres)[weak]
     return idx, fallback | weak
+
+
+def global_fallback_uncertainty(uncertainty: np.ndarray, two_stage: dict, fallback_mm: float) -> np.ndarray:
+    """Where the global estimate stands (`two_stage["fallback"]`), its uncertainty is at least the global
+    stage's validated RMS error `fallback_mm` (and its own spread, for the atlas: the estimate's
+    uncertainty_mm)."""
+    own = two_stage["estimate"].uncertainty_mm
+    own = np.full(len(uncertainty), np.nan) if own is None else np.asarray(own, dtype=np.float64)
+    floor = np.fmax(np.nan_to_num(own, nan=0.0), fallback_mm)
+    return np.where(two_stage["fallback"], np.fmax(uncertainty, floor), uncertainty)

@@ -143,23 +143,34 @@ def _raw_image_files(trainer, case: str):
 
 
 def _fit_local_peak_floor(trainer, results: dict, evaluated, reference) -> None:
-    """Two-stage validation: where the local peak is too weak to beat the global estimate (fitted on
-    these cases), use the global estimate; the floors go into fold_X/global_stage.json for prediction."""
+    """Two-stage validation: the local peak is blended with the global estimate by a weight, and where the
+    local peak is too weak to help, the global estimate stands (both fitted on these cases); the weight
+    and the floors go into fold_X/global_stage.json for prediction."""
     from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, GlobalStageChoice
-    from nnlandmark_h3de.training.calibration import fit_local_peak_floor
-    local = np.array([np.linalg.norm(results[c][0] - reference[c].points_lps, axis=1) for c in evaluated])
+    from nnlandmark_h3de.training.calibration import blend_points, fit_local_peak_floor, fit_local_weight
+    truth = np.array([reference[c].points_lps for c in evaluated])
+    weight, weight_info = fit_local_weight(np.array([results[c][0] for c in evaluated]),
+                                           np.array([results[c][3] for c in evaluated]), truth)
+    blended = {c: blend_points(results[c][3], results[c][0], weight) for c in results}
+    local = np.linalg.norm(np.array([blended[c] for c in evaluated]) - truth, axis=-1)
     glob = np.array([np.linalg.norm(results[c][3] - reference[c].points_lps, axis=1) for c in evaluated])
     peaks = np.array([results[c][1]["peak"] for c in evaluated])
     floor, info = fit_local_peak_floor(local, glob, peaks)
     for c in results:
         points, scores, spread, global_points = results[c]
         weak = (scores["peak"] < floor) & np.all(np.isfinite(global_points), axis=1)
-        results[c] = (np.where(weak[:, None], global_points, points), scores, spread, global_points)
+        results[c] = (np.where(weak[:, None], global_points, blended[c]), scores, spread, global_points)
     file = join(trainer.output_folder, GLOBAL_STAGE_FILE)
     choice = GlobalStageChoice.read(file)
+    choice.validation[choice.kind]["local_weight"] = weight
+    choice.validation[choice.kind]["local_weight_fit"] = weight_info
     choice.validation[choice.kind]["local_peak_floor"] = [None if not np.isfinite(v) else float(v) for v in floor]
     choice.validation[choice.kind]["local_peak_floor_fit"] = info
     choice.write(file)
+    trainer.print_to_log_file(f"local weight: {weight:.2f} (global + w (local - global)); validation MRE local "
+                              f"{weight_info.get('mre_local_mm', float('nan')):.2f}, global "
+                              f"{weight_info.get('mre_global_mm', float('nan')):.2f}, blended "
+                              f"{weight_info.get('mre_mm', float('nan')):.2f} mm", also_print_to_console=True)
     trainer.print_to_log_file(f"local peak floor: {info['relative_floor']:.3g} x each landmark's median local peak; "
                               f"validation MRE local {info['mre_local_mm']:.2f}, global {info['mre_global_mm']:.2f}, "
                               f"combined {info['mre_mm']:.2f} mm ({info['local_used_fraction']:.0%} local)",

@@ -98,7 +98,12 @@ class AnchorHead(nn.Module):
             bias[..., -1] = float(torch.logit(torch.tensor(prior)))
 
     def forward(self, x: torch.Tensor) -> AnchorOutput:
-        y = self.out(self.conv(x))
+        """Offsets and logits always float32: under fp16 autocast the 1x1 output conv (cheap, on the coarse
+        grid) runs in float32 so the existence logits fed to the BCE, the recorded existence and its
+        calibrated threshold, and the sub-voxel offsets do not depend on half-precision rounding."""
+        h = self.conv(x)
+        with torch.autocast(h.device.type, enabled=False):
+            y = self.out(h.float())
         y = y.view(y.shape[0], self.num_anchors, self.num_landmarks, self.ndim + 1, *y.shape[2:])
         return AnchorOutput(y[:, :, :, :-1], y[:, :, :, -1])
 

@@ -3,10 +3,16 @@ BiFormer's / HYATT-Net's BRA with a 2D one. One code path; the dimension comes f
 
 1. the feature map is split into a grid of regions (derived from its size, any size works);
 2. region-level queries/keys are the means of each region's valid (non-padded) tokens;
-3. every query region keeps its top-k regions by affinity ``q_r @ k_r^T`` (non-differentiable routing);
+3. every query region keeps its top-k regions by affinity ``q_r @ k_r^T`` (non-differentiable routing,
+   always float32 with autocast off, see `VBRA.route`);
 4. every token attends to all tokens of its k routed regions (multi-head, scale ``head_dim ** -0.5``,
    padded keys masked);
 5. LePE (depthwise conv of the feature map's dimension on V) is added, then the output projection.
+
+Mixed precision: under autocast only the routing is forced to float32; the attention runs in the autocast
+dtype through ``scaled_dot_product_attention``, whose kernels form the scores and the softmax in float32
+for fp16/bf16 inputs (flash / memory-efficient / CPU kernels accumulate in float32, the math fallback
+upcasts unless ``allow_fp16_bf16_reduction_math_sdp``), so ``q @ k^T`` cannot overflow fp16 there.
 
 Unlike the public code, no attention matrix is materialised (``scaled_dot_product_attention``'s fused
 kernels keep memory linear in the number of tokens) and K/V are gathered by region index chunk by chunk
@@ -61,6 +67,14 @@ def _to_regions(t: torch.Tensor, grid, rsize) -> torch.Tensor:
     t = t.reshape(b, *(i for g, r in zip(grid, rsize) for i in (g, r)), c)
     perm = (0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1)  # grid axes, then region axes
     return t.permute(perm).reshape(b, math.prod(grid), -1, c)
+
+
+def _region_sums(t: torch.Tensor, grid, rsize) -> torch.Tensor:
+    """(B, g0*r0, ..., gn*rn, C) -> (B, R, C): each region's token sum, regions in `_to_regions`' order (no copy
+    of t is made: the region axes are summed in place of a permute)."""
+    b, c, nd = t.shape[0], t.shape[-1], len(grid)
+    t = t.reshape(b, *(i for g, r in zip(grid, rsize) for i in (g, r)), c)
+    return t.sum(dim=tuple(range(2, 2 * nd + 1, 2))).reshape(b, math.prod(grid), c)
 
 
 def _from_regions(t: torch.Tensor, grid, rsize) -> torch.Tensor:
@@ -121,28 +135,22 @@ class VBRA(nn.Module):
         n_reg = math.prod(grid)
         topk = min(self.topk, n_reg)
 
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        # LePE on the unpadded V: zero padding at the true border, independent of the region padding
-        lepe = None if self.lepe is None else self.lepe(v.movedim(-1, 1)).movedim(1, -1)
-
-        if any(pad):  # pad the END of every spatial axis (F.pad lists the last dim first: C, then W, H, ...)
-            padding = (0, 0) + tuple(i for p in reversed(pad) for i in (0, p))
-            q, k, v = (F.pad(t, padding) for t in (q, k, v))
-        q, k, v = (_to_regions(t, grid, rsize) for t in (q, k, v))  # (B, R, T, C)
-        n_tok = q.shape[2]
-
+        # pad the END of every spatial axis (F.pad lists the last dim first: C, then W, H, ...)
+        padding = (0, 0) + tuple(i for p in reversed(pad) for i in (0, p)) if any(pad) else None
         valid = None
-        if any(pad):
+        if padding is not None:
             valid = torch.zeros(padded, dtype=torch.bool, device=x.device)
             valid[inside] = True
             valid = _to_regions(valid[None, ..., None], grid, rsize)[0, ..., 0]  # (R, T)
+        idx = self.route(x, grid, rsize, padding, valid, topk)  # (B, R, topk)
 
-        # routing on region means of valid tokens (padding is zero, so sum / count of valid tokens)
-        with torch.no_grad():
-            count = (valid.sum(1) if valid is not None else torch.full((n_reg,), n_tok, device=x.device))
-            q_r = q.sum(2) / count[:, None].to(q.dtype)
-            k_r = k.sum(2) / count[:, None].to(k.dtype)
-            idx = torch.topk(q_r @ k_r.transpose(1, 2), topk, dim=-1).indices  # (B, R, topk)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        # LePE on the unpadded V: zero padding at the true border, independent of the region padding
+        lepe = None if self.lepe is None else self.lepe(v.movedim(-1, 1)).movedim(1, -1)
+        if padding is not None:
+            q, k, v = (F.pad(t, padding) for t in (q, k, v))
+        q, k, v = (_to_regions(t, grid, rsize) for t in (q, k, v))  # (B, R, T, C)
+        n_tok = q.shape[2]
 
         # attention of every query region over its routed regions, in chunks of query regions
         flat = (idx + torch.arange(b, device=x.device)[:, None, None] * n_reg).reshape(b * n_reg, topk)
@@ -160,6 +168,23 @@ class VBRA(nn.Module):
         if lepe is not None:
             out = out + lepe
         return self.proj(out)
+
+    def route(self, x: torch.Tensor, grid, rsize, padding: Optional[tuple], valid: Optional[torch.Tensor],
+              topk: int) -> torch.Tensor:
+        """(B, R, topk) routed regions of channels-last x: top-k of the region affinities q_r @ k_r^T.
+
+        Kept float32 with autocast off (fp16 affinities overflow for large activations, half-precision
+        rounding flips near-ties): q_r, k_r are the q/k projections of the float32 region means of the
+        valid tokens (the mean of W x + b is W mean(x) + b), so routing is the same under autocast as in
+        float32, and costs one pass over x plus an R-token projection. Not differentiable (as BiFormer).
+        """
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            xf = x.float() if padding is None else F.pad(x.float(), padding)
+            sums = _region_sums(xf, grid, rsize)  # (B, R, C); padding is zero
+            mean = sums / (valid.sum(1)[:, None] if valid is not None else math.prod(rsize))
+            weight, bias = self.qkv.weight[:2 * self.dim].float(), self.qkv.bias
+            q_r, k_r = F.linear(mean, weight, None if bias is None else bias[:2 * self.dim].float()).chunk(2, -1)
+            return torch.topk(q_r @ k_r.transpose(1, 2), topk, dim=-1).indices
 
     def _attend(self, q, k, v, idx, valid, n_reg):
         """q: (Q, T, C) query regions; k, v: (B*R, T, C) all regions; idx: (Q, topk) flat routed regions;
