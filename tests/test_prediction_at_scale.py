@@ -121,11 +121,13 @@ class _LiveTileBytes(torch.nn.Module):
 
 
 def live_tensor_bytes(min_numel: int) -> int:
-    """Bytes of the distinct storages of live tensors with at least `min_numel` elements."""
+    """Bytes of the distinct storages of live real tensors with at least `min_numel` elements (tensors
+    without data, such as the fake tensors torch.compile's caches keep alive from earlier tests, hold no
+    memory and are skipped)."""
     gc.collect()
     storages = {}
     for o in gc.get_objects():
-        if issubclass(type(o), torch.Tensor) and o.numel() >= min_numel and o.layout == torch.strided:
+        if type(o) in (torch.Tensor, torch.nn.Parameter) and o.numel() >= min_numel and o.layout == torch.strided:
             s = o.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
     return sum(storages.values())

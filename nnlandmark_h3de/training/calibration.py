@@ -211,7 +211,7 @@ def fit_local_weight(local_pts: np.ndarray, global_pts: np.ndarray, truth: np.nd
     ok = np.isfinite(g).all(-1) & np.isfinite(l).all(-1) & np.isfinite(t).all(-1)
     if not ok.any():
         return 1.0, {"method": "nothing to fit: the local peak", "weight": 1.0}
-    weights = np.linspace(1.0, 0.0, grid + 1)
+    weights = np.round(np.linspace(1.0, 0.0, grid + 1), 6)
     errors = [float(np.mean(np.linalg.norm(blend_points(g[ok], l[ok], w) - t[ok], axis=-1))) for w in weights]
     best = int(np.argmin(errors))  # first minimum from w = 1 down: ties keep the larger weight
     return float(weights[best]), {"method": "lowest validation MRE of global + w (local - global)",
