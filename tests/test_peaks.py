@@ -129,3 +129,17 @@ def test_singleton_axis_is_2d(center):
         np.testing.assert_allclose(spread3[0], [0.0, *spread2[0]], atol=1e-9)
         assert peak3[0] == peak2[0]
         np.testing.assert_allclose(idx3[0, 1:], center, atol=0.1)
+
+
+def test_a_border_peak_leaning_outwards_stays_inside_the_grid():
+    """A Gaussian centred 0.9 voxel outside the first row has its argmax on the border and a fit that
+    leans outwards: the decoded point stays within half a voxel of the outer voxel centres (it was found
+    in this image; a 2D e2e run once placed such a landmark outside the image)."""
+    from nnlandmark_h3de.inference.peaks import decode_peaks
+    y, x = np.meshgrid(np.arange(12.0), np.arange(10.0), indexing="ij")
+    h = np.exp(-((y + 0.9) ** 2 + (x - 4.3) ** 2) / (2 * 1.5 ** 2))[None]
+    idx, _, _ = decode_peaks(h)
+    assert idx[0, 0] == pytest.approx(-0.5) and idx[0, 1] == pytest.approx(4.3, abs=1e-6)
+    far = np.exp(-((y - 11.9) ** 2 + (x - 9.8) ** 2) / (2 * 1.5 ** 2))[None]  # beyond the last row and column
+    idx, _, _ = decode_peaks(far)
+    assert idx[0, 0] == pytest.approx(11.5) and idx[0, 1] == pytest.approx(9.5)

@@ -63,7 +63,10 @@ def decode_peaks(heatmaps, radius: int = 2, min_fraction: float = 0.05, logits: 
     else:  # a single voxel: nothing to fit
         spread[:] = np.nan
     offset = np.clip(np.nan_to_num(offset, nan=0.0), -max_shift, max_shift)
-    return peak_vox.astype(np.float64) + offset, peak_value, spread
+    # a peak lies inside the grid it was found in: at most half a voxel beyond the outermost voxel centres
+    # (a border argmax whose fit leans outwards would otherwise place the landmark outside the image)
+    idx = np.clip(peak_vox.astype(np.float64) + offset, -0.5, shape - 0.5)
+    return idx, peak_value, spread
 
 
 # --------------------------------------------------------------------------- helpers
