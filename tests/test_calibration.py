@@ -232,7 +232,8 @@ def test_local_weight_blends_independent_errors_and_keeps_the_better_alone():
     """Fitted on validation points: two estimates with independent errors of the same size are best
     averaged (w near 0.5, blended MRE below both); a perfect global stage gets w = 0, a perfect local
     peak w = 1; a tie keeps w = 1 (the behaviour before the weight existed)."""
-    from nnlandmark_h3de.training.calibration import blend_points, fit_local_weight
+    from nnlandmark_h3de.inference.two_stage_tiles import blend_points
+    from nnlandmark_h3de.training.calibration import fit_local_weight
     rng = np.random.default_rng(0)
     truth = rng.uniform(0, 100, size=(40, 8, 3))
     local = truth + rng.normal(0, 2.0, size=truth.shape)
@@ -253,8 +254,7 @@ def test_local_weight_blends_independent_errors_and_keeps_the_better_alone():
 def test_prediction_blends_in_case_indices_like_the_calibration_in_world():
     """blend_with_estimates moves each local peak towards its tile plan's estimate by the weight, in the
     case's indices; a landmark without an estimate keeps its peak; w = 1 changes nothing."""
-    from nnlandmark_h3de.inference.two_stage_tiles import TilePlan, blend_with_estimates
-    from nnlandmark_h3de.training.calibration import blend_points
+    from nnlandmark_h3de.inference.two_stage_tiles import TilePlan, blend_points, blend_with_estimates
     centres = np.array([[10.0, 12.0, 14.0], [20.0, 20.0, 20.0], [np.nan] * 3])  # padded indices
     offset = np.array([2.0, 2.0, 2.0])
     plan = TilePlan([], centres, np.full(3, 5.0), offset)

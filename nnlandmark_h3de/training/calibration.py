@@ -28,11 +28,12 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnlandmark_h3de.inference.two_stage_tiles import blend_points
 from nnlandmark_h3de.inference.uncertainty import UncertaintyModel
 from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
 
 __all__ = ["reference_scores", "relative_scores", "calibrate_relative_thresholds", "fit_uncertainty_model", "fit_local_peak_floor",
-           "fit_local_weight", "blend_points"]
+           "fit_local_weight"]
 
 # Cases of one landmark worth as much as the pooled estimate when shrinking its RMS error.
 SHRINKAGE_CASES = 3.0
@@ -188,14 +189,6 @@ def fit_local_peak_floor(local_err: np.ndarray, global_err: np.ndarray, peaks: n
             "mre_mm": errors[best], "mre_local_mm": errors[0], "mre_global_mm": errors[-1],
             "local_used_fraction": float(np.mean((relative >= t)[ok])), "n": int(ok.sum())}
     return t * ref, info
-
-
-def blend_points(global_pts: np.ndarray, local_pts: np.ndarray, weight: float) -> np.ndarray:
-    """global + weight * (local - global), row-wise; where either point is missing, the other one."""
-    g, l = np.asarray(global_pts, dtype=np.float64), np.asarray(local_pts, dtype=np.float64)
-    out = g + float(weight) * (l - g)
-    out = np.where(np.isfinite(g).all(-1, keepdims=True), out, l)
-    return np.where(np.isfinite(l).all(-1, keepdims=True), out, g)
 
 
 def fit_local_weight(local_pts: np.ndarray, global_pts: np.ndarray, truth: np.ndarray,
