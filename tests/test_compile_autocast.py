@@ -49,7 +49,7 @@ TRAINERS = {
 }
 
 # correct but split graphs, left to the trainer's owner
-KNOWN_GRAPH_BREAKS = {"nnH3DETrainerAnchor": "AnchorHeatmapNetwork.forward_with_anchors registers a hook per call"}
+KNOWN_GRAPH_BREAKS: dict = {}
 
 
 def make_trainer(name: str, preprocessed, monkeypatch, compiled: bool):

@@ -155,7 +155,7 @@ def test_calibration_keeps_the_lowest_validation_mre_and_round_trips(tmp_path, m
     (fold.parent / "dataset.json").write_text(json.dumps({"landmarks": {"names": names, "pairs": []}}))
     calls = []
 
-    def fake(raw, train, val, n_atlases, spacing, kinds):
+    def fake(raw, train, val, n_atlases, spacing, kinds, record=None):
         calls.append(list(kinds))
         stage = gs.AtlasGlobalStage(_tiny_atlases(names), spacing)
         measured = {"atlas": (np.full((2, 3), 2.0), 1.5), "deformable": (np.full((2, 3), deformable_mre), 2.5)}

@@ -72,6 +72,14 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
     sets = [c["set"] for c in scores["cases"].values()]
     assert sets.count("validation") == len(val_cases) and sets.count("training_in_sample") == 5 - len(val_cases)
     assert thresholds["calibration"]["n_training_cases_in_sample"] == 5 - len(val_cases)
+    # each pass's time in the summary and the log; the in-sample pass runs without test-time mirrors
+    timings = summary["final_validation_seconds"]
+    assert set(timings) == {"validation", "training (in-sample, existence only)", "calibration"}
+    assert all(v >= 0 for v in timings.values())
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert f"final validation, validation: {len(val_cases)} case(s)" in log
+    assert (f"final validation, training (in-sample, existence only): {5 - len(val_cases)} case(s)" in log
+            and "no test-time mirrors, whole image" in log)
     uncertainty = json.loads((fold / "landmark_uncertainty.json").read_text())
     assert uncertainty["names"] == ["L0", "R0", "M"] and 0 <= uncertainty["alpha"] <= 3
     assert all(math.isfinite(v) and v > 0 for v in uncertainty["rms_error_mm"] + uncertainty["median_present_peak"])

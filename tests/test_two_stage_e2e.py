@@ -61,6 +61,14 @@ def test_two_stage_prediction_with_the_stock_commands(nnunet_env, tmp_path):
     # the final validation was re-run in two stages: thresholds refitted, the log says how
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "two-stage validation: atlas global stage" in log
+    # the calibration's registrations of the validation cases were recorded and reused, not run again
+    recorded = json.loads((fold / "global_stage_estimates.json").read_text())
+    assert sorted(recorded["kinds"]["atlas"]) == sorted(names[3:5])
+    assert "final validation, validation: 2 case(s)" in log and "2 global estimate(s) reused from the calibration" in log
+    assert "no test-time mirrors, two stages" in log  # the in-sample pass: two stages, no mirrors
+    assert "calibration took" in proc.stdout and "two-stage final validation" in proc.stdout
+    timings = json.loads((fold / "validation" / "summary.json").read_text())["final_validation_seconds"]
+    assert set(timings) == {"validation", "training (in-sample, existence only)", "calibration"}
     assert (fold / "landmark_thresholds.json").read_text() != whole_image_thresholds
     assert "local peak floor" in log
     refit = json.loads((fold / "global_stage.json").read_text())["validation"]["atlas"]

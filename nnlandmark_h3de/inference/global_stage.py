@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
+from nnlandmark_h3de.inference.recorded_estimates import ESTIMATES_FILE, write_recorded_estimates
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkSet
 
 __all__ = ["GLOBAL_STAGE_FILE", "ATLAS_FOLDER", "KINDS", "GlobalStageChoice", "search_radius_mm", "raw_case_images",
@@ -286,11 +287,11 @@ def ensemble_local_peak_floors(model_folder, folds: Sequence, kind: str = "auto"
 # --------------------------------------------------------------------------- calibration
 def registration_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_cases: Sequence[str],
                                    n_atlases: int = 4, registration_spacing_mm: float = 4.0,
-                                   kinds: Sequence[str] = ATLAS_KINDS):
+                                   kinds: Sequence[str] = ATLAS_KINDS, record: Optional[dict] = None):
     """(the atlas stage built from chosen training cases, {kind: ((V, L) radial errors in mm on the validation
     cases, seconds per case)}) for the registration kinds asked ('atlas', 'deformable'), both from one
     affine registration per atlas and case. In a one-shot dataset the cases with exact labels are
-    chosen first (`exact_label_cases`)."""
+    chosen first (`exact_label_cases`). `record`: filled with {kind: {case: estimate LandmarkSet}}."""
     import SimpleITK as sitk
     from tqdm import tqdm
     from nnlandmark_h3de.landmarks.dataset_file import exact_label_cases, load_dataset_landmarks
@@ -314,6 +315,9 @@ def registration_validation_errors(raw_dataset: Path, train_cases: Sequence[str]
         for kind, nl in nonlinear.items():
             errors[kind].append(np.linalg.norm(estimates[nl].points_lps - truth, axis=1))
             seconds[kind] += estimates[nl].seconds
+            if record is not None:
+                record.setdefault(kind, {})[case] = LandmarkSet(stage.names, estimates[nl].points_lps,
+                                                                uncertainty_mm=estimates[nl].spread_mm)
     return stage, {kind: (np.asarray(errors[kind]), seconds[kind] / max(1, len(val_cases))) for kind in kinds}
 
 
@@ -344,7 +348,8 @@ def calibrate_global_stage(local_fold_folder: Path, raw_dataset: Path, train_cas
                            learned_model: Optional[Path] = None, learned_folds: Sequence = (0,), n_atlases: int = 4,
                            registration_spacing_mm: float = 4.0) -> GlobalStageChoice:
     """Measure each kind on validation, keep the one with the lowest MRE, write fold_X/global_stage.json
-    (+ the atlases, shared by the atlas and deformable kinds). The learned kind's seconds per case are
+    (+ the atlases, shared by the atlas and deformable kinds, and the validation cases' registration
+    estimates, global_stage_estimates.json, for the revalidation). The learned kind's seconds per case are
     not measured here (its errors come from its own final validation): None."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -354,9 +359,10 @@ def calibrate_global_stage(local_fold_folder: Path, raw_dataset: Path, train_cas
     validation: Dict[str, dict] = {}
     choice = GlobalStageChoice(kind="", registration_spacing_mm=registration_spacing_mm)
     registration_kinds = [k for k in ATLAS_KINDS if k in kinds]
+    recorded: Dict[str, dict] = {}
     if registration_kinds:
         stage, measured = registration_validation_errors(raw_dataset, train_cases, val_cases, n_atlases,
-                                                         registration_spacing_mm, registration_kinds)
+                                                         registration_spacing_mm, registration_kinds, record=recorded)
         for kind, (errors, seconds) in measured.items():
             validation[kind] = dict(_error_stats(errors, floor), seconds_per_case=float(seconds))
         choice.atlases = [a.name for a in stage.atlases]
@@ -371,5 +377,7 @@ def calibrate_global_stage(local_fold_folder: Path, raw_dataset: Path, train_cas
         raise ValueError(f"no global stage to calibrate among {list(kinds)} (a learned one needs its model folder)")
     choice.kind = min(validation, key=lambda k: validation[k]["mre_mm"])
     choice.validation = validation
+    names = next((next(iter(c.values())).names for c in recorded.values() if c), [])
+    write_recorded_estimates(local_fold_folder / ESTIMATES_FILE, names, recorded)  # the revalidation reuses them
     choice.write(local_fold_folder / GLOBAL_STAGE_FILE)
     return choice

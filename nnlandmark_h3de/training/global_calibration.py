@@ -8,6 +8,7 @@ prediction will, so that the existence thresholds and the uncertainty model are 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,14 +49,22 @@ def calibrate_fold(dataset: str, configuration: str, fold: int, trainer: str = "
     train, val = fold_cases(Path(nnUNet_preprocessed) / name, fold)
     if not val:
         raise ValueError(f"fold {fold} has no validation cases to calibrate the global stage on")
+    started = time.monotonic()
     choice = calibrate_global_stage(fold_folder, Path(nnUNet_raw) / name, train, val, spacing, kinds,
                                     learned_model, learned_folds, n_atlases, registration_spacing_mm)
+    measured = time.monotonic() - started
     for kind, v in choice.validation.items():
         timing = "" if v.get("seconds_per_case") is None else f", {v['seconds_per_case']:.1f} s per case"
         print(f"{kind} global stage on {len(val)} validation case(s): MRE {v['mre_mm']:.2f} mm, p90 "
               f"{v['p90_mm']:.2f} mm{timing} -> local search radius {v['radius_mm']:.1f} mm")
-    print(f"kept: {choice.kind} (lower validation MRE); written to {fold_folder / 'global_stage.json'}")
+    print(f"kept: {choice.kind} (lower validation MRE); written to {fold_folder / 'global_stage.json'}; global "
+          f"stages measured in {measured:.1f} s")
     if revalidate:
-        print("re-running the final validation in two stages (thresholds and uncertainty refitted)")
+        print("re-running the final validation in two stages (thresholds and uncertainty refitted; the validation "
+              "cases' registrations above are reused)")
+        started = time.monotonic()
         run_training(name, configuration, fold, trainer, plans, only_run_validation=True, device=torch.device(device))
+        print(f"calibration took {measured + time.monotonic() - started:.1f} s: global stages {measured:.1f} s, "
+              f"two-stage final validation {time.monotonic() - started:.1f} s (its passes: "
+              f"{fold_folder / 'validation' / 'summary.json'}, final_validation_seconds)")
     return choice

@@ -74,15 +74,17 @@ class AnchorHeatmapNetwork(LandmarkHeatmapNetwork):
                                           nonlin_kwargs=enc.nonlin_kwargs)
         self.record_existence = False
         self.register_buffer("anchor_existence", torch.zeros(num_landmarks), persistent=False)
+        # one hook for the network's life (one per call split torch.compile's graph): it keeps the stage's
+        # latest output, which forward_with_anchors takes and plain forward drops
+        self._anchor_features: Dict[str, torch.Tensor] = {}
+        self.body.decoder.stages[self.anchor_stage].register_forward_hook(self._keep_anchor_features)
+
+    def _keep_anchor_features(self, module, inputs, output) -> None:
+        self._anchor_features["stage"] = output
 
     def forward_with_anchors(self, x: torch.Tensor):
-        feats: List[torch.Tensor] = []
-        hook = self.body.decoder.stages[self.anchor_stage].register_forward_hook(lambda m, i, o: feats.append(o))
-        try:
-            heat = super().forward(x)  # the 1 + L wrapper exactly as without the head (zero channel, logit offset)
-        finally:
-            hook.remove()
-        f, s = feats[0], self.feature_grad_scale
+        heat = super().forward(x)  # the 1 + L wrapper exactly as without the head (zero channel, logit offset)
+        f, s = self._anchor_features.pop("stage"), self.feature_grad_scale
         if s != 1.0:  # same value, gradient into the shared network scaled by s
             f = f.detach() if s == 0.0 else f * s + f.detach() * (1.0 - s)
         return heat, self.anchor_head(f)
@@ -94,7 +96,9 @@ class AnchorHeatmapNetwork(LandmarkHeatmapNetwork):
         if self.training:
             return self.forward_with_anchors(x)
         if not self.record_existence:
-            return super().forward(x)
+            heat = super().forward(x)
+            self._anchor_features.pop("stage", None)
+            return heat
         heat, anchors = self.forward_with_anchors(x)
         p = torch.sigmoid(anchors.logits.detach().float().transpose(0, 2).flatten(1).amax(1))  # (L,)
         torch.maximum(self.anchor_existence, p, out=self.anchor_existence)
