@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--spacing", type=float, default=0.7, help="test case spacing, mm (isotropic)")
     p.add_argument("--train_factor", type=int, default=2, help="training phantoms: test shape / f at spacing * f")
     p.add_argument("--n_train", type=int, default=4, help="training phantoms (the last one validates)")
-    p.add_argument("--train_minutes", type=float, default=5.0)
+    p.add_argument("--train_minutes", type=float, default=3.0)
     p.add_argument("--patch", type=int, default=64)
     p.add_argument("--tta", action="store_true", help="test-time mirroring in both arms")
     p.add_argument("--seed", type=int, default=0)
@@ -62,7 +63,9 @@ def parse_args(argv=None):
 
 
 def tree_rss_mib(pid: int) -> float:
-    """Resident memory (MiB) of a process and all its descendants now, from /proc (Linux)."""
+    """Memory (MiB) of a process and all its descendants now, from /proc (Linux): the sum of their
+    proportional set sizes (Pss: a page shared by n processes counts 1/n in each, so forked workers'
+    shared pages are not counted twice); VmRSS where smaps_rollup cannot be read."""
     children: dict = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -75,17 +78,19 @@ def tree_rss_mib(pid: int) -> float:
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
-        try:
-            total += next(int(line.split()[1]) for line in Path(f"/proc/{p}/status").read_text().splitlines()
-                          if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, ValueError):
-            pass
+        for file, key in ((f"/proc/{p}/smaps_rollup", "Pss:"), (f"/proc/{p}/status", "VmRSS:")):
+            try:
+                total += next(int(line.split()[1]) for line in Path(file).read_text().splitlines()
+                              if line.startswith(key))
+                break
+            except (OSError, StopIteration, ValueError):
+                continue
     return total / 1024.0
 
 
 def run_measured(cmd, env, log: Path):
-    """Run a command; (wall seconds, peak RSS in MiB of that process, peak RSS of it and its worker
-    processes together (sampled every 0.2 s; shared pages count once per process), stdout)."""
+    """Run a command; (wall seconds, peak RSS in MiB of that process, peak memory of it and its worker
+    processes together (sampled every 0.2 s, proportional set sizes: see tree_rss_mib), stdout)."""
     t = time.monotonic()
     peak = [0.0]
     with open(log, "w") as f:
@@ -116,10 +121,12 @@ def prepare(args, work: Path, env, logs: Path):
     from nnlandmark_h3de.demo.commands import environment, find_command, run_command
     f = args.train_factor
     train_shape = tuple(max(32, s // f) for s in args.shape)
-    train = generate_phantom_cases(work / "train", args.n_train, shape=train_shape, spacing=(args.spacing * f,) * 3,
-                                   seed=args.seed, case_prefix="train")
-    test = generate_phantom_cases(work / "test", 1, shape=tuple(args.shape), spacing=(args.spacing,) * 3,
-                                  seed=args.seed + 1000, case_prefix="large")
+    with ProcessPoolExecutor(1) as pool:  # the CT-sized test case beside the training cases (2 cores)
+        large = pool.submit(generate_phantom_cases, work / "test", 1, shape=tuple(args.shape),
+                            spacing=(args.spacing,) * 3, seed=args.seed + 1000, case_prefix="large", progress=False)
+        train = generate_phantom_cases(work / "train", args.n_train, shape=train_shape,
+                                       spacing=(args.spacing * f,) * 3, seed=args.seed, case_prefix="train")
+        test = large.result()
     names = sorted(train)
     splits = [{"train": names[:-1], "val": names[-1:]}]
     with environment(env):
@@ -132,8 +139,10 @@ def prepare(args, work: Path, env, logs: Path):
                                         "--patch_size", *[str(args.patch)] * 3, "--base_features", "8",
                                         "--max_features", "64"], env, logs / "small_config.log")
     with environment(env):
+        # every arm predicts with --no_absent: one in-sample case is enough for the thresholds nobody reads here
         trainer = write_budget_trainer(work / "trainers", "nnLandmarkTrainer", 60 * args.train_minutes,
-                                       iterations_per_epoch=25, val_iterations_per_epoch=2)
+                                       iterations_per_epoch=25, val_iterations_per_epoch=2,
+                                       attributes={"existence_training_cases": 1})
     t = time.monotonic()
     run_command("train", [find_command("nnUNetv2_train"), str(DATASET_ID), CONFIGURATION, "0", "-tr", trainer,
                           "-device", "cpu"], env, logs / "train.log", progress_pattern=r"Epoch \d+\s*$")

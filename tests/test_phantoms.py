@@ -192,3 +192,17 @@ def test_deformed_phantoms_vary_nonlinearly_with_exact_landmarks(tmp_path):
             err = np.linalg.norm((world * w[..., None]).sum((0, 1, 2)) / w.sum() - p)
             # the landmark is exact; a curved map moves a blob's centroid off its centre's image a little
             assert err < 0.35, f"{case}/{name}: drawn centre {err:.3f} mm from the moved landmark"
+
+
+def test_structure_occupancy_in_its_box_equals_the_whole_volume_computation():
+    """The small structures are drawn only inside a box around them; outside it their occupancy must be
+    exactly 0, so the phantoms are the same as when every voxel was evaluated."""
+    from nnlandmark_h3de.demo.phantoms import STRUCTURES, _occupancy, _structure_occupancy, _structure_sd
+    rng = np.random.default_rng(0)
+    p = rng.uniform(-1.2, 1.2, size=(200_000, 3))
+    for ramp in (0.01, 0.05, 0.2):
+        for s in STRUCTURES:
+            full = _occupancy(_structure_sd(p, s), ramp)
+            near, occ = _structure_occupancy(p, s, ramp)
+            assert np.array_equal(full[~near], np.zeros(int((~near).sum())))
+            assert np.array_equal(full[near], occ) and near.mean() < 0.5

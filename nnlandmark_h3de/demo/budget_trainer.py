@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -100,9 +101,11 @@ def budget_trainer_name(base_name: str, seconds: float) -> str:
 
 
 def write_budget_trainer(folder, base_name: str, seconds: float, max_epochs: int = 1000,
-                         iterations_per_epoch: int = 10, val_iterations_per_epoch: int = 2) -> str:
+                         iterations_per_epoch: int = 10, val_iterations_per_epoch: int = 2,
+                         attributes: Optional[dict] = None) -> str:
     """Write `<folder>/<name>.py` defining a budgeted subclass of trainer `base_name`; returns the
-    class name. The base is looked up the way nnU-Net does (its own trainers, then nnUNet_extTrainer)."""
+    class name. The base is looked up the way nnU-Net does (its own trainers, then nnUNet_extTrainer).
+    `attributes`: more class attributes (plain Python literals), e.g. {"existence_training_cases": 1}."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     try:
@@ -124,6 +127,6 @@ def write_budget_trainer(folder, base_name: str, seconds: float, max_epochs: int
         f"    budget_max_epochs = {int(max_epochs)}\n"
         f"    budget_iterations_per_epoch = {int(iterations_per_epoch)}\n"
         f"    budget_val_iterations_per_epoch = {int(val_iterations_per_epoch)}\n"
-    )
+    ) + "".join(f"    {k} = {v!r}\n" for k, v in (attributes or {}).items())
     atomic_write_text(Path(folder) / f"{name}.py", source)
     return name

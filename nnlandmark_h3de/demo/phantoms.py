@@ -120,6 +120,30 @@ def _structure_sd(p: np.ndarray, s: Structure) -> np.ndarray:
     raise ValueError(f"unknown structure kind {s.kind!r}")
 
 
+def _structure_box(s: Structure, ramp: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(centre, half extents) of a box outside which the structure's signed distance is >= `ramp`, so its
+    occupancy there is exactly 0. Ellipsoid: along axis i the first-order distance is at least
+    (|q| - 1) * min(axes) with |q| > 1 + m_i / a_i, hence m_i = ramp * a_i / min(axes). Rod: exact
+    distances along each box axis, hence m = ramp."""
+    if s.kind == "ellipsoid":
+        a = np.asarray(s.axes, dtype=np.float64)
+        return np.asarray(s.centre, dtype=np.float64), a + ramp * a / a.min()
+    mid, half = 0.5 * (s.z_range[0] + s.z_range[1]), 0.5 * (s.z_range[1] - s.z_range[0])
+    r = float(s.axes[0])
+    return np.array([s.centre[0], s.centre[1], mid]), np.array([r + ramp, r + ramp, half + ramp])
+
+
+def _structure_occupancy(p: np.ndarray, s: Structure, ramp: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(mask of the voxels near the structure, their occupancy): the same values as
+    `_occupancy(_structure_sd(p, s), ramp)` there, and 0 everywhere else, at a fraction of the cost (the
+    small structures cover a few percent of a CT-sized volume)."""
+    centre, half = _structure_box(s, ramp)
+    near = np.ones(p.shape[:-1], dtype=bool)
+    for axis in range(3):
+        near &= np.abs(p[..., axis] - centre[axis]) <= half[axis]
+    return near, _occupancy(_structure_sd(p[near], s), ramp)
+
+
 def _bias_field(p: np.ndarray, direction: np.ndarray, curvature: float, strength: float) -> np.ndarray:
     """Smooth multiplicative bias at frame points p (..., d): a linear ramp along `direction` plus a
     radial quadratic term (any dimension)."""
@@ -209,8 +233,8 @@ def render_phantom(case_id: str, geometry: ImageGeometry, seed: int, case_index:
     for s in STRUCTURES:
         if s.name in removed:
             continue
-        occ = _occupancy(_structure_sd(p, s), ramp)
-        img = img * (1 - occ) + tissue[s.tissue] * occ
+        near, occ = _structure_occupancy(p, s, ramp)
+        img[near] = img[near] * (1 - occ) + tissue[s.tissue] * occ
 
     bias = _bias_field(p, bias_dir, bias_curv, bias_strength)
     noise = _case_rng(seed, case_index, _NOISE).normal(0.0, noise_std, size=img.shape)
