@@ -288,11 +288,26 @@ def _fit_uncertainty(results: dict, evaluated, reference, names):
                                  spread_mm=spread)
 
 
+def _reference_landmarks(trainer, results: dict, names) -> dict:
+    """{case: LandmarkSet} of the raw dataset's landmarks.json in the model's order ({} without one, said
+    in the log, as are validation cases it lacks)."""
+    from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
+    reference_file = trainer.reference_landmarks_file()
+    if reference_file is None:
+        trainer.print_to_log_file("WARNING: no landmarks.json in $nnUNet_raw/<dataset>/ nor in the preprocessed "
+                                  "folder: landmarks are written but not evaluated, the threshold is the default")
+        return {}
+    reference = {k: v.reordered(names) for k, v in load_dataset_landmarks(reference_file).items()}
+    missing = sorted(set(results) - set(reference))
+    if missing:
+        trainer.print_to_log_file(f"WARNING: {reference_file} has no landmarks for validation cases {missing}")
+    return reference
+
+
 def run_final_validation(trainer, score: str = "peak", existence_net=None) -> None:
     """Predict, calibrate the existence thresholds of every score computed ("peak" and, with
     `existence_net`, "anchor"), keep the one with the best validation F1 (`score` preferred on ties),
     write the landmark files, thresholds and summary.json (other scores' calibrations as alternatives)."""
-    from nnlandmark_h3de.landmarks.dataset_file import load_dataset_landmarks
     from nnlandmark_h3de.evaluation import evaluate_landmarks
     from nnlandmark_h3de.evaluation.report import write_summary_json
 
@@ -311,17 +326,7 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
         return
 
     names = trainer.landmark_names
-    reference_file = trainer.reference_landmarks_file()
-    reference = {}
-    if reference_file is None:
-        trainer.print_to_log_file("WARNING: no landmarks.json in $nnUNet_raw/<dataset>/ nor in the preprocessed "
-                                  "folder: landmarks are written but not evaluated, the threshold is the default")
-    else:
-        reference = {k: v.reordered(names) for k, v in load_dataset_landmarks(reference_file).items()}
-        missing = sorted(set(results) - set(reference))
-        if missing:
-            trainer.print_to_log_file(f"WARNING: {reference_file} has no landmarks for validation cases {missing}")
-
+    reference = _reference_landmarks(trainer, results, names)
     cases = sorted(results)
     evaluated = [c for c in cases if c in reference]
     if evaluated and results[evaluated[0]][3] is not None:
