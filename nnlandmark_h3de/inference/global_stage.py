@@ -377,7 +377,7 @@ def calibrate_global_stage(local_fold_folder: Path, raw_dataset: Path, train_cas
         raise ValueError(f"no global stage to calibrate among {list(kinds)} (a learned one needs its model folder)")
     choice.kind = min(validation, key=lambda k: validation[k]["mre_mm"])
     choice.validation = validation
-    names = next((next(iter(c.values())).names for c in recorded.values() if c), [])
-    write_recorded_estimates(local_fold_folder / ESTIMATES_FILE, names, recorded)  # the revalidation reuses them
+    write_recorded_estimates(local_fold_folder / ESTIMATES_FILE, stage.names if registration_kinds else [],
+                             recorded)  # the revalidation reuses them
     choice.write(local_fold_folder / GLOBAL_STAGE_FILE)
     return choice
