@@ -46,11 +46,13 @@ import numpy as np
 
 from common import (BenchmarkError, build_cases, evaluate, format_displacement, format_per_landmark_change,
                     format_table, load_template,
-                    named_landmarks, predict_images, row_from_summary, run_script, train_with_budget, trainer_rows)
+                    named_landmarks, needs_global_stage, predict_images, row_from_summary, run_script,
+                    train_with_budget, trainer_rows)
 
 __all__ = ["BenchmarkError", "rater_floor", "centre_offset_baseline", "atlas_predictions", "atlas_rows", "main"]
 
 DATASET_ID, DATASET_NAME, CONFIGURATION = 988, "AFIDsReposedBenchmark", "3d_fullres_small"
+LOCAL_CONFIGURATION = "3d_local"  # trainers that need a global stage (nnLandmarkTrainerPrior): small patches
 GLOBAL_CONFIGURATION = "3d_global"
 
 
@@ -180,6 +182,9 @@ def parse_args(argv=None):
                    help="also train a whole-image configuration for this many CPU minutes as the learned global "
                         "stage (default 0: atlas global stage only)")
     p.add_argument("--global_patch", type=int, default=64, help="patch edge of the whole-image configuration")
+    p.add_argument("--local_patch", type=int, default=32,
+                   help=f"patch edge of {LOCAL_CONFIGURATION}, the configuration of trainers that need a global stage")
+    p.add_argument("--local_batch", type=int, default=4, help=f"batch size of {LOCAL_CONFIGURATION}")
     return p.parse_args(argv)
 
 
@@ -228,14 +233,19 @@ def make_dataset(args, work: Path, env: dict) -> dict:
 
 
 def plan_small_configuration(args, env: dict, logs: Path) -> None:
-    """nnU-Net planning + preprocessing and the small configuration every trainer shares."""
+    """nnU-Net planning + preprocessing, the small configuration of the whole-image trainers and the local
+    one (smaller patches, same spacing and preprocessed data) of those that need a global stage."""
     from nnlandmark_h3de.demo.commands import find_command, run_command
     run_command("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
                                         "-c", "3d_fullres", "-np", "1"], {**env, "nnUNet_n_proc_DA": "1"},
                 logs / "plan_and_preprocess.log")
+    features = ["--base_features", str(args.base_features), "--max_features", str(args.max_features)]
     run_command("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID),
-                                        "--name", CONFIGURATION, "--base_features", str(args.base_features),
-                                        "--max_features", str(args.max_features)], env, logs / "small_configuration.log")
+                                        "--name", CONFIGURATION, *features], env, logs / "small_configuration.log")
+    run_command("local_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID),
+                                        "--name", LOCAL_CONFIGURATION, "--patch_size", *[str(args.local_patch)] * 3,
+                                        "--batch_size", str(args.local_batch), *features], env,
+                logs / "local_configuration.log")
 
 
 def learned_global_stage(args, raw: Path, work: Path, env: dict):
@@ -320,7 +330,8 @@ def main(argv=None) -> int:
     rows += atlas_rows(raw, data["fit"], data["test"], truth, work, args.n_atlases, args.registration_spacing)
     for trainer in args.trainers:
         try:
-            rows += trainer_rows(trainer, raw=raw, dataset_id=DATASET_ID, configuration=CONFIGURATION,
+            configuration = LOCAL_CONFIGURATION if needs_global_stage(trainer, env) else CONFIGURATION
+            rows += trainer_rows(trainer, raw=raw, dataset_id=DATASET_ID, configuration=configuration,
                                  minutes=args.cpu_minutes, iterations_per_epoch=args.iterations_per_epoch,
                                  images=raw / "imagesTs", truth=truth, work=work, env=env,
                                  n_atlases=args.n_atlases, registration_spacing=args.registration_spacing,

@@ -194,6 +194,24 @@ def plan_small_configuration(dataset_id: int, patch, base_features: int, max_fea
                    env=env, check=True, capture_output=True)
 
 
+def needs_global_stage(trainer: str, env: dict) -> bool:
+    """Whether `trainer` is a local stage that cannot predict over the whole image (nnLandmarkTrainerPrior)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnlandmark_h3de.demo.commands import environment
+    with environment(env):
+        return bool(getattr(recursive_find_trainer_class_by_name(trainer), "needs_global_stage", False))
+
+
+def local_stage_validation(kind_validation: dict) -> dict:
+    """What the two-stage final validation measured on the validation cases (global_stage.json): the local
+    network's own peaks inside the search radius (nothing fitted on them), the global stage, and the
+    combination whose weight and floor were fitted on these same cases."""
+    w, f = kind_validation.get("local_weight_fit", {}), kind_validation.get("local_peak_floor_fit", {})
+    return {"mre_local_mm": w.get("mre_local_mm"), "mre_global_mm": w.get("mre_global_mm"),
+            "local_weight": kind_validation.get("local_weight"), "mre_combined_mm_in_sample": f.get("mre_mm"),
+            "local_used_fraction": f.get("local_used_fraction")}
+
+
 def train_with_budget(label: str, trainer: str, dataset_id: int, configuration: str, minutes: float, work: Path,
                       env: dict, iterations_per_epoch: int, val_iterations_per_epoch: Optional[int] = None):
     """Train `trainer` on fold 0 (CPU) for `minutes` of wall clock with the stock nnUNetv2_train through a
@@ -228,21 +246,24 @@ def trainer_rows(trainer: str, *, raw: Path, dataset_id: int, configuration: str
                  iterations_per_epoch: int, images: Path, truth: Path, work: Path, env: dict, n_atlases: int,
                  registration_spacing: float, learned_model: Optional[Path] = None, tag: str = "",
                  title: Optional[str] = None, predict_args: Sequence[str] = ()) -> List[dict]:
-    """Train `trainer` on fold 0 for a CPU budget, predict `images` over the whole image, calibrate the
-    global stage(s) on the validation cases and predict in two stages; one row per prediction, scored
-    against `truth`. `tag` prefixes work folders and logs (several datasets in one work dir); rows are
-    labelled `title` (default: the trainer). `predict_args` go to every nnLandmark_predict."""
+    """Train `trainer` on fold 0 for a CPU budget, predict `images` over the whole image (unless the trainer
+    needs a global stage: `needs_global_stage`), calibrate the global stage(s) on the validation cases and
+    predict in two stages; one row per prediction, scored against `truth`. `tag` prefixes work folders and
+    logs (several datasets in one work dir); rows are labelled `title` (default: the trainer).
+    `predict_args` go to every nnLandmark_predict."""
     from nnlandmark_h3de.demo.commands import find_command, run_command
     logs, label, title = work / "logs", f"{tag}{trainer}", title or trainer
     name, train_s, epochs = train_with_budget(label, trainer, dataset_id, configuration, minutes, work, env,
                                               iterations_per_epoch)
     model_args = ["-c", configuration, "-tr", name]
-    pred = work / f"predictions_{label}"
-    per_case = predict_images(label, images, dataset_id, [*model_args, "--global", "none", *predict_args], pred, env,
-                              logs)
-    rows = [row_from_summary(f"{title} (whole image)", evaluate(truth, pred, work / f"evaluation_{label}"),
-                             train_wall_s=round(train_s, 1), epochs=epochs, s_per_case=round(per_case, 2),
-                             note=f"{epochs} epochs, {train_s:.0f} s train+final val")]
+    trained = dict(train_wall_s=round(train_s, 1), epochs=epochs, note=f"{epochs} epochs, {train_s:.0f} s train")
+    rows = []
+    if not needs_global_stage(trainer, env):
+        pred = work / f"predictions_{label}"
+        per_case = predict_images(label, images, dataset_id, [*model_args, "--global", "none", *predict_args], pred,
+                                  env, logs)
+        rows.append(row_from_summary(f"{title} (whole image)", evaluate(truth, pred, work / f"evaluation_{label}"),
+                                     s_per_case=round(per_case, 2), **trained))
     kinds = ["atlas", "deformable"] + (["learned"] if learned_model is not None else [])
     t = time.monotonic()
     run_command(f"calibrate global {label}", [
@@ -265,6 +286,7 @@ def trainer_rows(trainer: str, *, raw: Path, dataset_id: int, configuration: str
         rows.append(row_from_summary(
             f"{title} two-stage ({kind} global)", both, per_landmark=per_landmark_change(alone, both),
             s_per_case=round(per_case, 2), radius_mm=round(v["radius_mm"], 2), calibrate_s=round(calibrate_s, 1),
+            validation=local_stage_validation(v), **({} if rows else trained),
             note=f"same model; search radius {v['radius_mm']:.1f} mm (validation p90 {v['p90_mm']:.1f} mm)"
                  f"{', kept by calibration' if choice['kind'] == kind else ''}"))
         rows.append(row_from_summary(  # what the local network adds: the estimates it started from

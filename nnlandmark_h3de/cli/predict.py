@@ -142,6 +142,12 @@ def main(argv=None) -> int:
         kind = "none"
     attach_global_stage(predictor, model_folder, folds, kind, torch.device(args.device))
     from nnlandmark_h3de.inference.device_errors import PredictionStopped
+    from nnlandmark_h3de.inference.estimate_input import check_whole_image_allowed
+    try:
+        if predictor.global_stage is None:  # before any case: it would fail on every one
+            check_whole_image_allowed(predictor.network)
+    except ValueError as e:
+        raise SystemExit(f"nnLandmark_predict: {model_folder}: {e}")
     try:
         predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=not args.continue_prediction,
                                      num_processes_preprocessing=args.npp, num_processes_segmentation_export=0,

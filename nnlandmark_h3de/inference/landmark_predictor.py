@@ -50,6 +50,8 @@ from nnlandmark_h3de.heatmaps import pair_permutation
 from nnlandmark_h3de.inference.case_mirroring import (CaseMirroring, add_on_one_device, case_mirroring,
                                                       logit_channel_permutation, mirror_combos)
 from nnlandmark_h3de.inference.device_errors import PredictionStopped, stops_the_run
+from nnlandmark_h3de.inference.estimate_input import check_whole_image_allowed, estimate_sigma, mirrored_input, \
+    with_estimate_channels
 from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.inference.postprocessing import (PostprocessingOptions, postprocess, read_thresholds_per_fold,
@@ -59,8 +61,7 @@ from nnlandmark_h3de.inference.regional_preprocessing import NormalizedCase
 from nnlandmark_h3de.inference.two_stage_tiles import (LocalSearch, TilePlan, TileSum, blend_with_estimates,
                                                        global_fallback_uncertainty, keep_weak_estimates,
                                                        plan_regional_tiles, plan_tiles, tile_peaks)
-from nnlandmark_h3de.inference.uncertainty import (axis_step_mm, heatmap_spread_mm, member_spread_mm,
-                                                   per_fold_uncertainty, read_uncertainty_per_fold)
+from nnlandmark_h3de.inference.uncertainty import case_uncertainty, read_uncertainty_per_fold
 from nnlandmark_h3de.inference.save_heatmaps import HEATMAP_SUFFIX
 from nnlandmark_h3de.landmarks import OUTPUT_FORMATS, LandmarkSet, landmark_names, write_landmarks
 
@@ -267,15 +268,17 @@ class nnLandmarkPredictor(nnUNetPredictor):
         self.network = self.network.to(self.device)
         self.network.eval()
         tile_sum = TileSum(tiles, len(combos))
+        sigma = estimate_sigma(self.network)
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             for g in range(len(tiles.groups)):
-                x = tiles.tile_input(padded, g, patch)[None].to(self.device)
+                x = with_estimate_channels(tiles.tile_input(padded, g, patch)[None].to(self.device), tiles, g, sigma)
                 for m, combo in enumerate(combos):
                     dims = [a + 2 for a in combo]  # the tile batch is (1, C, z, y, x)
-                    out = self.network(torch.flip(x, dims) if dims else x)
+                    swap = self._flipped_channels if plan.swap_axis is not None and plan.swap_axis in combo else None
+                    out = self.network(mirrored_input(x, dims, swap, 0 if sigma is None else len(self.names)))
                     out = (torch.flip(out, dims) if dims else out)[0].float()
-                    if plan.swap_axis is not None and plan.swap_axis in combo:
-                        out = out[self._flipped_channels]
+                    if swap is not None:
+                        out = out[swap]
                     tile_sum.add(g, m, out)
                     del out
         return tile_sum.mean().cpu(), tile_sum.member_peaks()
@@ -290,7 +293,8 @@ class nnLandmarkPredictor(nnUNetPredictor):
         """What two_stage_tiles plans with: this model's plans and configuration, the search radius and
         nnU-Net's sliding-window tile count."""
         return LocalSearch(self.plans_manager, self.configuration_manager, self.global_radius_mm,
-                           lambda shape: len(self._internal_get_sliding_window_slicers(shape)))
+                           lambda shape: len(self._internal_get_sliding_window_slicers(shape))
+                           if estimate_sigma(self.network) is None else float("inf"))  # it needs its tiles
 
     def locate(self, data, properties: dict, files=None, record_existence: bool = False, source: str = "<memory>"):
         """Network-space landmarks of one case (preprocessed tensor, or a NormalizedCase for regional
@@ -301,6 +305,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
             if case.mirroring.note:
                 tqdm.write(f"WARNING {source}: {case.mirroring.note}")
             if self.global_stage is None:
+                check_whole_image_allowed(self.network)
                 logits = self._ensemble_logits(self._resampled_whole(data))
                 idx, _, width = decode_peaks(logits[1:], logits=True)
                 return idx, width, case.folds, logits, None
@@ -357,7 +362,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         for what, per_fold in (("thresholds", self.fold_thresholds), ("uncertainty models", self.fold_uncertainty)):
             if per_fold is not None and len(per_fold) != len(folds):
                 raise RuntimeError(f"{len(per_fold)} folds' {what} loaded for {len(folds)} folds predicted")
-        uncertainty = self._uncertainty(folds, points, idx, width, to_world)
+        uncertainty = case_uncertainty(self.fold_uncertainty, folds, points, idx, width, to_world)
         if two_stage is not None:
             uncertainty = global_fallback_uncertainty(uncertainty, two_stage, self.global_fallback_mm)
         ls = LandmarkSet(self.names, points, uncertainty_mm=uncertainty, source=source)
@@ -367,17 +372,6 @@ class nnLandmarkPredictor(nnUNetPredictor):
             report["global_estimate"] = two_stage["estimate"]
             report["n_tiles"] = two_stage["n_tiles"]
         return ls, report, logits
-
-    def _uncertainty(self, folds: List[FoldOutput], points, idx, width, to_world) -> np.ndarray:
-        """Calibrated per fold when models exist; else the spread of all members (folds x mirrors)
-        around the ensemble's points; with a single member the heatmap width."""
-        if self.fold_uncertainty is not None:
-            spreads = [member_spread_mm(f.member_idx, to_world(f.idx), to_world) for f in folds]
-            u = per_fold_uncertainty(self.fold_uncertainty, [f.peak for f in folds], spreads)
-            if u is not None:
-                return u
-        spread = member_spread_mm([m for f in folds for m in f.member_idx], points, to_world)
-        return spread if spread is not None else heatmap_spread_mm(width, axis_step_mm(to_world, idx))
 
     def output_file(self, ofile_truncated: str) -> str:
         return f"{ofile_truncated}.{self.output_format}"
@@ -393,13 +387,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
     def export_global_estimate(self, report: dict, ofile_truncated: str) -> None:
         """With `save_global_estimates`, the global stage's own estimates go to OUT/global_stage/ (what the
         local stage started from: to see what each stage contributes)."""
-        estimate = report.get("global_estimate")
-        if not self.save_global_estimates or estimate is None:
-            return
-        folder = os.path.join(os.path.dirname(ofile_truncated), GLOBAL_ESTIMATES_FOLDER)
-        os.makedirs(folder, exist_ok=True)
-        write_landmarks(estimate, self.output_file(os.path.join(folder, os.path.basename(ofile_truncated))),
-                        self.output_format)  # already in the model's order (global_estimate)
+        if self.save_global_estimates and report.get("global_estimate") is not None:  # in the model's order
+            folder = os.path.join(os.path.dirname(ofile_truncated), GLOBAL_ESTIMATES_FOLDER)
+            os.makedirs(folder, exist_ok=True)
+            write_landmarks(report["global_estimate"], self.output_file(os.path.join(
+                folder, os.path.basename(ofile_truncated))), self.output_format)
 
     # ------------------------------------------------------ nnU-Net hooks
     def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,

@@ -116,6 +116,13 @@ class TilePlan:
         lo = self.groups[g][0]
         return padded[(slice(None),) + tuple(slice(int(o), int(o) + p) for o, p in zip(lo, patch))]
 
+    def tile_estimates(self, g: int) -> np.ndarray:
+        """Every landmark's global estimate (L, 3) in group g's tile voxels (NaN where none): what a local
+        network that takes the estimates as input channels sees in that tile."""
+        if self.regions is None:
+            return self.centres - self.groups[g][0]
+        return self.regions[g].from_case_index(self.to_case_index(self.centres)) - self.groups[g][0]
+
     def to_case_index(self, idx: np.ndarray) -> np.ndarray:
         """Indices in tile space (padded array or, per group, its region) -> the case's network indices."""
         if self.regions is None:

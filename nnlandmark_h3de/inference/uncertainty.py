@@ -149,3 +149,17 @@ def per_fold_uncertainty(models: Sequence[Optional[UncertaintyModel]], peaks: Se
     None when no fold has a model."""
     rows = [m(p, s) for m, p, s in zip(models, peaks, spreads_mm) if m is not None]
     return np.sqrt(np.mean(np.square(rows), axis=0)) if rows else None
+
+
+def case_uncertainty(fold_models, folds, points: np.ndarray, idx: np.ndarray, width: np.ndarray,
+                     to_world) -> np.ndarray:
+    """One case's uncertainty (L,) mm: calibrated per fold when every fold has its model (`fold_models`);
+    else the spread of all members (folds x mirrors) around the ensemble's points; with a single member
+    the heatmap width. folds: the predictor's FoldOutputs (idx, peak, member_idx)."""
+    if fold_models is not None:
+        spreads = [member_spread_mm(f.member_idx, to_world(f.idx), to_world) for f in folds]
+        u = per_fold_uncertainty(fold_models, [f.peak for f in folds], spreads)
+        if u is not None:
+            return u
+    spread = member_spread_mm([m for f in folds for m in f.member_idx], points, to_world)
+    return spread if spread is not None else heatmap_spread_mm(width, axis_step_mm(to_world, idx))

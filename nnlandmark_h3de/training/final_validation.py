@@ -157,14 +157,14 @@ def _training_keys_for_existence(trainer, n_validation: int) -> list:
     Measured on bench_absent_landmarks.py seed 3 (2026-12-05): held-out F1 0.993 for 0 to 18 in-sample
     cases, with or without mirrors."""
     cap = int(getattr(trainer, "existence_training_cases", MAX_TRAINING_CASES_FOR_EXISTENCE))
-    if _has_global_stage(trainer):
+    if has_global_stage(trainer):
         per_validation_case = 1
     else:
         per_validation_case = 2 ** len(trainer.inference_allowed_mirroring_axes or ())
     return in_sample_keys(trainer.do_split()[0], min(cap, per_validation_case * n_validation))
 
 
-def _has_global_stage(trainer) -> bool:
+def has_global_stage(trainer) -> bool:
     from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE
     return isfile(join(trainer.output_folder, GLOBAL_STAGE_FILE))
 
@@ -174,7 +174,7 @@ def _use_global_stage(trainer, predictor) -> bool:
     recorded by its calibration are reused, not registered again)."""
     from nnlandmark_h3de.inference.global_stage import load_global_stage
     from nnlandmark_h3de.inference.recorded_estimates import ESTIMATES_FILE, RecordedGlobalStage, read_recorded_estimates
-    if not _has_global_stage(trainer):
+    if not has_global_stage(trainer):
         return False
     stage, choice, kind = load_global_stage(trainer.output_folder, "auto", trainer.device)
     recorded = read_recorded_estimates(join(trainer.output_folder, ESTIMATES_FILE), kind)

@@ -252,11 +252,17 @@ class nnLandmarkTrainer(nnUNetTrainer):
         scale (a list, full resolution first; one tensor without deep supervision), drawn where they are."""
         return self.build_heatmap_targets(self._get_deep_supervision_scales())(points, tuple(patch_shape))
 
+    def network_input(self, data: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """What the network sees of a training or validation batch: the image channels (a subclass may
+        add channels drawn from the points, e.g. a simulated global estimate)."""
+        return data
+
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's train step on the heatmaps drawn on the device from the batch's points."""
         data = batch["data"].to(self.device, non_blocking=True)
-        target = self.targets_from_points(self.batch_points(batch), data.shape[2:])
-        return super().train_step({**batch, "data": data, "target": target})
+        points = self.batch_points(batch)
+        target = self.targets_from_points(points, data.shape[2:])
+        return super().train_step({**batch, "data": self.network_input(data, points), "target": target})
 
     # ------------------------------------------------------------- data loading
     def load_exact_points(self) -> Optional[dict]:
@@ -294,6 +300,7 @@ class nnLandmarkTrainer(nnUNetTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         points = self.batch_points(batch)
         target = self.targets_from_points(points, data.shape[2:])
+        data = self.network_input(data, points)
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
             del data
