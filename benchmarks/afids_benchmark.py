@@ -185,6 +185,9 @@ def parse_args(argv=None):
     p.add_argument("--local_patch", type=int, default=32,
                    help=f"patch edge of {LOCAL_CONFIGURATION}, the configuration of trainers that need a global stage")
     p.add_argument("--local_batch", type=int, default=4, help=f"batch size of {LOCAL_CONFIGURATION}")
+    p.add_argument("--local_trainers", nargs="*", default=[],
+                   help=f"trainers also trained on {LOCAL_CONFIGURATION} (those that need a global stage always are), "
+                        "e.g. nnLandmarkTrainerLocal, the best local stage per CPU minute in bench_local_stage.py")
     return p.parse_args(argv)
 
 
@@ -330,7 +333,8 @@ def main(argv=None) -> int:
     rows += atlas_rows(raw, data["fit"], data["test"], truth, work, args.n_atlases, args.registration_spacing)
     for trainer in args.trainers:
         try:
-            configuration = LOCAL_CONFIGURATION if needs_global_stage(trainer, env) else CONFIGURATION
+            local = trainer in args.local_trainers or needs_global_stage(trainer, env)
+            configuration = LOCAL_CONFIGURATION if local else CONFIGURATION
             rows += trainer_rows(trainer, raw=raw, dataset_id=DATASET_ID, configuration=configuration,
                                  minutes=args.cpu_minutes, iterations_per_epoch=args.iterations_per_epoch,
                                  images=raw / "imagesTs", truth=truth, work=work, env=env,
