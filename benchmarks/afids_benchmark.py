@@ -235,20 +235,32 @@ def make_dataset(args, work: Path, env: dict) -> dict:
             "displacement": {**moved_train, **moved_test}}
 
 
-def plan_small_configuration(args, env: dict, logs: Path) -> None:
-    """nnU-Net planning + preprocessing, the small configuration of the whole-image trainers and the local
-    one (smaller patches, same spacing and preprocessed data) of those that need a global stage."""
+def plan_and_preprocess(env: dict, logs: Path) -> None:
+    """nnU-Net planning + preprocessing of 3d_fullres (the data every small configuration shares)."""
     from nnlandmark_h3de.demo.commands import find_command, run_command
     run_command("plan_and_preprocess", [find_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
                                         "-c", "3d_fullres", "-np", "1"], {**env, "nnUNet_n_proc_DA": "1"},
                 logs / "plan_and_preprocess.log")
-    features = ["--base_features", str(args.base_features), "--max_features", str(args.max_features)]
-    run_command("small_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID),
-                                        "--name", CONFIGURATION, *features], env, logs / "small_configuration.log")
-    run_command("local_configuration", [find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID),
-                                        "--name", LOCAL_CONFIGURATION, "--patch_size", *[str(args.local_patch)] * 3,
-                                        "--batch_size", str(args.local_batch), *features], env,
-                logs / "local_configuration.log")
+
+
+def add_configuration(env: dict, logs: Path, name: str, base_features: int, max_features: int,
+                      patch: Optional[int] = None, batch: Optional[int] = None) -> None:
+    """A small configuration (nnLandmark_add_small_config) with a cubic patch and batch (default: its own)."""
+    from nnlandmark_h3de.demo.commands import find_command, run_command
+    shape = [] if patch is None else ["--patch_size", *[str(patch)] * 3]
+    run_command(f"configuration {name}", [
+        find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID), "--name", name, *shape,
+        *([] if batch is None else ["--batch_size", str(batch)]), "--base_features", str(base_features),
+        "--max_features", str(max_features)], env, logs / f"configuration_{name}.log")
+
+
+def plan_small_configuration(args, env: dict, logs: Path) -> None:
+    """nnU-Net planning + preprocessing, the small configuration of the whole-image trainers and the local
+    one (smaller patches, same spacing and preprocessed data) of those that need a global stage."""
+    plan_and_preprocess(env, logs)
+    add_configuration(env, logs, CONFIGURATION, args.base_features, args.max_features)
+    add_configuration(env, logs, LOCAL_CONFIGURATION, args.base_features, args.max_features, args.local_patch,
+                      args.local_batch)
 
 
 def learned_global_stage(args, raw: Path, work: Path, env: dict):

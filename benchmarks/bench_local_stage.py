@@ -59,23 +59,14 @@ def parse_arm(text: str):
         raise BenchmarkError(f"--arms: {text!r} is not TRAINER:PATCH_EDGE:BATCH (e.g. nnLandmarkTrainerPrior:32:4)")
 
 
-def add_configuration(env: dict, logs: Path, name: str, patch: int, batch: int, args) -> None:
-    from nnlandmark_h3de.demo.commands import find_command, run_command
-    from afids_benchmark import DATASET_ID
-    run_command(f"configuration {name}", [
-        find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID), "--name", name, "--patch_size",
-        *[str(patch)] * 3, "--batch_size", str(batch), "--base_features", str(args.base_features),
-        "--max_features", str(args.max_features)], env, logs / f"configuration_{name}.log")
-
-
 def run_arm(arm: str, args, raw: Path, work: Path, env: dict) -> dict:
     """Train one arm for the budget, calibrate the deformable stage with its two-stage validation."""
     from nnlandmark_h3de.demo.commands import find_command, run_command
-    from afids_benchmark import DATASET_ID
+    from afids_benchmark import DATASET_ID, add_configuration
     from common import local_stage_validation
     trainer, patch, batch = parse_arm(arm)
     configuration = f"3d_bench_{patch}_b{batch}"
-    add_configuration(env, work / "logs", configuration, patch, batch, args)
+    add_configuration(env, work / "logs", configuration, args.base_features, args.max_features, patch, batch)
     name, seconds, epochs = train_with_budget(f"{trainer}_{patch}", trainer, DATASET_ID, configuration,
                                               args.cpu_minutes, work, env, args.iterations_per_epoch)
     t = time.monotonic()
@@ -117,10 +108,9 @@ def main(argv=None) -> int:
     env = nnunet_environment(work)
     data_args = SimpleNamespace(templates=args.templates, train=args.train, test=[], seed=args.seed,
                                 cases_per_template=args.cases_per_template, exclude_names=[], deform_mm=args.deform_mm,
-                                ball_radius_mm=None, base_features=args.base_features, max_features=args.max_features,
-                                local_patch=32, local_batch=4)
+                                ball_radius_mm=None)
     data = afids_benchmark.make_dataset(data_args, work, env)
-    afids_benchmark.plan_small_configuration(data_args, env, work / "logs")
+    afids_benchmark.plan_and_preprocess(env, work / "logs")  # each arm adds its own configuration
     rows = [run_arm(arm, args, data["raw"], work, env) for arm in args.arms]
     print(report(rows, args))
     if args.json:

@@ -256,7 +256,7 @@ def trainer_rows(trainer: str, *, raw: Path, dataset_id: int, configuration: str
     name, train_s, epochs = train_with_budget(label, trainer, dataset_id, configuration, minutes, work, env,
                                               iterations_per_epoch)
     model_args = ["-c", configuration, "-tr", name]
-    trained = dict(train_wall_s=round(train_s, 1), epochs=epochs, note=f"{epochs} epochs, {train_s:.0f} s train")
+    trained = dict(train_wall_s=round(train_s, 1), epochs=epochs, note=f"{epochs} epochs, {train_s:.0f} s train+final val")
     rows = []
     if not needs_global_stage(trainer, env):
         pred = work / f"predictions_{label}"

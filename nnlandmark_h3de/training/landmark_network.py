@@ -24,17 +24,16 @@ def prepend_zero_channel(logits: torch.Tensor) -> torch.Tensor:
 
 
 class LandmarkHeatmapNetwork(nn.Module):
-    """Wraps any body whose forward returns (B, L, ...) logits or a list of them (deep supervision).
+    """Wraps any body whose forward returns (B, L, ...) logits or a list of them (deep supervision)."""
 
-    `estimate_sigma` (voxels) marks a local network that takes the global stage's estimates as L more
-    input channels after the image's (heatmaps.estimate_channels, drawn by the predictor); None: the
-    image only."""
+    # set (voxels) by a trainer whose network takes the global stage's estimates as L more input channels
+    # after the image's (heatmaps.estimate_channels, drawn by the predictor); None: the image only
+    estimate_sigma: Optional[float] = None
 
-    def __init__(self, body: nn.Module, logit_offset: float = -4.0, estimate_sigma: Optional[float] = None):
+    def __init__(self, body: nn.Module, logit_offset: float = -4.0):
         super().__init__()
         self.body = body
         self.logit_offset = float(logit_offset)
-        self.estimate_sigma = None if estimate_sigma is None else float(estimate_sigma)
 
     def _finish(self, logits: torch.Tensor) -> torch.Tensor:
         out = prepend_zero_channel(logits)

@@ -28,19 +28,6 @@ class nnLandmarkTrainerPrior(nnLandmarkTrainerLocal):
     estimate_error_mm = 4.0  # RMS distance of the simulated global estimates from the truth
     estimate_sigma = 4.0  # voxels: the width of the estimate channels' Gaussians
     needs_global_stage = True
-    learning_rate = 5e-4
-    mirror_augmentation = True  # False: no mirrors in training nor at inference
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = self.learning_rate
-
-    def _landmark_mirror_axes(self, mirror_axes):
-        if not self.mirror_augmentation:
-            self.print_to_log_file("Mirroring disabled (mirror_augmentation = False)")
-            return (), None
-        return super()._landmark_mirror_axes(mirror_axes)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
