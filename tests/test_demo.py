@@ -223,6 +223,9 @@ def test_2d_settings_and_report(tmp_path):
     s = DemoSettings.make(tmp_path, two_d=True)
     assert (s.base_configuration, s.configuration, len(s.shape_zyx), s.minutes) == ("2d", "2d_small", 2, 6.0)
     assert DemoSettings.make(tmp_path).base_configuration == "3d_fullres"
+    assert (s.deform_mm, DemoSettings.make(tmp_path).deform_mm) == (0.0, 4.0)  # 3D phantoms deform by default
+    with pytest.raises(ValueError, match="3D phantoms only"):
+        DemoSettings.make(tmp_path, two_d=True, deform_mm=2.0)
     names = ["sella", "nasion"]
     summary = evaluate_landmarks({"x": LandmarkSet(names, [[0, 0, 0], [10, 0, 0]])},
                                  {"x": LandmarkSet(names, [[1, 0, 0], [10, 2, 0]])})
@@ -345,8 +348,10 @@ def test_report_compares_the_global_stage_with_both_stages(tmp_path):
                         summary_file=str(tmp_path / "evaluation" / "summary.json"), model_folder=str(fold.parent))
     text = write_report(result, tmp_path / "report.md", total_seconds=10.0).read_text()
     # global alone: errors 3, 5, 4 mm -> 4.00; two stages: 1, 1, 1 -> 1.00, and the absent one caught
-    assert "| global stage alone (atlas registration) | 4.00 +- 0.82 | 4.00 |" in text
+    assert "| global stage alone (atlas: affine atlas registration) | 4.00 +- 0.82 | 4.00 |" in text
     assert "| **two stages** (atlas + network) | 1.00 +- 0.00 | 1.00 |" in text
+    assert "Two stages / global stage alone: 0.25x the MRE" in text
+    assert "each deformed by a smooth random nonlinear field of 4 mm RMS" in text  # the default phantoms
     assert "search radius 9.0 mm" in text and "75.0 %" in text
     assert "TP 3, FP 0, FN 0, TN 1, F1 1.000" in text
     assert "13 training cases predicted in-sample" in text and "F1 0.900" in text

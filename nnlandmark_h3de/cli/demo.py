@@ -19,9 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default budget 6 minutes); errors in mm and pixels")
     p.add_argument("--trainer", default="nnLandmarkTrainer", help="trainer class (default nnLandmarkTrainer)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    p.add_argument("--deform_mm", type=float, default=0.0,
+    p.add_argument("--deform_mm", type=float, default=None,
                    help="3D: deform each phantom by a smooth random nonlinear field of this RMS displacement (mm), "
-                        "so subjects differ beyond pose; also calibrates the deformable global stage (default 0)")
+                        "so subjects differ beyond pose, and calibrate the deformable global stage beside the "
+                        "affine one (default 4; 0 = rigidly re-posed phantoms, the affine atlas only)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in OUTPUT_DIR")
     return p
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     try:
         settings = DemoSettings.make(args.output_dir, quick=args.quick, minutes=args.minutes, trainer=args.trainer,
                                      seed=args.seed, overwrite=args.overwrite, two_d=args.two_d,
-                                     deform_mm=args.deform_mm)
+                                     **({} if args.deform_mm is None else {"deform_mm": args.deform_mm}))
         result = run_demo(settings)
     except (DemoError, ValueError) as e:
         print(f"nnLandmark_demo: error: {e}", file=sys.stderr)

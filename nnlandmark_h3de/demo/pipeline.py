@@ -69,9 +69,10 @@ class DemoSettings:
     val_iterations_per_epoch: int = 4
     n_atlases: int = 4  # training cases registered per case by the atlas global stage
     two_d: bool = False  # 2D X-ray phantoms, nnU-Net's 2d configuration, no global stage
-    # RMS (mm) of a smooth random nonlinear deformation per 3D phantom (synthesis.deformation); > 0 also
+    # RMS (mm) of a smooth random nonlinear deformation per 3D phantom (synthesis.deformation): subjects
+    # differ beyond pose, as real ones do, so an affine atlas is not already near the truth; > 0 also
     # calibrates the deformable global stage beside the affine one and predicts with the one validation keeps
-    deform_mm: float = 0.0
+    deform_mm: float = 4.0
     overwrite: bool = False
 
     @classmethod
@@ -82,6 +83,9 @@ class DemoSettings:
             kw = {"shape_zyx": (96, 80), "spacing_xyz": (1.0, 1.0), "patch_size": (96, 80), "oblique_deg": 0.0,
                   "dataset_id": 988, "dataset_name": "DemoXrays", "configuration": "2d_small", "max_features": 128,
                   "base_features": 16, **kw}
+            if kw.get("deform_mm"):
+                raise ValueError("--deform_mm deforms the 3D phantoms only (the 2D X-ray phantoms have none)")
+            kw["deform_mm"] = 0.0
             if quick:
                 kw = {"n_train": 8, "n_test": 2, "n_val": 2, "iterations_per_epoch": 5, "val_iterations_per_epoch": 1,
                       **kw}

@@ -65,23 +65,30 @@ def stage_comparison(result) -> List[str]:
     """The global stage alone vs both stages on the same test cases, and what the calibration chose."""
     from nnlandmark_h3de.evaluation.radial_errors import sdr_key
     radii = result.summary["sdr_radii_mm"]
+    choice = _read_json(Path(result.model_folder or "") / "fold_0" / "global_stage.json")
+    kind = choice["kind"] if choice is not None else "atlas"
+    registration = {"atlas": "affine atlas registration", "deformable": "affine + nonlinear atlas registration"}
     lines = ["## Two stages: what each contributes", "",
              "The phantoms are larger than one network patch; a tile alone cannot tell the left eye from the right. "
-             "The atlas global stage registers a few training images to the case and carries their landmarks "
+             "The global stage registers a few training images to the case and carries their landmarks "
              "over; the network then refines each landmark on the tiles around that estimate, within a search "
              "radius learned on the validation cases. Same test cases, same evaluator:", "",
              "| | MRE mm (mean +- std) | median mm | " + " | ".join(f"SDR<={r:g} mm" for r in radii) + " | F1 |",
              "|---|---|---|" + "---|" * len(radii) + "---|"]
-    for label, summ in (("global stage alone (atlas registration)", result.global_summary),
-                        ("**two stages** (atlas + network)", result.summary)):
+    pair = ((f"global stage alone ({kind}: {registration.get(kind, kind)})", result.global_summary),
+            (f"**two stages** ({kind} + network)", result.summary))
+    for label, summ in pair:
         m = summ["foreground_mean"]["micro"]
         mre = "n/a" if m["mean_radial_error_mm"] is None else \
             f"{m['mean_radial_error_mm']:.2f} +- {m['std_radial_error_mm']:.2f}"
         lines.append(f"| {label} | {mre} | {_fmt(m['median_radial_error_mm'])} | "
                      + " | ".join(_pct(m[sdr_key(r)]) for r in radii) + f" | {_fmt(m['F1'])} |")
+    g, b = (summ["foreground_mean"]["micro"]["mean_radial_error_mm"] for _, summ in pair)
+    if g and b is not None:
+        lines += ["", f"Two stages / global stage alone: {b / g:.2f}x the MRE (below 1: the network improved on "
+                      f"the registration)."]
     lines += ["", "The global stage has no existence signal of its own here (a missing structure is still "
               "registered), so its F1 counts every landmark present."]
-    choice = _read_json(Path(result.model_folder or "") / "fold_0" / "global_stage.json")
     if choice is not None:
         v = choice["validation"][choice["kind"]]
         floor = v.get("local_peak_floor_fit") or {}
@@ -164,8 +171,10 @@ def _dataset_section(result, root: Path) -> List[str]:
     else:
         data = (f"- {s.n_train + s.n_test} phantoms of {tuple(s.shape_zyx)} voxels (z, y, x), spacing "
                 f"{tuple(s.spacing_xyz)} mm (x, y, z), seed {s.seed}, each structure absent with probability "
-                f"{s.absent_fraction:g}, image direction rotated up to {s.oblique_deg:g} deg "
-                f"(parameters: [phantoms/phantoms.json](phantoms/phantoms.json))")
+                f"{s.absent_fraction:g}, image direction rotated up to {s.oblique_deg:g} deg, "
+                + (f"each deformed by a smooth random nonlinear field of {s.deform_mm:g} mm RMS displacement, "
+                   f"landmarks moved exactly " if s.deform_mm > 0 else "rigidly re-posed only ")
+                + "(parameters: [phantoms/phantoms.json](phantoms/phantoms.json))")
     L = ["## Dataset", "", data,
          f"- Split: {len(result.cases.get('train', []))} training, {len(result.cases.get('val', []))} validation "
          f"(fold 0), {len(result.cases.get('test', []))} test cases never seen in training: "
