@@ -145,8 +145,10 @@ class VBRA(nn.Module):
         idx = self.route(x, grid, rsize, padding, valid, topk)  # (B, R, topk)
 
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        # LePE on the unpadded V: zero padding at the true border, independent of the region padding
-        lepe = None if self.lepe is None else self.lepe(v.movedim(-1, 1)).movedim(1, -1)
+        # LePE on the unpadded V: zero padding at the true border, independent of the region padding. V is made
+        # channels-first contiguous: on the CPU, bf16 depthwise conv3d on a channels-last input smaller than the
+        # kernel (a deep stage of 3x4x5 under a 5^3 LePE) returns a wrong weight gradient (torch 2.14)
+        lepe = None if self.lepe is None else self.lepe(v.movedim(-1, 1).contiguous()).movedim(1, -1)
         if padding is not None:
             q, k, v = (F.pad(t, padding) for t in (q, k, v))
         q, k, v = (_to_regions(t, grid, rsize) for t in (q, k, v))  # (B, R, T, C)
