@@ -290,3 +290,25 @@ def test_predict_and_export_with_oracle_model(oracle_model, tmp_path, capsys):
     for case in truth:
         ls = read_points(exported / f"{case}.mrk.json")
         np.testing.assert_allclose(ls.uncertainty_mm, np.array([2.0, 3.0, 4.0]) * (0.8 / ls.confidence) ** 0.5, rtol=1e-4)
+
+
+def test_predict_gives_inputs_the_orientation_the_model_was_converted_in(oracle_model, tmp_path, capsys):
+    """A model whose dataset.json records the conversion's orientation (LPS) gets inputs stored otherwise (here
+    rotated, i towards patient right; 2 cases x 3 channels) reoriented on copies; the landmarks still land on the
+    world truth."""
+    from nnlandmark_h3de.cli import predict as predict_cli
+    from nnlandmark_h3de.utilities.orientation import orientation_code
+
+    raw, model, truth = (oracle_model[k] for k in ("raw", "model", "truth"))
+    assert orientation_code(sitk.ReadImage(str(raw / "imagesTs_clean" / "c0_0000.nii.gz")).GetDirection()) != "LPS"
+    dataset_json = json.loads((model / "dataset.json").read_text())
+    dataset_json["landmarks"]["image_orientation"] = "LPS"
+    (model / "dataset.json").write_text(json.dumps(dataset_json))
+    out = tmp_path / "oriented"
+    code, text = in_process(predict_cli.main, ["-i", raw / "imagesTs_clean", "-o", out, "-d", "951", "-tr", TRAINER,
+                                               "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "0",
+                                               "--disable_tta", "--disable_progress_bar"], capsys)
+    assert code == 0, text
+    assert "6 input image(s) stored in another orientation than the model's training images (LPS)" in text
+    for case in truth:
+        assert_matches_truth(read_points(out / f"{case}.mrk.json"), truth[case], 0.5, f"reoriented {case}")

@@ -148,10 +148,17 @@ def main(argv=None) -> int:
             check_whole_image_allowed(predictor.network)
     except ValueError as e:
         raise SystemExit(f"nnLandmark_predict: {model_folder}: {e}")
+    from nnlandmark_h3de.inference.oriented_inputs import InputHeaderError, inputs_in_orientation
+    from nnlandmark_h3de.utilities.orientation import dataset_orientation
     try:
-        predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=not args.continue_prediction,
-                                     num_processes_preprocessing=args.npp, num_processes_segmentation_export=0,
-                                     num_parts=args.num_parts, part_id=args.part_id)
+        with inputs_in_orientation(args.i, predictor.dataset_json["file_ending"],
+                                   dataset_orientation(predictor.dataset_json)) as input_folder:
+            predictor.predict_from_files(input_folder, args.o, save_probabilities=False,
+                                         overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                         num_processes_segmentation_export=0, num_parts=args.num_parts,
+                                         part_id=args.part_id)
+    except InputHeaderError as e:  # raised before any case is predicted
+        raise SystemExit(f"nnLandmark_predict: {e}")
     except PredictionStopped as e:  # out of memory or a device error: every later case would fail too
         raise SystemExit(f"nnLandmark_predict: {e}")
     return 1 if predictor.failed else 0

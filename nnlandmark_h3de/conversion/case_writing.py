@@ -18,6 +18,7 @@ from nnlandmark_h3de.conversion.draw_balls import draw_balls, label_dtype
 from nnlandmark_h3de.conversion.errors import ConversionError
 from nnlandmark_h3de.conversion.lazy_image import LazyImage
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry
+from nnlandmark_h3de.utilities.orientation import to_orientation
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError
 
 FILE_ENDING = ".nii.gz"
@@ -54,11 +55,13 @@ def _write_case(c: InputCase, out: Path, names: Sequence[str], radius: float) ->
         raise CaseError(f"{c.image_label}: image contains NaN or infinite intensities")
     if ImageGeometry.from_sitk(image) != c.geometry:
         raise CaseError(f"{c.image_label}: image geometry changed while converting")
+    image = to_orientation(image)  # 3D: one voxel-axis orientation for all cases (utilities/orientation.py)
     if c.is_test:
         sitk.WriteImage(image, str(out / "imagesTs" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
         return
-    labels, _ = draw_balls(c.geometry, c.landmarks.points_lps, radius, label_dtype(len(names)))
-    label_img = sitk.GetImageFromArray(labels[0] if c.geometry.ndim == 2 else labels)  # 2D: disks, a 2D map
+    geometry = ImageGeometry.from_sitk(image)
+    labels, _ = draw_balls(geometry, c.landmarks.points_lps, radius, label_dtype(len(names)))
+    label_img = sitk.GetImageFromArray(labels[0] if geometry.ndim == 2 else labels)  # 2D: disks, a 2D map
     label_img.CopyInformation(image)
     sitk.WriteImage(image, str(out / "imagesTr" / f"{c.case}_0000{FILE_ENDING}"), useCompression=True)
     sitk.WriteImage(label_img, str(out / "labelsTr" / f"{c.case}{FILE_ENDING}"), useCompression=True)

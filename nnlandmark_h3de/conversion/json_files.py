@@ -13,6 +13,7 @@ from nnlandmark_h3de.conversion.case_reading import InputCase
 from nnlandmark_h3de.conversion.case_writing import FILE_ENDING
 from nnlandmark_h3de.conversion.errors import ConversionError, ConversionWarning
 from nnlandmark_h3de.landmarks.dataset_file import LANDMARKS_FILE, landmark_info_dict, landmarks_json_dict
+from nnlandmark_h3de.utilities.orientation import CANONICAL_ORIENTATION
 
 
 def write_json_files(tmp: Path, target: Path, written: List[InputCase], names: Sequence[str], pairs, radius: float,
@@ -52,7 +53,8 @@ def dataset_json(target: Path, names: Sequence[str], pairs, radius: float, chann
         "numTraining": n_train,
         "file_ending": FILE_ENDING,
         "overwrite_image_reader_writer": "SimpleITKIO",
-        "landmarks": landmark_info_dict(names, pairs, radius),
+        "landmarks": {**landmark_info_dict(names, pairs, radius),
+                      **({"image_orientation": CANONICAL_ORIENTATION} if ndim == 3 else {})},
     }
 
 

@@ -20,11 +20,15 @@ def _no_autocast(device: torch.device):
 
 
 class HeatmapMSELoss(nn.Module):
-    """Mean squared error between sigmoid(logits[:, 1:]) and the (B, L, ...) heatmaps (nnLandmark paper)."""
+    """Mean squared error between sigmoid(logits[:, 1:]) and the (B, L, ...) heatmaps (nnLandmark paper).
+    NaN target voxels are not scored (a trainer marks a channel it does not want scored on a patch)."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with _no_autocast(logits.device):
-            return F.mse_loss(torch.sigmoid(logits[:, 1:].float()), target.float())
+            target = target.float()
+            scored = ~torch.isnan(target)
+            squared = (torch.sigmoid(logits[:, 1:].float()) - target.nan_to_num()) ** 2
+            return (squared * scored).sum() / scored.sum().clamp_min(1)
 
 
 class TopKHeatmapBCELoss(nn.Module):

@@ -48,6 +48,7 @@ from nnlandmark_h3de.training.landmark_progress import LandmarkLocalLogger
 from nnlandmark_h3de.training.landmark_validation import patch_radial_errors
 from nnlandmark_h3de.training.step_lr import StepLRScheduler
 from nnlandmark_h3de.training.validation_totals import summed_over_ranks
+from nnlandmark_h3de.utilities.orientation import mixed_orientations_message
 
 __all__ = ["nnLandmarkTrainer", "landmark_info_from_dataset_json"]
 
@@ -281,7 +282,17 @@ class nnLandmarkTrainer(nnUNetTrainer):
                                        self.preprocessed_dataset_folder, self.plans_manager,
                                        self.configuration_manager, source=file)
         self.print_to_log_file(f"Heatmap targets at the exact landmark points of {file} ({len(points)} cases)")
+        self._warn_if_orientations_differ(list(points))
         return points
+
+    def _warn_if_orientations_differ(self, cases: List[str]) -> None:
+        """Mixed orientations: a warning (a dataset converted elsewhere; nnLandmark_convert writes one)."""
+        properties = {c: load_pickle(join(self.preprocessed_dataset_folder, c + ".pkl")) for c in cases}
+        directions = {c: p.get("sitk_stuff", {}).get("direction", ()) for c, p in properties.items()}  # other readers: ()
+        msg = mixed_orientations_message(directions)
+        if msg is not None:
+            self.print_to_log_file("WARNING: " + msg)
+            warnings.warn(msg, stacklevel=2)
 
     def get_dataloaders(self):
         self.exact_points = self.load_exact_points()
