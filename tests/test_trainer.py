@@ -69,25 +69,6 @@ def test_topk_bce_takes_the_worst_voxels():
         TopKHeatmapBCELoss(0)
 
 
-def test_in_patch_local_trainer_scores_a_channel_only_on_patches_showing_its_landmark():
-    """nnLandmarkTrainerLocalInPatch: a present landmark outside the patch is not scored (NaN target at every
-    deep-supervision scale, HeatmapMSELoss skips it); inside, on its border and absent ones are scored."""
-    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocalInPatch
-    trainer = object.__new__(nnLandmarkTrainerLocalInPatch)  # only the target drawing, no nnU-Net set-up
-    trainer._get_deep_supervision_scales = lambda: [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]
-    nan = float("nan")
-    points = torch.tensor([[[8.0, 8.0, 8.0], [8.0, 8.0, 16.2], [nan, nan, nan], [-0.4, 15.4, 3.0]]])
-    targets = trainer.targets_from_points(points, (16, 16, 16))
-    assert [tuple(t.shape) for t in targets] == [(1, 4, 16, 16, 16), (1, 4, 8, 8, 8)]
-    for t in targets:
-        assert torch.isnan(t[0, 1]).all()  # 16.2 > 15.5: outside the patch
-        assert not torch.isnan(t[0, [0, 2, 3]]).any()
-        assert t[0, 2].abs().max() == 0  # absent: scored as "no peak"
-    logits = torch.zeros(1, 5, 16, 16, 16)
-    scored = HeatmapMSELoss()(logits, targets[0])
-    assert torch.isclose(scored, ((0.5 - targets[0][0, [0, 2, 3]]) ** 2).mean())
-
-
 def test_step_lr_schedule():
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
     sched = StepLRScheduler(opt, 5e-4, step_size=800, gamma=0.1)

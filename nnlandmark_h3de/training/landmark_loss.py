@@ -20,15 +20,11 @@ def _no_autocast(device: torch.device):
 
 
 class HeatmapMSELoss(nn.Module):
-    """Mean squared error between sigmoid(logits[:, 1:]) and the (B, L, ...) heatmaps (nnLandmark paper).
-    NaN target voxels are not scored (a trainer marks a channel it does not want scored on a patch)."""
+    """Mean squared error between sigmoid(logits[:, 1:]) and the (B, L, ...) heatmaps (nnLandmark paper)."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with _no_autocast(logits.device):
-            target = target.float()
-            scored = ~torch.isnan(target)
-            squared = (torch.sigmoid(logits[:, 1:].float()) - target.nan_to_num()) ** 2
-            return (squared * scored).sum() / scored.sum().clamp_min(1)
+            return F.mse_loss(torch.sigmoid(logits[:, 1:].float()), target.float())
 
 
 class TopKHeatmapBCELoss(nn.Module):

@@ -2,8 +2,6 @@
 default recipe for comparison with the paper recipe on the same data."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -13,7 +11,7 @@ from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
-__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalInPatch", "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
+__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
            "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
 
@@ -28,25 +26,6 @@ class nnLandmarkTrainerLocal(nnLandmarkTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.oversample_foreground_percent = 1.0
-
-
-class nnLandmarkTrainerLocalInPatch(nnLandmarkTrainerLocal):
-    """The local stage with each landmark's channel scored only on patches that contain its landmark.
-
-    Why: a 32^3 patch shows the landmarks near its centre. Landmarks in a cluster (AFIDs' midline) are in
-    most patches, a lone one (a temporal horn) in few. Scored on every patch, a lone landmark's channel
-    mostly learns "no peak here": on AFIDs 13 of 32 channels stayed at their initial sigmoid(-4)
-    everywhere after 20 CPU minutes. The local stage is only asked about a landmark's neighbourhood
-    (the search ball around the global estimate), which these patches still teach, negatives included."""
-
-    def targets_from_points(self, points: torch.Tensor, patch_shape: Sequence[int]):
-        targets = super().targets_from_points(points, patch_shape)
-        shape = torch.as_tensor(tuple(patch_shape), dtype=points.dtype, device=points.device)
-        present = torch.isfinite(points).all(-1)
-        elsewhere = present & ~((points >= -0.5) & (points <= shape - 0.5)).all(-1)  # (B, L) outside the patch
-        for t in (targets if isinstance(targets, (list, tuple)) else [targets]):
-            t[elsewhere] = float("nan")  # HeatmapMSELoss does not score NaN voxels
-        return targets
 
 
 class nnLandmarkTrainerLocal_2epochs_3iters(nnLandmarkTrainerLocal):
