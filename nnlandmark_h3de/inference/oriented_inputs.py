@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional
 
 from tqdm import tqdm
 
+from nnlandmark_h3de.landmarks.geometry import read_image_header
 from nnlandmark_h3de.utilities.orientation import orientation_code, to_orientation
 
 __all__ = ["InputHeaderError", "misoriented_inputs", "inputs_in_orientation"]
@@ -29,15 +30,12 @@ class InputHeaderError(ValueError):
 def misoriented_inputs(folder: Path, file_ending: str, code: str) -> List[Path]:
     """The 3D images in `folder` (files ending in `file_ending`) whose orientation is not `code`;
     only their headers are read."""
-    import SimpleITK as sitk
     out = []
     for path in sorted(Path(folder).glob(f"*{file_ending}")):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
         try:
-            reader.ReadImageInformation()
-        except RuntimeError as e:
-            raise InputHeaderError(f"{path}: unreadable image header ({str(e).strip().splitlines()[-1]})") from None
+            reader = read_image_header(path)
+        except ValueError as e:
+            raise InputHeaderError(str(e)) from None
         if reader.GetDimension() == 3 and orientation_code(reader.GetDirection()) != code:
             out.append(path)
     return out
@@ -72,8 +70,4 @@ def inputs_in_orientation(folder, file_ending: str, code: Optional[str]) -> Iter
 
 
 def _code_of(path: Path) -> str:
-    import SimpleITK as sitk
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return orientation_code(reader.GetDirection())
+    return orientation_code(read_image_header(path).GetDirection())
