@@ -18,8 +18,8 @@ from nnlandmark_h3de.conversion.draw_balls import draw_balls, label_dtype
 from nnlandmark_h3de.conversion.errors import ConversionError
 from nnlandmark_h3de.conversion.lazy_image import LazyImage
 from nnlandmark_h3de.landmarks.geometry import ImageGeometry
-from nnlandmark_h3de.utilities.orientation import to_orientation
 from nnlandmark_h3de.landmarks.landmark_set import LandmarkError
+from nnlandmark_h3de.utilities.orientation import to_orientation
 
 FILE_ENDING = ".nii.gz"
 

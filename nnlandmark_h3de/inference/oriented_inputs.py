@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -27,17 +27,18 @@ class InputHeaderError(ValueError):
     """An input image whose header cannot be read."""
 
 
-def misoriented_inputs(folder: Path, file_ending: str, code: str) -> List[Path]:
-    """The 3D images in `folder` (files ending in `file_ending`) whose orientation is not `code`;
-    only their headers are read."""
-    out = []
+def misoriented_inputs(folder: Path, file_ending: str, code: str) -> Dict[Path, str]:
+    """The 3D images in `folder` (files ending in `file_ending`) whose orientation is not `code`, with
+    their own orientation; only their headers are read."""
+    out = {}
     for path in sorted(Path(folder).glob(f"*{file_ending}")):
         try:
             reader = read_image_header(path)
         except ValueError as e:
             raise InputHeaderError(str(e)) from None
-        if reader.GetDimension() == 3 and orientation_code(reader.GetDirection()) != code:
-            out.append(path)
+        own = orientation_code(reader.GetDirection()) if reader.GetDimension() == 3 else code
+        if own != code:
+            out[path] = own
     return out
 
 
@@ -53,14 +54,14 @@ def inputs_in_orientation(folder, file_ending: str, code: Optional[str]) -> Iter
         yield str(folder)
         return
     import SimpleITK as sitk
+    example = next(iter(wrong))
     print(f"{len(wrong)} input image(s) stored in another orientation than the model's training images ({code}), "
-          f"e.g. {wrong[0].name} ({_code_of(wrong[0])}): predicting on copies reoriented to {code} (no resampling; "
+          f"e.g. {example.name} ({wrong[example]}): predicting on copies reoriented to {code} (no resampling; "
           "the landmarks' world coordinates are the same)")
     tmp = Path(tempfile.mkdtemp(prefix="nnlandmark_oriented_"))
     try:
-        wrong_names = {p.name for p in wrong}
         for path in sorted(Path(folder).glob(f"*{file_ending}")):
-            if path.name not in wrong_names:
+            if path not in wrong:
                 os.symlink(path.resolve(), tmp / path.name)
         for path in tqdm(wrong, desc="reorienting inputs", unit="image"):
             sitk.WriteImage(to_orientation(sitk.ReadImage(str(path)), code), str(tmp / path.name), useCompression=True)
@@ -68,6 +69,3 @@ def inputs_in_orientation(folder, file_ending: str, code: Optional[str]) -> Iter
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _code_of(path: Path) -> str:
-    return orientation_code(read_image_header(path).GetDirection())
