@@ -11,7 +11,7 @@ from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
-__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
+__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalBCE", "nnLandmarkTrainerLocalTopkBCE", "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
            "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
 
@@ -26,6 +26,20 @@ class nnLandmarkTrainerLocal(nnLandmarkTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.oversample_foreground_percent = 1.0
+
+
+class nnLandmarkTrainerLocalBCE(nnLandmarkTrainerLocal):
+    """nnLandmarkTrainerLocal with BCE on every voxel instead of the MSE of sigmoids: BCE's gradient does not
+    vanish where a channel's sigmoid is near 0, so a channel that starts flat can still learn."""
+    topk_percent = 100.0
+
+    def build_heatmap_loss(self):
+        return TopKHeatmapBCELoss(self.topk_percent)
+
+
+class nnLandmarkTrainerLocalTopkBCE(nnLandmarkTrainerLocalBCE):
+    """nnLandmarkTrainerLocalBCE on the worst 20 % of voxels (the public nnLandmark code's loss)."""
+    topk_percent = 20.0
 
 
 class nnLandmarkTrainerLocal_2epochs_3iters(nnLandmarkTrainerLocal):
