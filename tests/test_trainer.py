@@ -11,6 +11,7 @@ from nnlandmark_h3de.heatmaps import gaussian_heatmaps
 from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss, TopKHeatmapBCELoss
 from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
 from nnlandmark_h3de.training.landmark_validation import (DEFAULT_PEAK_THRESHOLD, calibrate_peak_threshold,
+                                                          unlearned_landmarks,
                                                           patch_radial_errors, write_thresholds)
 from nnlandmark_h3de.planning.small_configuration import add_small_configuration, small_configuration
 from nnlandmark_h3de.training.step_lr import StepLRScheduler
@@ -65,6 +66,9 @@ def test_topk_bce_takes_the_worst_voxels():
     logits[0, 1, :2] = 10.0  # two badly wrong voxels = the worst 20 %
     bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(10.0), torch.tensor(0.0))
     assert torch.allclose(TopKHeatmapBCELoss(20)(logits, target), bce)
+    # k = 100: every voxel of the landmark channels (channel 0 never scored)
+    every = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], target)
+    assert torch.allclose(TopKHeatmapBCELoss(100)(logits, target), every)
     with pytest.raises(ValueError):
         TopKHeatmapBCELoss(0)
 
@@ -119,6 +123,14 @@ def test_threshold_calibration():
     assert 0.2 < t <= 0.7 and info["f1"] == 1.0 and info["method"] == "best_f1"
     t, info = calibrate_peak_threshold(peaks, np.ones_like(present))
     assert t == DEFAULT_PEAK_THRESHOLD and info["method"] == "default" and "no absent" in info["reason"]
+
+
+def test_unlearned_landmarks_are_those_flat_on_every_case():
+    # columns: learned on one case only; flat everywhere (the start, sigmoid(-4)); never searched; flat or unsearched
+    peaks = np.array([[0.9, 0.018, np.nan, 0.02],
+                      [0.03, 0.017, np.nan, np.nan]])
+    assert unlearned_landmarks(peaks, ["a", "b", "c", "d"]) == ["b", "d"]
+    assert unlearned_landmarks(peaks, ["a", "b", "c", "d"], floor=0.01) == []
 
 
 def test_write_thresholds_format(tmp_path):

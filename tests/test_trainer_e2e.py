@@ -67,6 +67,11 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
         assert math.isfinite(micro["mean_radial_error_mm"])
     thresholds = json.loads((fold / "landmark_thresholds.json").read_text())
     assert thresholds["names"] == ["L0", "R0", "M"] and len(thresholds["threshold"]) == 3
+    # landmarks whose validation peaks all stayed flat are listed (after 6 steps some may be)
+    scores = json.loads((fold / "validation" / "existence_scores.json").read_text())
+    flat = [n for i, n in enumerate(thresholds["names"])
+            if all(c["peak"][i] < 0.05 for c in scores["cases"].values() if c["set"] == "validation")]
+    assert summary["unlearned_landmarks"] == flat
     # existence was also taught by the fold's training cases, predicted in-sample and stored as such
     scores = json.loads((fold / "validation" / "existence_scores.json").read_text())
     sets = [c["set"] for c in scores["cases"].values()]

@@ -43,7 +43,8 @@ from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
 from nnlandmark_h3de.training.calibration import calibrate_relative_thresholds, fit_uncertainty_model
 from nnlandmark_h3de.training.existence_calibration import (EXISTENCE_SCORES_FILE, held_out_existence_check,
                                                            write_existence_scores)
-from nnlandmark_h3de.training.landmark_validation import DEFAULT_PEAK_THRESHOLD, write_thresholds
+from nnlandmark_h3de.training.landmark_validation import (DEFAULT_PEAK_THRESHOLD, UNLEARNED_PEAK, unlearned_landmarks,
+                                                          write_thresholds)
 
 __all__ = ["run_final_validation", "predict_validation_landmarks", "in_sample_keys"]
 
@@ -230,6 +231,21 @@ def _fit_local_peak_floor(trainer, results: dict, evaluated, reference) -> None:
                               also_print_to_console=True)
 
 
+def _warn_unlearned(trainer, results: dict, cases, names) -> list:
+    """Landmarks whose heatmap stayed flat on every validation case: said in the log and as a warning,
+    since their points are no better than a guess (two-stage prediction keeps the global estimate there)."""
+    if not cases:
+        return []
+    flat = unlearned_landmarks(np.array([results[c][1]["peak"] for c in cases]), names)
+    if flat:
+        message = (f"the network has not learned {len(flat)} of {len(names)} landmarks: their heatmap peak stayed under "
+                   f"{UNLEARNED_PEAK} on every validation case (it starts at 0.018): {flat}. Train longer (more "
+                   "epochs), or for a local stage use nnLandmarkTrainerLocal, whose loss keeps learning flat channels")
+        trainer.print_to_log_file("WARNING: " + message, also_print_to_console=True)
+        warnings.warn(message, stacklevel=2)
+    return flat
+
+
 def _gather(results: dict, is_ddp: bool) -> dict:
     if not is_ddp:
         return results
@@ -329,6 +345,7 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
     reference = _reference_landmarks(trainer, results, names)
     cases = sorted(results)
     evaluated = [c for c in cases if c in reference]
+    unlearned = _warn_unlearned(trainer, results, cases, names)
     if evaluated and results[evaluated[0]][3] is not None:
         _fit_local_peak_floor(trainer, results, evaluated, reference)
     calibrations = {kind: _calibrate(results, evaluated, training, reference, names, kind)
@@ -368,6 +385,7 @@ def run_final_validation(trainer, score: str = "peak", existence_net=None) -> No
                                 "the MRE of kept landmarks are optimistic; existence_threshold.held_out_check fits on "
                                 "the training cases alone and scores these validation cases; predict held-out cases "
                                 "for unbiased figures")
+        summary["unlearned_landmarks"] = unlearned
         seconds["calibration"] = time.monotonic() - started
         summary["final_validation_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
         write_summary_json(summary, join(validation_folder, "summary.json"))

@@ -16,11 +16,28 @@ import torch
 from nnlandmark_h3de.inference.peaks import decode_peaks
 from nnlandmark_h3de.landmarks.atomic import atomic_write_text
 
-__all__ = ["patch_radial_errors", "calibrate_peak_threshold", "write_thresholds", "DEFAULT_PEAK_THRESHOLD"]
+__all__ = ["patch_radial_errors", "calibrate_peak_threshold", "write_thresholds", "DEFAULT_PEAK_THRESHOLD",
+           "unlearned_landmarks", "UNLEARNED_PEAK"]
 
 # Used when the validation cases give nothing to calibrate on (every landmark present everywhere,
 # or absent everywhere): a trained peak is ~1 where the landmark is, so 0.1 only drops flat maps.
 DEFAULT_PEAK_THRESHOLD = 0.1
+
+# A heatmap channel starts at sigmoid(logit_offset) = 0.018 everywhere (landmark_network.py) and a learned
+# one peaks near 1 at its landmark; one whose peak stays under this on every validation case never left
+# its start (with the sigmoid's MSE, whose gradient vanishes there, that can last a whole short training).
+UNLEARNED_PEAK = 0.05
+
+
+def unlearned_landmarks(peaks: np.ndarray, names: Sequence[str], floor: float = UNLEARNED_PEAK) -> list:
+    """Names of the landmarks whose heatmap peak (sigmoid height) stays under `floor` on every case.
+
+    peaks: (cases, L); NaN = not searched (no global estimate). A landmark never searched is not listed.
+    """
+    peaks = np.asarray(peaks, dtype=np.float64).reshape(-1, len(names))
+    searched = np.isfinite(peaks).any(0)
+    highest = np.where(searched, np.nanmax(np.where(np.isfinite(peaks), peaks, -np.inf), axis=0), np.nan)
+    return [n for n, h, s in zip(names, highest, searched) if s and h < floor]
 
 
 @torch.no_grad()
