@@ -185,6 +185,8 @@ def parse_args(argv=None):
     p.add_argument("--local_patch", type=int, default=32,
                    help=f"patch edge of {LOCAL_CONFIGURATION}, the configuration of trainers that need a global stage")
     p.add_argument("--local_batch", type=int, default=4, help=f"batch size of {LOCAL_CONFIGURATION}")
+    p.add_argument("--local_base_features", type=int, default=None,
+                   help=f"first-stage features of {LOCAL_CONFIGURATION} (default: --base_features)")
     p.add_argument("--local_trainers", nargs="*", default=[],
                    help=f"trainers also trained on {LOCAL_CONFIGURATION} (those that need a global stage always are), "
                         "e.g. nnLandmarkTrainerLocal, the best local stage per CPU minute in bench_local_stage.py")
@@ -259,7 +261,8 @@ def plan_small_configuration(args, env: dict, logs: Path) -> None:
     one (smaller patches, same spacing and preprocessed data) of those that need a global stage."""
     plan_and_preprocess(env, logs)
     add_configuration(env, logs, CONFIGURATION, args.base_features, args.max_features)
-    add_configuration(env, logs, LOCAL_CONFIGURATION, args.base_features, args.max_features, args.local_patch,
+    local_base = args.local_base_features or args.base_features
+    add_configuration(env, logs, LOCAL_CONFIGURATION, local_base, max(args.max_features, local_base), args.local_patch,
                       args.local_batch)
 
 

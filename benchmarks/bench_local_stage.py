@@ -2,7 +2,8 @@
 """The local stage per CPU minute: validation error after the same training budget, and steps per
 minute, of local-stage designs on the same AFIDs data in the same run.
 
-Arms (`--arms TRAINER:PATCH:BATCH ...`), by default: today's default local stage, nnLandmarkTrainer on the
+Arms (`--arms TRAINER:PATCH:BATCH[:BASE_FEATURES] ...`; the first stage's features, default
+`--base_features`: the network's last stage has that many features for all the landmark channels), by default: today's default local stage, nnLandmarkTrainer on the
 64^3 small configuration (batch 2); nnLandmarkTrainerLocal (patches centred near landmarks) on the same;
 nnLandmarkTrainerLocal on 32^3 patches (batch 4: about as many voxels per step, fewer per patch); and
 nnLandmarkTrainerPrior (the global estimate as input channels) on 32^3 patches (batch 4). Each arm trains on fold 0 for `--cpu_minutes` of wall clock, then
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--templates", required=True, type=Path)
     p.add_argument("--train", nargs="+", required=True, help="template names (their cases: fit and validation)")
-    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="TRAINER:PATCH_EDGE:BATCH per arm")
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="TRAINER:PATCH_EDGE:BATCH[:BASE_FEATURES] per arm")
     p.add_argument("--cpu_minutes", type=float, default=10.0, help="training budget per arm (wall clock)")
     p.add_argument("--cases_per_template", type=int, default=6)
     p.add_argument("--deform_mm", type=float, default=4.0)
@@ -51,12 +52,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_arm(text: str):
+def parse_arm(text: str, base_features: int):
+    """-> trainer, patch edge, batch, first-stage features."""
     try:
-        trainer, patch, batch = text.split(":")
-        return trainer, int(patch), int(batch)
+        trainer, *numbers = text.split(":")
+        patch, batch, base = (list(map(int, numbers)) + [base_features])[:3]
+        if len(numbers) not in (2, 3) or min(patch, batch, base) < 1:
+            raise ValueError
+        return trainer, patch, batch, base
     except ValueError:
-        raise BenchmarkError(f"--arms: {text!r} is not TRAINER:PATCH_EDGE:BATCH (e.g. nnLandmarkTrainerPrior:32:4)")
+        raise BenchmarkError(f"--arms: {text!r} is not TRAINER:PATCH_EDGE:BATCH[:BASE_FEATURES] "
+                             "(e.g. nnLandmarkTrainerLocal:32:4 or nnLandmarkTrainerLocal:32:4:16)")
 
 
 def run_arm(arm: str, args, raw: Path, work: Path, env: dict) -> dict:
@@ -64,19 +70,19 @@ def run_arm(arm: str, args, raw: Path, work: Path, env: dict) -> dict:
     from nnlandmark_h3de.demo.commands import find_command, run_command
     from afids_benchmark import DATASET_ID, add_configuration
     from common import local_stage_validation
-    trainer, patch, batch = parse_arm(arm)
-    configuration = f"3d_bench_{patch}_b{batch}"
-    add_configuration(env, work / "logs", configuration, args.base_features, args.max_features, patch, batch)
-    name, seconds, epochs = train_with_budget(f"{trainer}_{patch}", trainer, DATASET_ID, configuration,
+    trainer, patch, batch, base = parse_arm(arm, args.base_features)
+    configuration = f"3d_bench_{patch}_b{batch}_f{base}"
+    add_configuration(env, work / "logs", configuration, base, max(args.max_features, base), patch, batch)
+    name, seconds, epochs = train_with_budget(f"{trainer}_{patch}_f{base}", trainer, DATASET_ID, configuration,
                                               args.cpu_minutes, work, env, args.iterations_per_epoch)
     t = time.monotonic()
     run_command(f"calibrate {arm}", [find_command("nnLandmark_calibrate_global"), "-d", str(DATASET_ID), "-c",
                                      configuration, "-tr", name, "-f", "0", "--kinds", "deformable", "-device", "cpu"],
-                env, work / "logs" / f"calibrate_{trainer}_{patch}.log")
+                env, work / "logs" / f"calibrate_{trainer}_{patch}_f{base}.log")
     fold = work / "nnUNet_results" / raw.name / f"{name}__nnUNetPlans__{configuration}" / "fold_0"
     v = json.loads((fold / "global_stage.json").read_text())["validation"]["deformable"]
     steps = epochs * args.iterations_per_epoch
-    return {"arm": arm, "trainer": trainer, "patch": patch, "batch": batch, "epochs": epochs, "steps": steps,
+    return {"arm": arm, "trainer": trainer, "patch": patch, "batch": batch, "base_features": base, "epochs": epochs, "steps": steps,
             "steps_per_minute": round(steps / args.cpu_minutes, 1), "train_and_final_s": round(seconds, 1),
             "calibrate_s": round(time.monotonic() - t, 1), "radius_mm": v["radius_mm"], **local_stage_validation(v)}
 
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
     from nnlandmark_h3de.demo.commands import nnunet_environment
     from nnlandmark_h3de.landmarks.atomic import atomic_write_text
     for arm in args.arms:
-        parse_arm(arm)
+        parse_arm(arm, args.base_features)
     work = afids_benchmark.fresh_work_dir(args.work_dir, args.overwrite)
     env = nnunet_environment(work)
     data_args = SimpleNamespace(templates=args.templates, train=args.train, test=[], seed=args.seed,

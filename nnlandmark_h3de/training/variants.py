@@ -7,11 +7,12 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnlandmark_h3de.heatmaps.linear_ball_heatmap import LinearBallTargets
+from nnlandmark_h3de.networks.building_blocks.output_heads import use_nonlinear_output_heads
 from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
-__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalBCE", "nnLandmarkTrainerLocalTopkBCE", "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
+__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalBCE", "nnLandmarkTrainerLocalTopkBCE", "nnLandmarkTrainerLocalHead", "nnLandmarkTrainerLocalHeadBCE", "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
            "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
 
@@ -40,6 +41,26 @@ class nnLandmarkTrainerLocalBCE(nnLandmarkTrainerLocal):
 class nnLandmarkTrainerLocalTopkBCE(nnLandmarkTrainerLocalBCE):
     """nnLandmarkTrainerLocalBCE on the worst 20 % of voxels (the public nnLandmark code's loss)."""
     topk_percent = 20.0
+
+
+class nnLandmarkTrainerLocalHead(nnLandmarkTrainerLocal):
+    """nnLandmarkTrainerLocal whose output layers have a hidden layer (output_heads.py): with 8 first-stage
+    features, 32 linear heatmap channels span only 8 dimensions."""
+    head_features = 32
+
+    @classmethod
+    def build_landmark_body(cls, plans_manager, configuration_manager, num_input_channels: int, num_landmarks: int,
+                            enable_deep_supervision: bool = True):
+        body = nnLandmarkTrainer.build_landmark_body(plans_manager, configuration_manager, num_input_channels,
+                                                     num_landmarks, enable_deep_supervision)
+        use_nonlinear_output_heads(body.decoder, cls.head_features)
+        return body
+
+
+class nnLandmarkTrainerLocalHeadBCE(nnLandmarkTrainerLocalHead):
+    """nnLandmarkTrainerLocalHead with nnLandmarkTrainerLocalBCE's loss."""
+    build_heatmap_loss = nnLandmarkTrainerLocalBCE.build_heatmap_loss
+    topk_percent = 100.0
 
 
 class nnLandmarkTrainerLocal_2epochs_3iters(nnLandmarkTrainerLocal):
