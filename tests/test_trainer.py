@@ -73,6 +73,23 @@ def test_topk_bce_takes_the_worst_voxels():
         TopKHeatmapBCELoss(0)
 
 
+def test_local_stage_loss_still_learns_a_flat_channel():
+    """At the network's start (every logit -4), the MSE of sigmoids barely moves a channel towards its
+    landmark; the local stage's BCE does (the flat channels of a short training)."""
+    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocal, nnLandmarkTrainerLocalMSE
+    target = torch.zeros(1, 1, 8, 8, 8)
+    target[0, 0, 4, 4, 4] = 1.0
+
+    def pull_on_the_peak(trainer_class) -> float:
+        logits = torch.full((1, 2, 8, 8, 8), -4.0, requires_grad=True)
+        trainer_class.build_heatmap_loss(None)(logits, target).backward()
+        return -float(logits.grad[0, 1, 4, 4, 4])
+
+    bce, mse = pull_on_the_peak(nnLandmarkTrainerLocal), pull_on_the_peak(nnLandmarkTrainerLocalMSE)
+    assert mse > 0 and bce > 0
+    assert bce > 20 * mse  # 1 - 0.018 against 2 (1 - 0.018) 0.018 (1 - 0.018)
+
+
 def test_step_lr_schedule():
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
     sched = StepLRScheduler(opt, 5e-4, step_size=800, gamma=0.1)

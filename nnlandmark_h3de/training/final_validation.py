@@ -239,8 +239,9 @@ def _warn_unlearned(trainer, results: dict, cases, names) -> list:
     flat = unlearned_landmarks(np.array([results[c][1]["peak"] for c in cases]), names)
     if flat:
         message = (f"the network has not learned {len(flat)} of {len(names)} landmarks: their heatmap peak stayed under "
-                   f"{UNLEARNED_PEAK} on every validation case (it starts at 0.018): {flat}. Train longer (more "
-                   "epochs), or for a local stage use nnLandmarkTrainerLocal, whose loss keeps learning flat channels")
+                   f"{UNLEARNED_PEAK} on every validation case (it starts at 0.018): {flat}. Train longer; with the "
+                   "MSE of sigmoids, channels of landmarks that few patches show can stay flat through a short "
+                   "training (nnLandmarkTrainerLocal's BCE keeps them learning)")
         trainer.print_to_log_file("WARNING: " + message, also_print_to_console=True)
         warnings.warn(message, stacklevel=2)
     return flat

@@ -1,6 +1,8 @@
-"""Trainer variants selectable with `-tr NAME`: shorter schedules, and the public nnLandmark code's
-default recipe for comparison with the paper recipe on the same data."""
+"""Trainer variants selectable with `-tr NAME`: the local stage of two-stage prediction, shorter schedules,
+and the public nnLandmark code's default recipe for comparison with the paper recipe on the same data."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -12,7 +14,8 @@ from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
-__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalBCE", "nnLandmarkTrainerLocalTopkBCE", "nnLandmarkTrainerLocalHead", "nnLandmarkTrainerLocalHeadBCE", "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
+__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalLinearHeads", "nnLandmarkTrainerLocalMSE", "nnLandmarkTrainerLocal_2epochs_3iters",
+           "nnLandmarkTrainer_1epoch",
            "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
 
@@ -20,47 +23,48 @@ __all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalBCE", "nnLandmarkTra
 class nnLandmarkTrainerLocal(nnLandmarkTrainer):
     """The local stage of two-stage prediction: every patch centred on a landmark moved by up to 12 mm
     (about the search radius an atlas global stage calibrates to on brain MRI), so the budget goes to
-    the neighbourhoods the local stage is asked about, not to random background."""
+    the neighbourhoods the local stage is asked about, not to random background.
+
+    Loss: BCE over every voxel, not the paper's MSE of sigmoids. The MSE's gradient carries a factor
+    sigmoid' (0.018 at the start, logit -4) and the background pushes every channel down, so the channels
+    of landmarks that few patches show sink further and stay flat for a whole short training (AFIDs, 20
+    CPU minutes: 11-12 of 32 channels; BCE: 3). BCE's gradient (sigmoid - target) has no such factor.
+
+    Output heads with a hidden layer of `head_features` (networks/building_blocks/output_heads.py): a small
+    configuration's last stage has fewer features (8) than AFIDs has landmarks (32). Measured together with
+    the BCE (docs/benchmarks.md); about 2 % more time per step."""
     local_patch_jitter_mm = 12.0
+    head_features: Optional[int] = 32  # hidden features of the output heads (output_heads.py); None: 1x1 convs
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.oversample_foreground_percent = 1.0
 
-
-class nnLandmarkTrainerLocalBCE(nnLandmarkTrainerLocal):
-    """nnLandmarkTrainerLocal with BCE on every voxel instead of the MSE of sigmoids: BCE's gradient does not
-    vanish where a channel's sigmoid is near 0, so a channel that starts flat can still learn."""
-    topk_percent = 100.0
-
     def build_heatmap_loss(self):
-        return TopKHeatmapBCELoss(self.topk_percent)
-
-
-class nnLandmarkTrainerLocalTopkBCE(nnLandmarkTrainerLocalBCE):
-    """nnLandmarkTrainerLocalBCE on the worst 20 % of voxels (the public nnLandmark code's loss)."""
-    topk_percent = 20.0
-
-
-class nnLandmarkTrainerLocalHead(nnLandmarkTrainerLocal):
-    """nnLandmarkTrainerLocal whose output layers have a hidden layer (output_heads.py): with 8 first-stage
-    features, 32 linear heatmap channels span only 8 dimensions."""
-    head_features = 32
+        return TopKHeatmapBCELoss(100.0)
 
     @classmethod
     def build_landmark_body(cls, plans_manager, configuration_manager, num_input_channels: int, num_landmarks: int,
                             enable_deep_supervision: bool = True):
         body = nnLandmarkTrainer.build_landmark_body(plans_manager, configuration_manager, num_input_channels,
                                                      num_landmarks, enable_deep_supervision)
-        use_nonlinear_output_heads(body.decoder, cls.head_features)
+        if cls.head_features:
+            use_nonlinear_output_heads(body.decoder, cls.head_features)
         return body
 
 
-class nnLandmarkTrainerLocalHeadBCE(nnLandmarkTrainerLocalHead):
-    """nnLandmarkTrainerLocalHead with nnLandmarkTrainerLocalBCE's loss."""
-    build_heatmap_loss = nnLandmarkTrainerLocalBCE.build_heatmap_loss
-    topk_percent = 100.0
+class nnLandmarkTrainerLocalLinearHeads(nnLandmarkTrainerLocal):
+    """nnLandmarkTrainerLocal with nnU-Net's 1x1 output convolutions (the BCE alone), for comparison."""
+    head_features = None
+
+
+class nnLandmarkTrainerLocalMSE(nnLandmarkTrainerLocalLinearHeads):
+    """nnLandmarkTrainerLocal as it was until 2026-12-05 (the paper's MSE of sigmoids, 1x1 output convolutions),
+    for comparison."""
+
+    def build_heatmap_loss(self):
+        return nnLandmarkTrainer.build_heatmap_loss(self)
 
 
 class nnLandmarkTrainerLocal_2epochs_3iters(nnLandmarkTrainerLocal):
