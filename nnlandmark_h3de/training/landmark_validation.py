@@ -35,9 +35,8 @@ def unlearned_landmarks(peaks: np.ndarray, names: Sequence[str], floor: float = 
     peaks: (cases, L); NaN = not searched (no global estimate). A landmark never searched is not listed.
     """
     peaks = np.asarray(peaks, dtype=np.float64).reshape(-1, len(names))
-    searched = np.isfinite(peaks).any(0)
-    highest = np.where(searched, np.nanmax(np.where(np.isfinite(peaks), peaks, -np.inf), axis=0), np.nan)
-    return [n for n, h, s in zip(names, highest, searched) if s and h < floor]
+    highest = np.where(np.isfinite(peaks), peaks, -np.inf).max(0, initial=-np.inf)
+    return [n for n, h in zip(names, highest) if -np.inf < h < floor]
 
 
 @torch.no_grad()
