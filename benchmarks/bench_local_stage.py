@@ -3,7 +3,8 @@
 minute, of local-stage designs on the same AFIDs data in the same run.
 
 Arms (`--arms TRAINER:PATCH:BATCH[:BASE_FEATURES] ...`; the first stage's features, default
-`--base_features`: the network's last stage has that many features for all the landmark channels), by default: today's default local stage, nnLandmarkTrainer on the
+`--base_features`: the network's last stage has that many features for all the landmark channels), by
+default: today's default local stage, nnLandmarkTrainer on the
 64^3 small configuration (batch 2); nnLandmarkTrainerLocal (patches centred near landmarks) on the same;
 nnLandmarkTrainerLocal on 32^3 patches (batch 4: about as many voxels per step, fewer per patch); and
 nnLandmarkTrainerPrior (the global estimate as input channels) on 32^3 patches (batch 4). Each arm trains on fold 0 for `--cpu_minutes` of wall clock, then
@@ -82,7 +83,8 @@ def run_arm(arm: str, args, raw: Path, work: Path, env: dict) -> dict:
     fold = work / "nnUNet_results" / raw.name / f"{name}__nnUNetPlans__{configuration}" / "fold_0"
     v = json.loads((fold / "global_stage.json").read_text())["validation"]["deformable"]
     steps = epochs * args.iterations_per_epoch
-    return {"arm": arm, "trainer": trainer, "patch": patch, "batch": batch, "base_features": base, "epochs": epochs, "steps": steps,
+    return {"arm": arm, "trainer": trainer, "patch": patch, "batch": batch, "base_features": base, "epochs": epochs,
+            "steps": steps,
             "steps_per_minute": round(steps / args.cpu_minutes, 1), "train_and_final_s": round(seconds, 1),
             "calibrate_s": round(time.monotonic() - t, 1), "radius_mm": v["radius_mm"], **local_stage_validation(v)}
 

@@ -14,8 +14,8 @@ from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
-__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalLinearHeads", "nnLandmarkTrainerLocalMSE", "nnLandmarkTrainerLocal_2epochs_3iters",
-           "nnLandmarkTrainer_1epoch",
+__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalLinearHeads", "nnLandmarkTrainerLocalMSE",
+           "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
            "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
 
@@ -31,8 +31,8 @@ class nnLandmarkTrainerLocal(nnLandmarkTrainer):
     CPU minutes: 11-12 of 32 channels; BCE: 3). BCE's gradient (sigmoid - target) has no such factor.
 
     Output heads with a hidden layer of `head_features` (networks/building_blocks/output_heads.py): a small
-    configuration's last stage has fewer features (8) than AFIDs has landmarks (32). Measured together with
-    the BCE (docs/benchmarks.md); about 2 % more time per step."""
+    configuration's last stage has fewer features (8) than AFIDs has landmarks (32). With the BCE they lowered
+    the validation error (and without the BCE they did not help; docs/benchmarks.md); about 2 % more time per step."""
     local_patch_jitter_mm = 12.0
     head_features: Optional[int] = 32  # hidden features of the output heads (output_heads.py); None: 1x1 convs
 
