@@ -74,6 +74,7 @@ class nnLandmarkTrainer(nnUNetTrainer):
     heatmap_sigma = 4.0  # voxels of the target spacing (the paper's value)
     min_visible_fraction = 0.5  # of a ball's volume, for balls cut by the patch border
     mirror_left_right_with_pair_swap = True
+    mirror_left_right_only = False  # True: anatomy's one mirror symmetry only, never upside-down or back-to-front
     lr_step_fraction = 0.8  # StepLR 800 / 1000 epochs
     lr_gamma = 0.1
     grad_clip_norm = 1.0
@@ -174,6 +175,8 @@ class nnLandmarkTrainer(nnUNetTrainer):
         case (direction + transpose_forward) and there are left/right pairs to swap (unpaired
         landmarks are taken as midline). An axis that is left/right in some case but cannot be
         swapped is not mirrored; if some case's left/right axis is unknown, nothing is mirrored.
+        `mirror_left_right_only` keeps only the left/right axis (with its pair swap): no real scan shows
+        anatomy upside down or back to front, so a small network need not learn those views.
         """
         if not mirror_axes:
             return tuple(mirror_axes or ()), None
@@ -181,16 +184,18 @@ class nnLandmarkTrainer(nnUNetTrainer):
         if None not in lr_axes:  # array axes -> patch axes; a 2D configuration's slice axis is never mirrored
             lr_axes = tuple(a - self.patch_axis_offset for a in lr_axes)  # -1: left/right across slices
             if all(a < 0 for a in lr_axes):
-                return tuple(mirror_axes), None
+                return (() if self.mirror_left_right_only else tuple(mirror_axes)), None
         if None in lr_axes:
             self.print_to_log_file("Mirroring disabled: the left/right axis of some training case is unknown "
                                    "(no SimpleITK geometry or an oblique direction)")
             return (), None
-        if len(lr_axes) == 1 and self.landmark_pairs and self.mirror_left_right_with_pair_swap:
-            self.print_to_log_file(f"Mirroring axes {tuple(mirror_axes)}; left/right axis {lr_axes[0]} with "
+        swappable = len(lr_axes) == 1 and self.landmark_pairs and self.mirror_left_right_with_pair_swap
+        if swappable:
+            kept = tuple(a for a in mirror_axes if a == lr_axes[0] or not self.mirror_left_right_only)
+            self.print_to_log_file(f"Mirroring axes {kept}; left/right axis {lr_axes[0]} with "
                                    f"pair swap {self.landmark_pairs}")
-            return tuple(mirror_axes), lr_axes[0]
-        kept = tuple(a for a in mirror_axes if a not in lr_axes)
+            return kept, lr_axes[0]
+        kept = tuple(a for a in mirror_axes if a not in lr_axes and not self.mirror_left_right_only)
         self.print_to_log_file(f"Mirroring axes {kept}: left/right axes {lr_axes} are not mirrored "
                                f"({'no left/right pairs' if not self.landmark_pairs else 'not one axis for all cases'})")
         return kept, None

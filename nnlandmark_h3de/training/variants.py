@@ -14,7 +14,7 @@ from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
-__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalLinearHeads", "nnLandmarkTrainerLocalMSE",
+__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalLeftRightMirror", "nnLandmarkTrainerLocalLinearHeads", "nnLandmarkTrainerLocalMSE",
            "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
            "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
@@ -52,6 +52,11 @@ class nnLandmarkTrainerLocal(nnLandmarkTrainer):
         if cls.head_features:
             use_nonlinear_output_heads(body.decoder, cls.head_features)
         return body
+
+
+class nnLandmarkTrainerLocalLeftRightMirror(nnLandmarkTrainerLocal):
+    """nnLandmarkTrainerLocal mirrored only along the left/right axis (with the pair swap)."""
+    mirror_left_right_only = True
 
 
 class nnLandmarkTrainerLocalLinearHeads(nnLandmarkTrainerLocal):
