@@ -247,8 +247,10 @@ def plan_and_preprocess(env: dict, logs: Path) -> None:
 
 def add_configuration(env: dict, logs: Path, name: str, base_features: int, max_features: int,
                       patch: Optional[int] = None, batch: Optional[int] = None) -> None:
-    """A small configuration (nnLandmark_add_small_config) with a cubic patch and batch (default: its own)."""
+    """A small configuration (nnLandmark_add_small_config) with a cubic patch and batch (default: its own);
+    its deepest stage has at least the first stage's features."""
     from nnlandmark_h3de.demo.commands import find_command, run_command
+    max_features = max(max_features, base_features)
     shape = [] if patch is None else ["--patch_size", *[str(patch)] * 3]
     run_command(f"configuration {name}", [
         find_command("nnLandmark_add_small_config"), "-d", str(DATASET_ID), "--name", name, *shape,
@@ -256,14 +258,13 @@ def add_configuration(env: dict, logs: Path, name: str, base_features: int, max_
         "--max_features", str(max_features)], env, logs / f"configuration_{name}.log")
 
 
-def plan_small_configuration(args, env: dict, logs: Path) -> None:
+def plan_benchmark_configurations(args, env: dict, logs: Path) -> None:
     """nnU-Net planning + preprocessing, the small configuration of the whole-image trainers and the local
     one (smaller patches, same spacing and preprocessed data) of those that need a global stage."""
     plan_and_preprocess(env, logs)
     add_configuration(env, logs, CONFIGURATION, args.base_features, args.max_features)
     local_base = args.local_base_features or args.base_features
-    add_configuration(env, logs, LOCAL_CONFIGURATION, local_base, max(args.max_features, local_base), args.local_patch,
-                      args.local_batch)
+    add_configuration(env, logs, LOCAL_CONFIGURATION, local_base, args.max_features, args.local_patch, args.local_batch)
 
 
 def learned_global_stage(args, raw: Path, work: Path, env: dict):
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
     rows, failures, learned_model = [], [], None
     if args.trainers or args.learned_global_minutes > 0:
         t1 = time.monotonic()
-        plan_small_configuration(args, env, work / "logs")
+        plan_benchmark_configurations(args, env, work / "logs")
         timings["plan_preprocess_s"] = time.monotonic() - t1
     if args.learned_global_minutes > 0:
         t3 = time.monotonic()

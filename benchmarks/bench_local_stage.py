@@ -73,7 +73,7 @@ def run_arm(arm: str, args, raw: Path, work: Path, env: dict) -> dict:
     from common import local_stage_validation
     trainer, patch, batch, base = parse_arm(arm, args.base_features)
     configuration = f"3d_bench_{patch}_b{batch}_f{base}"
-    add_configuration(env, work / "logs", configuration, base, max(args.max_features, base), patch, batch)
+    add_configuration(env, work / "logs", configuration, base, args.max_features, patch, batch)
     name, seconds, epochs = train_with_budget(f"{trainer}_{patch}_f{base}", trainer, DATASET_ID, configuration,
                                               args.cpu_minutes, work, env, args.iterations_per_epoch)
     t = time.monotonic()

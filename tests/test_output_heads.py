@@ -48,3 +48,18 @@ def test_a_decoder_without_1x1_output_convolutions_is_refused():
     decoder.seg_layers = nn.ModuleList([nn.Conv3d(4, 2, 3)])
     with pytest.raises(TypeError, match="not a 1x1 convolution"):
         use_nonlinear_output_heads(decoder, hidden=8)
+
+
+def test_a_checkpoint_of_the_other_output_kind_stops_with_a_clear_message():
+    from nnlandmark_h3de.training.landmark_network import LandmarkHeatmapNetwork
+    linear = LandmarkHeatmapNetwork(_unet(base=2, n_out=4))
+    heads = LandmarkHeatmapNetwork(_unet(base=2, n_out=4))
+    use_nonlinear_output_heads(heads.body.decoder, 8)
+    with pytest.raises(RuntimeError, match="checkpoint has 1x1 output convolutions but this trainer builds output heads"):
+        heads.load_state_dict(linear.state_dict())
+    with pytest.raises(RuntimeError, match="checkpoint has output heads with a hidden layer but this trainer builds 1x1"):
+        linear.load_state_dict(heads.state_dict())
+    twin = LandmarkHeatmapNetwork(_unet(base=2, n_out=4))
+    twin.load_state_dict(linear.state_dict())  # the same kind loads as before
+    with pytest.raises(RuntimeError, match="size mismatch"):  # other errors are PyTorch's own
+        LandmarkHeatmapNetwork(_unet(base=2, n_out=5)).load_state_dict(linear.state_dict())

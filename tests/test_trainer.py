@@ -228,3 +228,39 @@ def test_whole_image_spacing_fits_the_median_image_in_one_patch():
     # never finer than the base: a small image keeps its own spacing
     plans["configurations"]["3d_fullres"]["median_image_size_in_voxels"] = [20, 20, 20]
     assert whole_image_spacing(plans, (48, 48, 48)) == pytest.approx([1.0, 0.8, 0.8])
+
+
+def _mirror_axes_of(trainer_cls, lr_world_axis_column: int, pairs, patch_axis_offset: int = 0):
+    """`_landmark_mirror_axes` of a trainer class for cases whose world x runs along ITK axis
+    `lr_world_axis_column` (numpy axis 2 - column), without building a whole trainer."""
+    from types import SimpleNamespace
+    order = [lr_world_axis_column] + [c for c in range(3) if c != lr_world_axis_column]
+    direction = np.eye(3)[order]  # row r = world axis r's components: world x along ITK axis `column`
+    props = {"sitk_stuff": {"direction": tuple(direction.ravel())}}
+    fake = SimpleNamespace(mirror_left_right_only=trainer_cls.mirror_left_right_only,
+                           mirror_left_right_with_pair_swap=trainer_cls.mirror_left_right_with_pair_swap,
+                           landmark_pairs=pairs, patch_axis_offset=patch_axis_offset,
+                           plans_manager=SimpleNamespace(transpose_forward=[0, 1, 2]),
+                           _training_case_properties=lambda: [props, props], print_to_log_file=lambda *a: None)
+    axes = (0, 1) if patch_axis_offset else (0, 1, 2)
+    return trainer_cls._landmark_mirror_axes(fake, axes)
+
+
+@pytest.mark.parametrize("column", [0, 1, 2])
+def test_left_right_only_mirroring_keeps_the_one_symmetric_axis(column):
+    from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocalLeftRightMirror
+    lr = 2 - column  # world x along ITK axis `column` = numpy axis 2 - column
+    assert _mirror_axes_of(nnLandmarkTrainer, column, [("L", "R")]) == ((0, 1, 2), lr)
+    assert _mirror_axes_of(nnLandmarkTrainerLocalLeftRightMirror, column, [("L", "R")]) == ((lr,), lr)
+    # no pairs to swap: the left/right axis cannot be mirrored, and nothing else may be
+    assert _mirror_axes_of(nnLandmarkTrainer, column, []) == (tuple(a for a in (0, 1, 2) if a != lr), None)
+    assert _mirror_axes_of(nnLandmarkTrainerLocalLeftRightMirror, column, []) == ((), None)
+
+
+def test_left_right_only_mirroring_of_a_2d_slice_across_left_right_mirrors_nothing():
+    from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocalLeftRightMirror
+    # world x along numpy axis 0, the slice axis of a 2D configuration (a lateral view)
+    assert _mirror_axes_of(nnLandmarkTrainer, 2, [("L", "R")], patch_axis_offset=1) == ((0, 1), None)
+    assert _mirror_axes_of(nnLandmarkTrainerLocalLeftRightMirror, 2, [("L", "R")], patch_axis_offset=1) == ((), None)

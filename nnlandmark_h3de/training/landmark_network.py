@@ -17,6 +17,8 @@ from torch import nn
 
 __all__ = ["LandmarkHeatmapNetwork", "prepend_zero_channel"]
 
+_HEAD_KEY = "seg_layers.0.0.weight"  # an output head's first convolution; a 1x1 output layer is seg_layers.0.weight
+
 
 def prepend_zero_channel(logits: torch.Tensor) -> torch.Tensor:
     """(B, L, ...) -> (B, 1 + L, ...) with channel 0 == 0 (same dtype/device, no gradient)."""
@@ -46,6 +48,23 @@ class LandmarkHeatmapNetwork(nn.Module):
         if isinstance(out, (list, tuple)):
             return [self._finish(o) for o in out]
         return self._finish(out)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, but a checkpoint whose output layers are not this network's kind (1x1 convolutions
+        vs output heads, networks/building_blocks/output_heads.py) stops with what happened and what to do,
+        not only PyTorch's list of missing keys: nnLandmarkTrainerLocal gained its heads on 2026-12-05."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            mine, theirs = (any(k.endswith(_HEAD_KEY) for k in keys) for keys in (self.state_dict(), state_dict))
+            if mine == theirs:
+                raise
+            kinds = ("output heads with a hidden layer", "1x1 output convolutions")
+            raise RuntimeError(
+                f"the checkpoint has {kinds[not theirs]} but this trainer builds {kinds[not mine]}: the model was "
+                "trained by another version of its trainer (nnLandmarkTrainerLocal before 2026-12-05 had 1x1 "
+                "outputs and the MSE, today's nnLandmarkTrainerLocalMSE). Retrain it, or load it with the trainer "
+                "that made it (the checkpoint's 'trainer_name').") from error
 
     @property
     def decoder(self):
