@@ -298,3 +298,58 @@ def test_trainer_draws_on_the_device_what_the_loader_drew(dummy_2d):
         assert torch.equal(present, o["target"][0].flatten(2).amax(2) > 0)
         n_present += int(present.sum())
     assert n_present >= 10, n_present
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_keypoints_follow_an_elastic_deformation(ndim):
+    """With elastic offsets (plus rotation and scaling) the output image, sampled where the keypoint went,
+    holds the keypoint's own input coordinates: the point moved with the image."""
+    from nnlandmark_h3de.heatmaps.keypoint_transforms import _trilinear
+    torch.manual_seed(0)
+    np.random.seed(0)
+    rng = np.random.default_rng(0)
+    in_shape, patch = (40, 44, 48)[:ndim], (24, 28, 32)[:ndim]
+    t = SpatialTransformWithKeypoints(patch, 0, False, p_elastic_deform=1, elastic_deform_scale=(0.1, 0.2),
+                                      elastic_deform_magnitude=(2, 4), p_rotation=1, rotation=(-0.5, 0.5),
+                                      p_scaling=1, scaling=(0.8, 1.2))
+    errors, moved = [], []
+    for _ in range(10):
+        pts = (np.asarray(in_shape) - 1) / 2 + rng.uniform(-6, 6, (5, ndim))
+        pts[4] = np.nan
+        out = ComposeTransforms([t])(image=coordinate_image(in_shape, True), keypoints=torch.from_numpy(pts))
+        kp = out["keypoints"]
+        assert torch.isnan(kp[4]).all()
+        sampled = _trilinear(torch.movedim(out["image"].double(), 0, -1), kp[:4])
+        assert torch.all(torch.abs(sampled[:, ndim] - 1) < 1e-5)  # all inside the input image
+        errors.append(np.abs(sampled[:, :ndim].numpy() - pts[:4]).max())
+        rigid = affine_part_of_where_points_went(out["image"], pts[:4])
+        moved.append(np.abs(kp[:4].numpy() - rigid).max())
+    assert max(errors) < 0.05, max(errors)
+    assert max(moved) > 0.5  # the elastic part really moved the points (not an affine-only pass)
+
+
+def affine_part_of_where_points_went(out_coords, points):
+    """Least-squares affine fit of an augmented coordinate image, inverted: where the points would have gone
+    without the elastic part."""
+    nd = out_coords.shape[0] - 1
+    c = out_coords[:nd].reshape(nd, -1).T.double().numpy()
+    o = np.stack(np.unravel_index(np.arange(c.shape[0]), out_coords.shape[1:]), 1).astype(np.float64)
+    design = np.hstack([o, np.ones((len(o), 1))])
+    coef, *_ = np.linalg.lstsq(design, c, rcond=None)
+    return (points - coef[nd]) @ np.linalg.inv(coef[:nd].T).T
+
+
+def test_a_trainers_elastic_deformation_reaches_nnunets_spatial_transform():
+    from types import SimpleNamespace
+    from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocalElastic
+    for cls in (nnLandmarkTrainer, nnLandmarkTrainerLocalElastic):
+        compose = nnUNetTrainer.get_training_transforms((16, 16, 16), (-0.5, 0.5), None, (0, 1, 2), False)
+        fake = SimpleNamespace(elastic_deformation=cls.elastic_deformation, left_right_axis=2,
+                               pair_permutation=[1, 0], exact_points=object())
+        compose = nnLandmarkTrainer._with_landmark_transforms(fake, compose)
+        spatial = [t for t in compose.transforms if isinstance(t, SpatialTransform)]
+        assert len(spatial) == 1 and isinstance(spatial[0], SpatialTransformWithKeypoints)
+        expected = cls.elastic_deformation or (0, (0, 0.2), (0, 0.2))  # nnU-Net's: off
+        assert spatial[0].p_elastic_deform == expected[0]
+        assert tuple(spatial[0].elastic_deform_magnitude) == tuple(expected[2])

@@ -249,18 +249,18 @@ def _mirror_axes_of(trainer_cls, lr_world_axis_column: int, pairs, patch_axis_of
 @pytest.mark.parametrize("column", [0, 1, 2])
 def test_left_right_only_mirroring_keeps_the_one_symmetric_axis(column):
     from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
-    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocalLeftRightMirror
+    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocal
     lr = 2 - column  # world x along ITK axis `column` = numpy axis 2 - column
     assert _mirror_axes_of(nnLandmarkTrainer, column, [("L", "R")]) == ((0, 1, 2), lr)
-    assert _mirror_axes_of(nnLandmarkTrainerLocalLeftRightMirror, column, [("L", "R")]) == ((lr,), lr)
+    assert _mirror_axes_of(nnLandmarkTrainerLocal, column, [("L", "R")]) == ((lr,), lr)
     # no pairs to swap: the left/right axis cannot be mirrored, and nothing else may be
     assert _mirror_axes_of(nnLandmarkTrainer, column, []) == (tuple(a for a in (0, 1, 2) if a != lr), None)
-    assert _mirror_axes_of(nnLandmarkTrainerLocalLeftRightMirror, column, []) == ((), None)
+    assert _mirror_axes_of(nnLandmarkTrainerLocal, column, []) == ((), None)
 
 
 def test_left_right_only_mirroring_of_a_2d_slice_across_left_right_mirrors_nothing():
     from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
-    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocalLeftRightMirror
+    from nnlandmark_h3de.training.variants import nnLandmarkTrainerLocal
     # world x along numpy axis 0, the slice axis of a 2D configuration (a lateral view)
     assert _mirror_axes_of(nnLandmarkTrainer, 2, [("L", "R")], patch_axis_offset=1) == ((0, 1), None)
-    assert _mirror_axes_of(nnLandmarkTrainerLocalLeftRightMirror, 2, [("L", "R")], patch_axis_offset=1) == ((), None)
+    assert _mirror_axes_of(nnLandmarkTrainerLocal, 2, [("L", "R")], patch_axis_offset=1) == ((), None)

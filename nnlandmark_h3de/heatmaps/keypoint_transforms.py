@@ -10,8 +10,9 @@ that leaves the patch keeps its coordinates (the heatmap transform decides what 
 The spatial transform samples output voxel o from input position p = A (o - (P - 1) / 2) + c - 1/2
 (P: patch size, c: `center_location_in_pixels`, A: rotation x scaling; grid_sample with
 align_corners=False), so a point moves to o = A^-1 (p - c + 1/2) + (P - 1) / 2. Without rotation
-or scaling it crops: o = p - floor(c) + P // 2. Elastic deformation is refused for keypoints (its
-inverse has no closed form; nnU-Net's default pipeline does not use it).
+or scaling it crops: o = p - floor(c) + P // 2. An elastic deformation (off by default in nnU-Net, a
+trainer's `elastic_deformation` turns it on) has no closed-form inverse: each point is found in the
+sampling grid itself by fixed-point iteration (`invert_sampling_grid`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 
 from nnlandmark_h3de.heatmaps.mirror_pairs import MirrorWithPairSwapTransform
 
-__all__ = ["SpatialTransformWithKeypoints", "Convert3DTo2DWithKeypoints", "Convert2DTo3DWithKeypoints",
+__all__ = ["SpatialTransformWithKeypoints", "invert_sampling_grid", "Convert3DTo2DWithKeypoints", "Convert2DTo3DWithKeypoints",
            "LabelsToPaddingMaskTransform", "as_keypoints", "make_landmark_aware"]
 
 
@@ -42,13 +43,61 @@ def as_keypoints(points) -> torch.Tensor:
     return kp
 
 
+def invert_sampling_grid(grid: torch.Tensor, input_shape: Sequence[int], affine, points: torch.Tensor,
+                         iterations: int = 30, tolerance: float = 1e-4) -> torch.Tensor:
+    """Output indices o (N, ndim) where a grid_sample grid (align_corners=False) samples input indices `points`.
+
+    The grid maps o to input index I(o) = (flip(grid(o)) + 1) S / 2 - 1/2, i.e. (o + elastic offset(o)) A^T + t:
+    near-affine, so o <- o + (p - I(o)) A^-T converges while the offsets' gradient stays under 1 (smooth
+    fields). I between voxels is trilinear; beyond the patch it continues along A (a point outside keeps
+    coordinates outside, as the crop path gives). NaN rows stay NaN.
+    """
+    ndim = len(input_shape)
+    size = torch.tensor([float(s) for s in input_shape], dtype=torch.float64)
+    field = (torch.flip(grid.double(), (-1,)) + 1) * size / 2 - 0.5  # (*patch, ndim) input index per voxel
+    a = np.eye(ndim) if affine is None else np.asarray(affine, dtype=np.float64)
+    step = torch.as_tensor(np.linalg.inv(a).T)
+    hi = torch.tensor([float(n - 1) for n in field.shape[:-1]], dtype=torch.float64)
+    a_t = torch.as_tensor(a.T)
+    p = torch.as_tensor(points, dtype=torch.float64)
+    ok = torch.isfinite(p).all(1)
+    o = (hi / 2).expand_as(p[ok]).clone()
+    for _ in range(iterations):
+        inside = torch.minimum(torch.clamp(o, min=0), hi)
+        sampled = _trilinear(field, inside) + (o - inside) @ a_t
+        move = (p[ok] - sampled) @ step
+        o += move
+        if move.abs().max() < tolerance:
+            break
+    out = torch.full_like(p, float("nan"))
+    out[ok] = o
+    return out
+
+
+def _trilinear(field: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """field (*shape, C) linearly interpolated at continuous indices `at` (N, ndim) inside the shape."""
+    ndim = at.shape[1]
+    lo = torch.minimum(at.floor(), torch.tensor(field.shape[:ndim], dtype=at.dtype) - 2).clamp(min=0).long()
+    frac = at - lo
+    out = torch.zeros(at.shape[0], field.shape[-1], dtype=field.dtype)
+    for corner in np.ndindex(*(2,) * ndim):
+        c = torch.tensor(corner)
+        weight = torch.prod(torch.where(c.bool(), frac, 1 - frac), 1, keepdim=True)
+        out += weight * field[tuple((lo + c).T)]
+    return out
+
+
 class SpatialTransformWithKeypoints(SpatialTransform):
-    """nnU-Net's SpatialTransform (crop, rotation, scaling) that also moves the keypoints."""
+    """nnU-Net's SpatialTransform (crop, rotation, scaling, elastic deformation) that also moves the keypoints."""
+
+    def get_parameters(self, **data_dict) -> dict:
+        params = super().get_parameters(**data_dict)
+        params["input_shape"] = tuple(data_dict["image"].shape[1:])  # the grid's normalisation, for the inverse
+        return params
 
     def _apply_to_keypoints(self, keypoints: torch.Tensor, **params) -> torch.Tensor:
         if params.get("elastic_offsets") is not None:
-            raise NotImplementedError("keypoints cannot follow an elastic deformation (p_elastic_deform > 0): "
-                                      "its inverse has no closed form")
+            return invert_sampling_grid(params["grid"], params["input_shape"], params["affine"], keypoints)
         kp = torch.as_tensor(keypoints, dtype=torch.float64)
         size = torch.tensor([float(s) for s in self.patch_size], dtype=torch.float64)
         centre = torch.tensor([float(c) for c in params["center_location_in_pixels"]], dtype=torch.float64)

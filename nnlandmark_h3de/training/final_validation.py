@@ -40,6 +40,7 @@ from nnlandmark_h3de.inference.index_mapping import network_index_to_world
 from nnlandmark_h3de.inference.landmark_predictor import nnLandmarkPredictor
 from nnlandmark_h3de.inference.uncertainty import member_spread_mm
 from nnlandmark_h3de.landmarks import LandmarkSet, write_landmarks
+from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
 from nnlandmark_h3de.training.calibration import calibrate_relative_thresholds, fit_uncertainty_model
 from nnlandmark_h3de.training.existence_calibration import (EXISTENCE_SCORES_FILE, held_out_existence_check,
                                                            write_existence_scores)
@@ -201,7 +202,8 @@ def _fit_local_peak_floor(trainer, results: dict, evaluated, reference) -> None:
     and the floors go into fold_X/global_stage.json for prediction."""
     from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, GlobalStageChoice
     from nnlandmark_h3de.inference.two_stage_tiles import blend_points
-    from nnlandmark_h3de.training.calibration import fit_local_peak_floor, fit_local_weight
+    from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
+from nnlandmark_h3de.training.calibration import fit_local_peak_floor, fit_local_weight
     truth = np.array([reference[c].points_lps for c in evaluated])
     weight, weight_info = fit_local_weight(np.array([results[c][0] for c in evaluated]),
                                            np.array([results[c][3] for c in evaluated]), truth)
@@ -238,10 +240,11 @@ def _warn_unlearned(trainer, results: dict, cases, names) -> list:
         return []
     flat = unlearned_landmarks(np.array([results[c][1]["peak"] for c in cases]), names)
     if flat:
-        message = (f"the network has not learned {len(flat)} of {len(names)} landmarks: their heatmap peak stayed under "
-                   f"{UNLEARNED_PEAK} on every validation case (it starts at 0.018): {flat}. Train longer; with the "
-                   "MSE of sigmoids, channels of landmarks that few patches show can stay flat through a short "
-                   "training (nnLandmarkTrainerLocal's BCE keeps them learning)")
+        mse = isinstance(getattr(trainer.loss, "loss", trainer.loss), HeatmapMSELoss)  # inside deep supervision
+        hint = ("; with the MSE of sigmoids, channels of landmarks that few patches show can stay flat through a "
+                "short training (nnLandmarkTrainerLocal's BCE keeps them learning)") if mse else ""
+        message = (f"the network has not learned {len(flat)} of {len(names)} landmarks: their heatmap peak stayed "
+                   f"under {UNLEARNED_PEAK} on every validation case (it starts at 0.018): {flat}. Train longer{hint}")
         trainer.print_to_log_file("WARNING: " + message, also_print_to_console=True)
         warnings.warn(message, stacklevel=2)
     return flat

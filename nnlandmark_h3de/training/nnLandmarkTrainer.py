@@ -32,6 +32,7 @@ from torch._dynamo import OptimizedModule
 
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -75,6 +76,9 @@ class nnLandmarkTrainer(nnUNetTrainer):
     min_visible_fraction = 0.5  # of a ball's volume, for balls cut by the patch border
     mirror_left_right_with_pair_swap = True
     mirror_left_right_only = False  # True: anatomy's one mirror symmetry only, never upside-down or back-to-front
+    # nnU-Net leaves elastic deformation off. (probability, smoothing sigma as a fraction of the patch edge
+    # (range), largest displacement in voxels (range)) turns it on; the points follow it (keypoint_transforms.py)
+    elastic_deformation: Optional[Tuple[float, Tuple[float, float], Tuple[float, float]]] = None
     lr_step_fraction = 0.8  # StepLR 800 / 1000 epochs
     lr_gamma = 0.1
     grad_clip_norm = 1.0
@@ -215,8 +219,13 @@ class nnLandmarkTrainer(nnUNetTrainer):
             min_visible_fraction=self.min_visible_fraction, from_keypoints=self.exact_points is not None)
 
     def _with_landmark_transforms(self, compose) -> BasicTransform:
-        return make_landmark_aware(compose, self.left_right_axis, self.pair_permutation,
-                                   exact_points=self.exact_points is not None)
+        compose = make_landmark_aware(compose, self.left_right_axis, self.pair_permutation,
+                                      exact_points=self.exact_points is not None)
+        if self.elastic_deformation:
+            for t in compose.transforms:
+                if isinstance(t, SpatialTransform):
+                    t.p_elastic_deform, t.elastic_deform_scale, t.elastic_deform_magnitude = self.elastic_deformation
+        return compose
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,

@@ -14,7 +14,8 @@ from nnlandmark_h3de.training.landmark_loss import TopKHeatmapBCELoss
 from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 from nnlandmark_h3de.training.schedule import schedule_init, smoke_init
 
-__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalLeftRightMirror", "nnLandmarkTrainerLocalLinearHeads", "nnLandmarkTrainerLocalMSE",
+__all__ = ["nnLandmarkTrainerLocal", "nnLandmarkTrainerLocalAllMirrors", "nnLandmarkTrainerLocalElastic",
+           "nnLandmarkTrainerLocalLinearHeads", "nnLandmarkTrainerLocalMSE",
            "nnLandmarkTrainerLocal_2epochs_3iters", "nnLandmarkTrainer_1epoch",
            "nnLandmarkTrainer_5epochs", "nnLandmarkTrainer_50epochs",
            "nnLandmarkTrainer_250epochs", "nnLandmarkTrainer_2epochs_3iters", "nnLandmarkTrainer_publicDefault"]
@@ -32,8 +33,14 @@ class nnLandmarkTrainerLocal(nnLandmarkTrainer):
 
     Output heads with a hidden layer of `head_features` (networks/building_blocks/output_heads.py): a small
     configuration's last stage has fewer features (8) than AFIDs has landmarks (32). With the BCE they lowered
-    the validation error (and without the BCE they did not help; docs/benchmarks.md); about 2 % more time per step."""
+    the validation error (and without the BCE they did not help; docs/benchmarks.md); about 2 % more time per step.
+
+    Mirroring: along the left/right axis only (pair swap), not upside down or back to front as nnU-Net does: no
+    scan shows those, and a network this small then spends its steps on anatomy it will see (AFIDs, 10 CPU
+    minutes, validation local peaks 3.61 against 4.19 mm). Without test-time mirrors the local stage predicts
+    each tile once."""
     local_patch_jitter_mm = 12.0
+    mirror_left_right_only = True
     head_features: Optional[int] = 32  # hidden features of the output heads (output_heads.py); None: 1x1 convs
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -54,13 +61,21 @@ class nnLandmarkTrainerLocal(nnLandmarkTrainer):
         return body
 
 
-class nnLandmarkTrainerLocalLeftRightMirror(nnLandmarkTrainerLocal):
-    """nnLandmarkTrainerLocal mirrored only along the left/right axis (with the pair swap)."""
-    mirror_left_right_only = True
+class nnLandmarkTrainerLocalAllMirrors(nnLandmarkTrainerLocal):
+    """nnLandmarkTrainerLocal mirrored along every axis, as nnU-Net does (its recipe until 2026-12-05), for
+    comparison."""
+    mirror_left_right_only = False
 
 
-class nnLandmarkTrainerLocalLinearHeads(nnLandmarkTrainerLocal):
-    """nnLandmarkTrainerLocal with nnU-Net's 1x1 output convolutions (the BCE alone), for comparison."""
+class nnLandmarkTrainerLocalElastic(nnLandmarkTrainerLocal):
+    """nnLandmarkTrainerLocal with elastic deformation on a third of the patches (smoothing 15-30 % of the
+    patch edge, up to 2-4 voxels), which nnU-Net leaves off: shapes the training cases do not show."""
+    elastic_deformation = (0.33, (0.15, 0.3), (2.0, 4.0))
+
+
+class nnLandmarkTrainerLocalLinearHeads(nnLandmarkTrainerLocalAllMirrors):
+    """nnLandmarkTrainerLocal with nnU-Net's 1x1 output convolutions (the BCE alone) and every mirror, as it
+    was measured, for comparison."""
     head_features = None
 
 
