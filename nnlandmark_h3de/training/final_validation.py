@@ -202,8 +202,7 @@ def _fit_local_peak_floor(trainer, results: dict, evaluated, reference) -> None:
     and the floors go into fold_X/global_stage.json for prediction."""
     from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, GlobalStageChoice
     from nnlandmark_h3de.inference.two_stage_tiles import blend_points
-    from nnlandmark_h3de.training.landmark_loss import HeatmapMSELoss
-from nnlandmark_h3de.training.calibration import fit_local_peak_floor, fit_local_weight
+    from nnlandmark_h3de.training.calibration import fit_local_peak_floor, fit_local_weight
     truth = np.array([reference[c].points_lps for c in evaluated])
     weight, weight_info = fit_local_weight(np.array([results[c][0] for c in evaluated]),
                                            np.array([results[c][3] for c in evaluated]), truth)
