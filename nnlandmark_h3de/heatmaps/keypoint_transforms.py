@@ -31,8 +31,8 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 
 from nnlandmark_h3de.heatmaps.mirror_pairs import MirrorWithPairSwapTransform
 
-__all__ = ["SpatialTransformWithKeypoints", "invert_sampling_grid", "Convert3DTo2DWithKeypoints", "Convert2DTo3DWithKeypoints",
-           "LabelsToPaddingMaskTransform", "as_keypoints", "make_landmark_aware"]
+__all__ = ["SpatialTransformWithKeypoints", "invert_sampling_grid", "Convert3DTo2DWithKeypoints",
+           "Convert2DTo3DWithKeypoints", "LabelsToPaddingMaskTransform", "as_keypoints", "make_landmark_aware"]
 
 
 def as_keypoints(points) -> torch.Tensor:

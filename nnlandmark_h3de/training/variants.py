@@ -37,8 +37,8 @@ class nnLandmarkTrainerLocal(nnLandmarkTrainer):
 
     Mirroring: along the left/right axis only (pair swap), not upside down or back to front as nnU-Net does: no
     scan shows those, and a network this small then spends its steps on anatomy it will see (AFIDs, 10 CPU
-    minutes, validation local peaks 3.61 against 4.19 mm). Without test-time mirrors the local stage predicts
-    each tile once."""
+    minutes, validation local peaks 3.61 against 4.19 mm; 20 minutes, unseen test template, two stages 2.84
+    against 3.20 mm). Without test-time mirrors the local stage predicts each tile once."""
     local_patch_jitter_mm = 12.0
     mirror_left_right_only = True
     head_features: Optional[int] = 32  # hidden features of the output heads (output_heads.py); None: 1x1 convs
@@ -69,7 +69,8 @@ class nnLandmarkTrainerLocalAllMirrors(nnLandmarkTrainerLocal):
 
 class nnLandmarkTrainerLocalElastic(nnLandmarkTrainerLocal):
     """nnLandmarkTrainerLocal with elastic deformation on a third of the patches (smoothing 15-30 % of the
-    patch edge, up to 2-4 voxels), which nnU-Net leaves off: shapes the training cases do not show."""
+    patch edge, up to 2-4 voxels), which nnU-Net leaves off: shapes the training cases do not show. On AFIDs
+    (20 CPU minutes) it was worse than without, on validation and test (docs/benchmarks.md)."""
     elastic_deformation = (0.33, (0.15, 0.3), (2.0, 4.0))
 
 
