@@ -26,8 +26,9 @@ def coordinate_image(shape, with_ones=False):
     return torch.stack(grids + ([torch.ones(shape)] if with_ones else []))
 
 
-def where_points_went(out_coords: torch.Tensor, in_shape, points: np.ndarray) -> np.ndarray:
-    """From an augmented coordinate image (ndim + 1, *patch): output index of each input point (affine fit)."""
+def where_points_went(out_coords: torch.Tensor, in_shape, points: np.ndarray, affine_only: bool = True) -> np.ndarray:
+    """From an augmented coordinate image (ndim + 1, *patch): output index of each input point (affine fit).
+    affine_only=False: the augmentation may be nonlinear (elastic); the fit is then its affine part."""
     nd = out_coords.shape[0] - 1
     c = out_coords[:nd].reshape(nd, -1).T.double().numpy()  # sampled input position per output voxel
     o = np.stack(np.unravel_index(np.arange(c.shape[0]), out_coords.shape[1:]), 1).astype(np.float64)
@@ -36,7 +37,8 @@ def where_points_went(out_coords: torch.Tensor, in_shape, points: np.ndarray) ->
     design = np.hstack([o[inside], np.ones((inside.sum(), 1))])
     coef, *_ = np.linalg.lstsq(design, c[inside], rcond=None)  # c = o @ M^T + t
     m, t = coef[:nd].T, coef[nd]
-    assert np.abs(design @ coef - c[inside]).max() < 1e-2, "augmentation is not affine on this patch"
+    if affine_only:
+        assert np.abs(design @ coef - c[inside]).max() < 1e-2, "augmentation is not affine on this patch"
     return (points - t) @ np.linalg.inv(m).T
 
 
@@ -304,7 +306,7 @@ def test_trainer_draws_on_the_device_what_the_loader_drew(dummy_2d):
 def test_keypoints_follow_an_elastic_deformation(ndim):
     """With elastic offsets (plus rotation and scaling) the output image, sampled where the keypoint went,
     holds the keypoint's own input coordinates: the point moved with the image."""
-    from nnlandmark_h3de.heatmaps.keypoint_transforms import _trilinear
+    from nnlandmark_h3de.heatmaps.keypoint_transforms import _linear_at
     torch.manual_seed(0)
     np.random.seed(0)
     rng = np.random.default_rng(0)
@@ -319,24 +321,13 @@ def test_keypoints_follow_an_elastic_deformation(ndim):
         out = ComposeTransforms([t])(image=coordinate_image(in_shape, True), keypoints=torch.from_numpy(pts))
         kp = out["keypoints"]
         assert torch.isnan(kp[4]).all()
-        sampled = _trilinear(torch.movedim(out["image"].double(), 0, -1), kp[:4])
+        sampled = _linear_at(torch.movedim(out["image"].double(), 0, -1), kp[:4])
         assert torch.all(torch.abs(sampled[:, ndim] - 1) < 1e-5)  # all inside the input image
         errors.append(np.abs(sampled[:, :ndim].numpy() - pts[:4]).max())
-        rigid = affine_part_of_where_points_went(out["image"], pts[:4])
+        rigid = where_points_went(out["image"], in_shape, pts[:4], affine_only=False)
         moved.append(np.abs(kp[:4].numpy() - rigid).max())
     assert max(errors) < 0.05, max(errors)
     assert max(moved) > 0.5  # the elastic part really moved the points (not an affine-only pass)
-
-
-def affine_part_of_where_points_went(out_coords, points):
-    """Least-squares affine fit of an augmented coordinate image, inverted: where the points would have gone
-    without the elastic part."""
-    nd = out_coords.shape[0] - 1
-    c = out_coords[:nd].reshape(nd, -1).T.double().numpy()
-    o = np.stack(np.unravel_index(np.arange(c.shape[0]), out_coords.shape[1:]), 1).astype(np.float64)
-    design = np.hstack([o, np.ones((len(o), 1))])
-    coef, *_ = np.linalg.lstsq(design, c, rcond=None)
-    return (points - coef[nd]) @ np.linalg.inv(coef[:nd].T).T
 
 
 def test_a_trainers_elastic_deformation_reaches_nnunets_spatial_transform():

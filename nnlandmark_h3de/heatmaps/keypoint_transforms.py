@@ -49,7 +49,7 @@ def invert_sampling_grid(grid: torch.Tensor, input_shape: Sequence[int], affine,
 
     The grid maps o to input index I(o) = (flip(grid(o)) + 1) S / 2 - 1/2, i.e. (o + elastic offset(o)) A^T + t:
     near-affine, so o <- o + (p - I(o)) A^-T converges while the offsets' gradient stays under 1 (smooth
-    fields). I between voxels is trilinear; beyond the patch it continues along A (a point outside keeps
+    fields). I between voxels is linear (scipy's map_coordinates); beyond the patch it continues along A (a point outside keeps
     coordinates outside, as the crop path gives). NaN rows stay NaN.
     """
     ndim = len(input_shape)
@@ -64,7 +64,7 @@ def invert_sampling_grid(grid: torch.Tensor, input_shape: Sequence[int], affine,
     o = (hi / 2).expand_as(p[ok]).clone()
     for _ in range(iterations):
         inside = torch.minimum(torch.clamp(o, min=0), hi)
-        sampled = _trilinear(field, inside) + (o - inside) @ a_t
+        sampled = _linear_at(field, inside) + (o - inside) @ a_t
         move = (p[ok] - sampled) @ step
         o += move
         if move.abs().max() < tolerance:
@@ -74,17 +74,13 @@ def invert_sampling_grid(grid: torch.Tensor, input_shape: Sequence[int], affine,
     return out
 
 
-def _trilinear(field: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+def _linear_at(field: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """field (*shape, C) linearly interpolated at continuous indices `at` (N, ndim) inside the shape."""
-    ndim = at.shape[1]
-    lo = torch.minimum(at.floor(), torch.tensor(field.shape[:ndim], dtype=at.dtype) - 2).clamp(min=0).long()
-    frac = at - lo
-    out = torch.zeros(at.shape[0], field.shape[-1], dtype=field.dtype)
-    for corner in np.ndindex(*(2,) * ndim):
-        c = torch.tensor(corner)
-        weight = torch.prod(torch.where(c.bool(), frac, 1 - frac), 1, keepdim=True)
-        out += weight * field[tuple((lo + c).T)]
-    return out
+    from scipy.ndimage import map_coordinates
+    values = field.numpy()
+    coords = at.numpy().T
+    return torch.from_numpy(np.stack([map_coordinates(values[..., c], coords, order=1, mode="nearest")
+                                      for c in range(values.shape[-1])], 1))
 
 
 class SpatialTransformWithKeypoints(SpatialTransform):
