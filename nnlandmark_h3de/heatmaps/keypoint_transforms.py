@@ -49,8 +49,8 @@ def invert_sampling_grid(grid: torch.Tensor, input_shape: Sequence[int], affine,
 
     The grid maps o to input index I(o) = (flip(grid(o)) + 1) S / 2 - 1/2, i.e. (o + elastic offset(o)) A^T + t:
     near-affine, so o <- o + (p - I(o)) A^-T converges while the offsets' gradient stays under 1 (smooth
-    fields). I between voxels is linear (scipy's map_coordinates); beyond the patch it continues along A (a point outside keeps
-    coordinates outside, as the crop path gives). NaN rows stay NaN.
+    fields). I between voxels is linear (scipy's map_coordinates); beyond the patch it continues along A (a
+    point outside keeps coordinates outside, as the crop path gives). NaN rows stay NaN.
     """
     ndim = len(input_shape)
     size = torch.tensor([float(s) for s in input_shape], dtype=torch.float64)
