@@ -219,7 +219,9 @@ def fresh_work_dir(path: Path, overwrite: bool) -> Path:
 
 def make_dataset(args, work: Path, env: dict) -> dict:
     """Re-posed (and deformed) cases, the raw nnU-Net dataset with its test cases and one split (the last
-    case of every training template is validation); landmark names fixed by the first training template."""
+    case of every training template is validation); landmark names fixed by the first training template.
+    Each case's template is its subject in landmarks.json, so that the global stage's calibration
+    validates a case with atlases made from the other templates, as a test case will be."""
     from nnlandmark_h3de.conversion import convert_dataset
     from nnlandmark_h3de.demo.commands import environment
     _, first = load_template(args.templates, args.train[0])
@@ -230,9 +232,11 @@ def make_dataset(args, work: Path, env: dict) -> dict:
                                    args.exclude_names, names, args.deform_mm)
     val = [c for c in sorted(train) if c.endswith(f"_r{args.cases_per_template - 1:02d}")]
     splits = [{"train": [c for c in sorted(train) if c not in val], "val": val}]
+    subjects = {c: c.rsplit("_r", 1)[0] for c in {**train, **test}}  # the template a case was made from
     with environment(env):
         raw = convert_dataset({**train, **test}, work / "nnUNet_raw" / f"Dataset{DATASET_ID}_{DATASET_NAME}",
-                              names=names, test_cases=sorted(test), splits=splits, ball_radius_mm=args.ball_radius_mm)
+                              names=names, test_cases=sorted(test), splits=splits, ball_radius_mm=args.ball_radius_mm,
+                              subjects=subjects)
     return {"names": names, "train": train, "test": test, "val": val, "fit": splits[0]["train"], "raw": raw,
             "displacement": {**moved_train, **moved_test}}
 

@@ -291,14 +291,18 @@ def test_2d_radius_rule_and_test_sets(tmp_path):
     imgs = {c: write_png(tmp_path / "in" / f"{c}.png", grey_picture(i)) for i, c in enumerate("abcd")}
     lm = write_pixel_csv(tmp_path / "in" / "p.csv", PX)
     out = convert_dataset({c: (p, lm) for c, p in imgs.items()}, tmp_path / "D", spacing=0.1,
-                          test_sets={"first": ["c"], "second": ["d"]}, progress=False)
+                          test_sets={"first": ["c"], "second": ["d"]}, subjects={"a": "p1", "b": "p1"}, progress=False)
     lj = json.loads((out / "landmarks.json").read_text())
+    assert lj["subjects"] == {"a": "p1", "b": "p1"}
     assert lj["test_cases"] == ["c", "d"] and load_dataset_test_sets(out) == {"first": ["c"], "second": ["d"]}
     assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["c_0000.nii.gz", "d_0000.nii.gz"]
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 2
     with pytest.raises(ConversionError, match="also in test set"):
         convert_dataset({c: (p, lm) for c, p in imgs.items()}, tmp_path / "E", spacing=0.1,
                         test_sets={"first": ["c"], "second": ["c", "d"]}, progress=False)
+    with pytest.raises(ConversionError, match=r"subjects: case\(s\) \['z'\] are not among the cases"):
+        convert_dataset({c: (p, lm) for c, p in imgs.items()}, tmp_path / "E", spacing=0.1,
+                        subjects={"a": "p1", "z": "p1"}, progress=False)
     with pytest.raises(ConversionError, match="target spacing must be 2 positive numbers"):
         convert_dataset({c: (p, lm) for c, p in imgs.items()}, tmp_path / "E", spacing=0.1,
                         target_spacing=(1, 1, 1), progress=False)

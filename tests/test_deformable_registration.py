@@ -155,7 +155,7 @@ def test_calibration_keeps_the_lowest_validation_mre_and_round_trips(tmp_path, m
     (fold.parent / "dataset.json").write_text(json.dumps({"landmarks": {"names": names, "pairs": []}}))
     calls = []
 
-    def fake(raw, train, val, n_atlases, spacing, kinds, record=None):
+    def fake(raw, train, val, n_atlases, spacing, kinds, record=None, atlases_used=None):
         calls.append(list(kinds))
         stage = gs.AtlasGlobalStage(_tiny_atlases(names), spacing)
         measured = {"atlas": (np.full((2, 3), 2.0), 1.5), "deformable": (np.full((2, 3), deformable_mre), 2.5)}
@@ -232,3 +232,56 @@ def test_an_old_global_stage_file_without_the_deformable_kind_still_reads(tmp_pa
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="bad.json"):
         GlobalStageChoice.read(tmp_path / "bad.json")
+
+
+def _raw_dataset(tmp_path, image, points, warps, subjects=None):
+    """A raw dataset of the given cases {case: sampling transform} (landmarks.json with `subjects`)."""
+    from nnlandmark_h3de.landmarks.dataset_file import landmarks_json_dict
+    names = [f"L{k}" for k in range(len(points))]
+    raw = tmp_path / "raw"
+    (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
+    cases, entries = {}, {}
+    for case, sampling in warps.items():
+        warped, moved = warp_case(image, points, sampling)
+        sitk.WriteImage(warped, str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        cases[case] = LandmarkSet(names, moved)
+        entries[case] = {"images": [f"imagesTr/{case}_0000.nii.gz"], "label": f"labelsTr/{case}.nii.gz"}
+    (raw / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "dataset": entries}))
+    (raw / "landmarks.json").write_text(json.dumps(landmarks_json_dict(cases, names, subjects=subjects)))
+    return raw
+
+
+def test_validation_registers_only_atlases_of_other_subjects(tmp_path):
+    """A validation scan of the same subject as the prediction atlas (the same warp) registers to it almost
+    exactly; with subjects in landmarks.json it is validated with the other subject's scan instead, whose
+    error is what a new subject sees; prediction keeps its atlas."""
+    from nnlandmark_h3de.inference import global_stage as gs
+    image, points = smooth_volume(seed=8)
+    same = known_warp(image, np.random.default_rng(30), 3.0, 32.0)
+    warps = {"s0_a": same, "s1_a": known_warp(image, np.random.default_rng(31), 3.0, 32.0), "s0_b": same}
+    errors = {}
+    for declared in (None, {"s0_a": "s0", "s0_b": "s0", "s1_a": "s1"}):
+        raw = _raw_dataset(tmp_path / str(bool(declared)), image, points, warps, declared)
+        used = {}
+        stage, measured = gs.registration_validation_errors(raw, ["s0_a", "s1_a"], ["s0_b"], n_atlases=1,
+                                                            kinds=("atlas",), atlases_used=used)
+        assert [a.name for a in stage.atlases] == ["s0_a"]  # what prediction registers
+        assert used == {"s0_b": ["s1_a"] if declared else ["s0_a"]}
+        errors[bool(declared)] = float(measured["atlas"][0].mean())
+    print(f"validation MRE: own subject's atlas {errors[False]:.2f} mm, another subject's {errors[True]:.2f} mm")
+    assert errors[False] < 1.0 and errors[True] > 2 * errors[False] + 1.0
+    with pytest.warns(UserWarning, match="every training case is of subject 's0'"):
+        _, measured = gs.registration_validation_errors(raw, ["s0_a"], ["s0_b"], n_atlases=1, kinds=("atlas",))
+    assert float(measured["atlas"][0].mean()) == pytest.approx(errors[False])  # kept its own subject's atlas, with the warning
+
+
+def test_case_subjects_in_landmarks_json(tmp_path):
+    from nnlandmark_h3de.landmarks.dataset_file import DatasetFileError, landmarks_json_dict, load_case_subjects
+    ls = {c: LandmarkSet(["A"], np.zeros((1, 3))) for c in ("a", "b")}
+    (tmp_path / "landmarks.json").write_text(json.dumps(landmarks_json_dict(ls, ["A"])))
+    assert load_case_subjects(tmp_path) is None
+    doc = landmarks_json_dict(ls, ["A"], subjects={"a": "p1", "b": "p1", "gone": "p2"})
+    assert doc["subjects"] == {"a": "p1", "b": "p1"}  # only the cases written
+    (tmp_path / "landmarks.json").write_text(json.dumps({**doc, "subjects": ["a", "b"]}))
+    with pytest.raises(DatasetFileError, match="landmarks.json: 'subjects' must map a case id"):
+        load_case_subjects(tmp_path)

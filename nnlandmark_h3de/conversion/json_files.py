@@ -18,9 +18,9 @@ from nnlandmark_h3de.utilities.orientation import CANONICAL_ORIENTATION
 
 def write_json_files(tmp: Path, target: Path, written: List[InputCase], names: Sequence[str], pairs, radius: float,
                      channel_name: str, test_sets: Dict[str, List[str]], splits: Optional[List[dict]],
-                     all_cases: set) -> None:
-    """dataset.json, landmarks.json (cases written, test sets without dropped cases) and, when `splits`
-    are given, splits_final.json (training cases written) into the staging folder `tmp`."""
+                     all_cases: set, subjects: Optional[Dict[str, str]] = None) -> None:
+    """dataset.json, landmarks.json (cases written, test sets without dropped cases, their subjects) and,
+    when `splits` are given, splits_final.json (training cases written) into the staging folder `tmp`."""
     n_train = sum(not c.is_test for c in written)
     ndim = written[0].geometry.ndim
     dump_json(dataset_json(target, names, pairs, radius, channel_name, n_train, ndim), tmp / "dataset.json")
@@ -28,7 +28,7 @@ def write_json_files(tmp: Path, target: Path, written: List[InputCase], names: S
     dump_json(landmarks_json_dict({c.case: c.landmarks for c in written}, names,
                                   [c.case for c in written if c.is_test],
                                   None if not test_sets else
-                                  {k: [x for x in v if x in done] for k, v in test_sets.items()}),
+                                  {k: [x for x in v if x in done] for k, v in test_sets.items()}, subjects),
               tmp / LANDMARKS_FILE)
     if splits is not None:
         dump_json(filter_splits(splits, {c.case for c in written if not c.is_test}, all_cases),
@@ -56,6 +56,18 @@ def dataset_json(target: Path, names: Sequence[str], pairs, radius: float, chann
         "landmarks": {**landmark_info_dict(names, pairs, radius),
                       **({"image_orientation": CANONICAL_ORIENTATION} if ndim == 3 else {})},
     }
+
+
+def check_subjects(subjects, cases: Mapping) -> Optional[Dict[str, str]]:
+    """Case id -> subject id as strings, every case among `cases` (a case not listed is its own subject)."""
+    if subjects is None:
+        return None
+    if not isinstance(subjects, Mapping):
+        raise ConversionError(f"subjects must map a case id to a subject id, got {type(subjects).__name__}")
+    unknown = sorted(str(c) for c in subjects if str(c) not in {str(k) for k in cases})
+    if unknown:
+        raise ConversionError(f"subjects: case(s) {unknown[:10]} are not among the cases converted")
+    return {str(c): str(s) for c, s in subjects.items()}
 
 
 def check_test_sets(test_sets, test_cases: Sequence[str]) -> Dict[str, List[str]]:

@@ -41,7 +41,7 @@ from nnlandmark_h3de.conversion.case_reading import (CaseProblems, ImageLike, La
 from nnlandmark_h3de.conversion.case_writing import write_cases
 from nnlandmark_h3de.conversion.errors import ConversionError
 from nnlandmark_h3de.conversion.images_2d import parse_spacing
-from nnlandmark_h3de.conversion.json_files import check_test_sets, write_json_files
+from nnlandmark_h3de.conversion.json_files import check_subjects, check_test_sets, write_json_files
 from nnlandmark_h3de.conversion.output_folder import (dataset_folder_name, install_splits, raw_dataset_folder,
                                                       replace_folder, resolve_output_folder, staging_folder)
 from nnlandmark_h3de.landmarks.pairs import find_lr_pairs
@@ -60,7 +60,8 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
                     splits: Optional[List[dict]] = None, min_radius_voxels: float = MIN_RADIUS_VOXELS,
                     outside_fov: str = "absent", progress: bool = True,
                     spacing: Optional[Sequence[float]] = None,
-                    test_sets: Optional[Mapping[str, Sequence[str]]] = None) -> Path:
+                    test_sets: Optional[Mapping[str, Sequence[str]]] = None,
+                    subjects: Optional[Mapping[str, str]] = None) -> Path:
     """Write `DatasetXXX_Name/` (imagesTr, labelsTr, imagesTs, dataset.json, landmarks.json) and return it.
 
     cases: case id -> (image path, SimpleITK image or LazyImage, landmark file path or LandmarkSet).
@@ -84,6 +85,9 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
         overrides a 2D NIfTI/NRRD/MHA file's spacing with a warning; an error for 3D images.
     test_sets: optional named groups of test cases (e.g. {"test1": [...], "test2": [...]}), each a
         subset of `test_cases` (default `test_cases`: their union), written to landmarks.json.
+    subjects: optional case id -> subject id, for cases that are scans of one person, written to
+        landmarks.json (the global stage's calibration then never validates a case with an atlas of its
+        own subject).
     """
     problems = CaseProblems(on_error)
     check_outside_fov_choice(outside_fov)
@@ -91,6 +95,7 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
     test_sets, test_set = _test_cases(cases, test_cases, test_sets)
     spacing, exclude = parse_spacing(spacing), [str(n) for n in exclude_names]
     check_ball_radius(ball_radius_mm)
+    subjects = check_subjects(subjects, cases)
 
     items = read_cases(cases, test_set, exclude, problems, progress, spacing)
     names = channel_names(items, names, exclude, problems)
@@ -106,7 +111,7 @@ def convert_dataset(cases: Mapping[str, Tuple[ImageLike, LandmarksLike]],
     try:
         written = write_cases(train + [c for c in kept if c.is_test], tmp, names, radius, problems, progress)
         write_json_files(tmp, target, written, names, pairs, radius, channel_name, test_sets, splits,
-                         {str(k) for k in cases})
+                         {str(k) for k in cases}, subjects)
         replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,8 +13,9 @@ Three kinds behind one interface, `estimate(image files) -> LandmarkSet` (world 
 `calibrate_global_stage` measures each available kind on the local model's validation cases (the atlas
 kinds on the fold's validation images with atlases from its training cases, both from one affine
 registration per atlas, each with its seconds per case; the learned model by its own final
-validation, the same cases when both use the same splits), keeps the one with the lowest mean
-radial error, and sets each kind's local search radius to twice its 90th-percentile error (at least 3
+validation, the same cases when both use the same splits; where landmarks.json names the cases'
+subjects, a validation case is registered only with atlases of other subjects), keeps the one with the
+lowest mean radial error, and sets each kind's local search radius to twice its 90th-percentile error (at least 3
 voxels of the local configuration). Everything is written to `fold_X/global_stage.json`, which
 `nnLandmark_predict --global auto` reads. A fold ensemble predicts with the first fold's stage and
 each fold's own local peak floor (`ensemble_local_peak_floors`).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -54,6 +56,8 @@ class GlobalStageChoice:
     registration_spacing_mm: float = 4.0
     learned_model: Optional[str] = None  # model folder of the coarse configuration (learned kind)
     learned_folds: List = field(default_factory=list)
+    # per validation case, the training cases registered to it (`validation_atlas_cases`)
+    validation_atlases: Dict[str, List[str]] = field(default_factory=dict)
 
     def radius_mm(self, kind: str) -> float:
         return float(self.validation[kind]["radius_mm"])
@@ -285,32 +289,70 @@ def ensemble_local_peak_floors(model_folder, folds: Sequence, kind: str = "auto"
 
 
 # --------------------------------------------------------------------------- calibration
+def _choose_atlas_cases(cases: Sequence[str], landmarks: dict, exact: Optional[Sequence[str]], n: int) -> List[str]:
+    """`n` of `cases` as atlases (`choose_atlases`: exact labels first in a one-shot dataset, then coverage)."""
+    from nnlandmark_h3de.inference.atlas import choose_atlases
+    flags = None if exact is None else [c in set(exact) for c in cases]
+    return [cases[i] for i in choose_atlases([landmarks[c] for c in cases], n, exact=flags)]
+
+
+def validation_atlas_cases(raw_dataset: Path, train_cases: Sequence[str], val_cases: Sequence[str],
+                           chosen: Sequence[str], landmarks: dict, exact: Optional[Sequence[str]],
+                           n_atlases: int) -> Dict[str, List[str]]:
+    """The training cases registered to each validation case: the atlases prediction uses (`chosen`), or,
+    where landmarks.json names subjects (`load_case_subjects`), `n_atlases` chosen the same way among the
+    training cases of subjects other than the validation case's own, so that the validation error (which
+    chooses the kind and sizes the search radius) is what a new subject sees. A case whose training cases
+    are all of its own subject keeps `chosen`, with a warning."""
+    from nnlandmark_h3de.landmarks.dataset_file import load_case_subjects
+    subjects = load_case_subjects(raw_dataset)
+    if not subjects:
+        return {c: list(chosen) for c in val_cases}
+    out = {}
+    for case in val_cases:
+        own = subjects.get(case, case)
+        others = [c for c in train_cases if subjects.get(c, c) != own]
+        if not others:
+            warnings.warn(f"{raw_dataset}: every training case is of subject {own!r}, as validation case {case!r} is; "
+                          f"it is validated with atlases of its own subject (an optimistic global stage error)")
+        out[case] = _choose_atlas_cases(others, landmarks, exact, n_atlases) if others else list(chosen)
+    return out
+
+
 def registration_validation_errors(raw_dataset: Path, train_cases: Sequence[str], val_cases: Sequence[str],
                                    n_atlases: int = 4, registration_spacing_mm: float = 4.0,
-                                   kinds: Sequence[str] = ATLAS_KINDS, record: Optional[dict] = None):
+                                   kinds: Sequence[str] = ATLAS_KINDS, record: Optional[dict] = None,
+                                   atlases_used: Optional[dict] = None):
     """(the atlas stage built from chosen training cases, {kind: ((V, L) radial errors in mm on the validation
     cases, seconds per case)}) for the registration kinds asked ('atlas', 'deformable'), both from one
     affine registration per atlas and case. In a one-shot dataset the cases with exact labels are
-    chosen first (`exact_label_cases`). `record`: filled with {kind: {case: estimate LandmarkSet}}."""
+    chosen first (`exact_label_cases`); with subjects in landmarks.json each validation case is registered
+    with atlases of other subjects (`validation_atlas_cases`). `record`: filled with {kind: {case: estimate
+    LandmarkSet}}; `atlases_used`: with {case: the training cases registered to it}."""
     import SimpleITK as sitk
     from tqdm import tqdm
     from nnlandmark_h3de.landmarks.dataset_file import exact_label_cases, load_dataset_landmarks
-    from nnlandmark_h3de.inference.atlas import atlas_estimates, choose_atlases
+    from nnlandmark_h3de.inference.atlas import atlas_estimates
     unknown = [k for k in kinds if k not in ATLAS_KINDS]
     if unknown or not kinds:
         raise ValueError(f"registration kinds must be among {ATLAS_KINDS}, got {list(kinds)}")
     landmarks = load_dataset_landmarks(raw_dataset)
     train_cases = [c for c in train_cases if c in landmarks]
     exact = exact_label_cases(raw_dataset)
-    exact = None if exact is None else [c in exact for c in train_cases]
-    chosen = [train_cases[i] for i in choose_atlases([landmarks[c] for c in train_cases], n_atlases, exact=exact)]
+    chosen = _choose_atlas_cases(train_cases, landmarks, exact, n_atlases)
     stage = AtlasGlobalStage.from_raw(raw_dataset, chosen, registration_spacing_mm)
+    per_case = validation_atlas_cases(raw_dataset, train_cases, val_cases, chosen, landmarks, exact, n_atlases)
+    loaded = {a.name: a for a in stage.atlases}
     nonlinear = {kind: kind == "deformable" for kind in kinds}
     errors: Dict[str, list] = {kind: [] for kind in kinds}
     seconds: Dict[str, float] = {kind: 0.0 for kind in kinds}
     for case in tqdm(val_cases, desc=f"{' and '.join(kinds)} global stage on validation cases", unit="case"):
         image = sitk.ReadImage(str(raw_case_images(raw_dataset, case)[0]), sitk.sitkFloat32)
-        estimates = atlas_estimates(image, stage.atlases, registration_spacing_mm, tuple(nonlinear.values()))
+        new = [c for c in per_case[case] if c not in loaded]
+        if new:
+            loaded.update({a.name: a for a in AtlasGlobalStage.from_raw(raw_dataset, new).atlases})
+        estimates = atlas_estimates(image, [loaded[c] for c in per_case[case]], registration_spacing_mm,
+                                    tuple(nonlinear.values()))
         truth = landmarks[case].reordered(stage.names).points_lps
         for kind, nl in nonlinear.items():
             errors[kind].append(np.linalg.norm(estimates[nl].points_lps - truth, axis=1))
@@ -318,6 +360,8 @@ def registration_validation_errors(raw_dataset: Path, train_cases: Sequence[str]
             if record is not None:
                 record.setdefault(kind, {})[case] = LandmarkSet(stage.names, estimates[nl].points_lps,
                                                                 uncertainty_mm=estimates[nl].spread_mm)
+    if atlases_used is not None:
+        atlases_used.update(per_case)
     return stage, {kind: (np.asarray(errors[kind]), seconds[kind] / max(1, len(val_cases))) for kind in kinds}
 
 
@@ -362,7 +406,8 @@ def calibrate_global_stage(local_fold_folder: Path, raw_dataset: Path, train_cas
     recorded: Dict[str, dict] = {}
     if registration_kinds:
         stage, measured = registration_validation_errors(raw_dataset, train_cases, val_cases, n_atlases,
-                                                         registration_spacing_mm, registration_kinds, record=recorded)
+                                                         registration_spacing_mm, registration_kinds, record=recorded,
+                                                         atlases_used=choice.validation_atlases)
         for kind, (errors, seconds) in measured.items():
             validation[kind] = dict(_error_stats(errors, floor), seconds_per_case=float(seconds))
         choice.atlases = [a.name for a in stage.atlases]

@@ -24,14 +24,18 @@ class DatasetFileError(LandmarkError):
 
 
 def landmarks_json_dict(landmarks: Dict[str, LandmarkSet], names: Sequence[str], test_cases: Iterable[str] = (),
-                        test_sets: Optional[Dict[str, Sequence[str]]] = None) -> dict:
+                        test_sets: Optional[Dict[str, Sequence[str]]] = None,
+                        subjects: Optional[Dict[str, str]] = None) -> dict:
     """The landmarks.json content: LPS mm per case and name, null when absent; `test_sets` (named groups
-    of test cases, e.g. a challenge's two test sets) only when given."""
+    of test cases, e.g. a challenge's two test sets) and `subjects` (case -> subject id, for cases that
+    are scans of one person) only when given, `subjects` for the cases written only."""
     d = {"coordinate_system": "LPS", "units": "mm", "names": list(names),
          "cases": {case: ls.reordered(list(names)).as_dict() for case, ls in landmarks.items()},
          "test_cases": [c for c in test_cases]}
     if test_sets:
         d["test_sets"] = {str(k): [str(c) for c in v] for k, v in test_sets.items()}
+    if subjects:
+        d["subjects"] = {str(c): str(s) for c, s in subjects.items() if c in landmarks}
     return d
 
 
@@ -103,6 +107,23 @@ def load_dataset_test_sets(path) -> Dict[str, List[str]]:
     if not isinstance(sets, dict) or not all(isinstance(v, list) for v in sets.values()):
         raise DatasetFileError(f"{file}: 'test_sets' must map a name to a list of case ids")
     return {str(k): [str(c) for c in v] for k, v in sets.items()}
+
+
+def load_case_subjects(path) -> Optional[Dict[str, str]]:
+    """The `subjects` of landmarks.json (case -> subject id; a case not listed is a subject of its own), or
+    None when the file has none.
+
+    Why: scans of one person (repeated sessions, or the benchmarks' deformed copies of one template)
+    register to each other far better than to another person, so a global stage validated with an
+    atlas of the validation case's own subject looks better than it will on a new one."""
+    path = Path(path)
+    file = path / LANDMARKS_FILE if path.is_dir() else path
+    subjects = _load_json(file, "landmarks file").get("subjects")
+    if subjects is None:
+        return None
+    if not isinstance(subjects, dict) or not all(isinstance(v, (str, int)) for v in subjects.values()):
+        raise DatasetFileError(f"{file}: 'subjects' must map a case id to a subject id (a string)")
+    return {str(c): str(s) for c, s in subjects.items()}
 
 
 def read_dataset_landmark_info(dataset_json) -> dict:

@@ -57,6 +57,9 @@ def calibrate_fold(dataset: str, configuration: str, fold: int, trainer: str = "
         timing = "" if v.get("seconds_per_case") is None else f", {v['seconds_per_case']:.1f} s per case"
         print(f"{kind} global stage on {len(val)} validation case(s): MRE {v['mre_mm']:.2f} mm, p90 "
               f"{v['p90_mm']:.2f} mm{timing} -> local search radius {v['radius_mm']:.1f} mm")
+    if any(sorted(v) != sorted(choice.atlases) for v in choice.validation_atlases.values()):
+        print("validation cases registered with atlases of other subjects (landmarks.json subjects): " + "; ".join(
+            f"{case}: {', '.join(used)}" for case, used in choice.validation_atlases.items()))
     print(f"kept: {choice.kind} (lower validation MRE); written to {fold_folder / 'global_stage.json'}; global "
           f"stages measured in {measured:.1f} s")
     if revalidate:
