@@ -12,8 +12,9 @@ import SimpleITK as sitk
 
 from nnlandmark_h3de.conversion import (ConversionError, ConversionWarning, ball_radius_mm, convert_dataset,
                                         draw_balls, nnunet_target_spacing)
-from nnlandmark_h3de.landmarks import (DatasetFileError, ImageGeometry, LandmarkSet, load_dataset_landmarks,
-                                       read_dataset_landmark_info, read_landmarks, write_landmarks)
+from nnlandmark_h3de.landmarks import (DatasetFileError, ImageGeometry, LandmarkSet, load_case_subjects,
+                                       load_dataset_landmarks, read_dataset_landmark_info, read_landmarks,
+                                       write_landmarks)
 from rotations import rotation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,16 +341,25 @@ def test_cli_convert(tmp_path, two_plus_test, monkeypatch, capsys):
     (d / "landmarks" / "t.json").rename(d / "test_lm" / "t.json")
     names_file = tmp_path / "names.txt"
     names_file.write_text("# channel order\nnose\nL_eye\nR_eye\n")
+    subjects_file = tmp_path / "subjects.csv"
+    subjects_file.write_text("a,p1 p2\n")
+    args = ["-i", str(d / "images"), "-l", str(d / "landmarks"), "-d", "3", "-n", "Cli", "--drop_bad_cases",
+            "--names_file", str(names_file), "--pairs", "L_eye:R_eye", "--ball_radius_mm", "2.5",
+            "--test_images", str(d / "test_images"), "--test_landmarks", str(d / "test_lm"),
+            "--subjects", str(subjects_file)]
+    subjects_file.write_text("case,subject\na,p1,extra\n")
+    with pytest.raises(SystemExit, match="subjects.csv: expected 'case,subject' on every line, got 'a,p1,extra'"):
+        main(args)
+    subjects_file.write_text("case,subject\n# scans of one person\na,p1\nb,p1\n")
     with pytest.warns(ConversionWarning, match="orphan"):
-        rc = main(["-i", str(d / "images"), "-l", str(d / "landmarks"), "-d", "3", "-n", "Cli", "--drop_bad_cases",
-                   "--names_file", str(names_file), "--pairs", "L_eye:R_eye", "--ball_radius_mm", "2.5",
-                   "--test_images", str(d / "test_images"), "--test_landmarks", str(d / "test_lm")])
+        rc = main(args)
     assert rc == 0, capsys.readouterr().err
     out = tmp_path / "raw" / "Dataset003_Cli"
     dj = json.loads((out / "dataset.json").read_text())
     assert dj["landmarks"]["names"] == ["nose", "L_eye", "R_eye"] and dj["landmarks"]["ball_radius_mm"] == 2.5
     assert dj["numTraining"] == 2  # a and b; 'orphan' (no landmarks) and 'zz' (no image) dropped
     assert json.loads((out / "landmarks.json").read_text())["test_cases"] == ["t"]
+    assert load_case_subjects(out) == {"a": "p1", "b": "p1"}
 
 
 def test_console_script_runs(tmp_path, two_plus_test):

@@ -7,10 +7,11 @@ nnU-Net plans its `2d` configuration (see conversion/images_2d.py and conversion
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 def _parse_pairs(items: Optional[List[str]]) -> Optional[List[Tuple[str, str]]]:
@@ -31,6 +32,23 @@ def _read_names_file(path: str) -> List[str]:
     except OSError as e:
         raise SystemExit(f"nnLandmark_convert: error: {path}: cannot read names file ({e.strerror})")
     return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
+def _read_subjects_file(path: str) -> Dict[str, str]:
+    """case,subject per line (a `case,subject` header and # comments allowed): cases that are scans of one
+    person, so that calibration never validates a case with an atlas of its own subject."""
+    try:
+        rows = list(csv.reader(Path(path).read_text(encoding="utf-8-sig").splitlines()))
+    except OSError as e:
+        raise SystemExit(f"nnLandmark_convert: error: {path}: cannot read subjects file ({e.strerror})")
+    rows = [[c.strip() for c in r] for r in rows if r and any(c.strip() for c in r) and not r[0].startswith("#")]
+    if rows and [c.lower() for c in rows[0]] == ["case", "subject"]:
+        rows = rows[1:]
+    bad = [i for i, r in enumerate(rows) if len(r) != 2 or not all(r)]
+    if bad:
+        raise SystemExit(f"nnLandmark_convert: error: {path}: expected 'case,subject' on every line, got "
+                         f"{','.join(rows[bad[0]])!r}")
+    return {case: subject for case, subject in rows}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2D images: pixel spacing in mm (x, then y; one value for square pixels). Required for "
                         ".png/.bmp/.tif/.jpg pictures, which carry none; for 2D NIfTI/NRRD/MHA files it overrides "
                         "the file's spacing, with a warning; an error for 3D images")
+    p.add_argument("--subjects", default=None, metavar="CSV",
+                   help="case,subject per line for cases that are scans of one person (repeated sessions): written "
+                        "to landmarks.json, so that the global stage is validated with atlases of other subjects")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     return p
 
@@ -94,6 +115,7 @@ def _run(args) -> int:
         raise SystemExit(f"nnLandmark_convert: error: --spacing takes 1 or 2 values (SX [SY] mm), got {args.spacing}")
     names = _read_names_file(args.names_file) if args.names_file else args.names
     pairs = _parse_pairs(args.pairs)
+    subjects = _read_subjects_file(args.subjects) if args.subjects else None
     try:
         cases = dict(match_cases(args.images, args.landmarks, drop_unmatched=args.drop_bad_cases))
         test_cases = []
@@ -112,7 +134,7 @@ def _run(args) -> int:
                                  ball_radius_mm=args.ball_radius_mm, on_error="drop" if args.drop_bad_cases else "raise",
                                  channel_name=args.channel_name, overwrite=args.overwrite,
                                  exclude_names=args.exclude_names, outside_fov=args.outside_fov,
-                                 spacing=args.spacing)
+                                 spacing=args.spacing, subjects=subjects)
     except (ConversionError, LandmarkError) as e:
         print(f"nnLandmark_convert: error: {e}", file=sys.stderr)
         return 1
