@@ -194,3 +194,34 @@ def test_case_mirroring_plan():
     plan = case_mirroring((0, 1, 2), None, (0, 1, 2), has_pairs=True)
     assert plan.axes == () and "unknown" in plan.note
     assert logit_channel_permutation([1, 0, 2]) == [0, 2, 1, 3]
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_a_model_trained_with_the_left_right_mirror_gets_it_at_test_time(axis, one_torch_thread):
+    """A checkpoint without mirroring axes (what the left/right-only trainers store, for nnU-Net's stock
+    predictor), told by its trainer to mirror left/right: two members per case, the pairs swapped back."""
+    predictor = _predictor(_SideNet(axis), None, ["L0", "R0"], [["L0", "R0"]], None)
+    data, left, right = _side_case(axis)
+    props = _properties(_lr_direction(axis))
+    assert len(predictor.locate(data, props)[2][0].member_idx) == 1  # the checkpoint alone: no mirror
+    predictor.mirror_left_right = True
+    _, _, folds, logits, _ = predictor.locate(data, props)
+    assert len(folds[0].member_idx) == 2
+    for m in folds[0].member_idx:
+        np.testing.assert_allclose(m, [left, right], atol=0.05)
+    plan = case_mirroring(None, props, (0, 1, 2), has_pairs=True, add_left_right=True)
+    assert plan.axes == (axis,) and plan.swap_axis == axis
+    assert case_mirroring(None, props, (0, 1, 2), has_pairs=False, add_left_right=True).axes == ()  # nothing to swap
+    # a 2D model (patch axes 1, 2) never mirrors across its slices
+    assert case_mirroring(None, props, (0, 1, 2), True, add_left_right=True, first_patch_axis=1).axes == \
+        (() if axis == 0 else (axis,))
+
+
+def test_which_trainers_mirror_left_right_at_test_time(monkeypatch):
+    from nnlandmark_h3de.inference.case_mirroring import mirrors_left_right_at_inference
+    from nnlandmark_h3de.training.trainer_folder import trainer_folder
+    monkeypatch.setenv("nnUNet_extTrainer", str(trainer_folder()))
+    assert mirrors_left_right_at_inference("nnLandmarkTrainerLocal")
+    for name in ("nnLandmarkTrainer", "nnLandmarkTrainerLocalAllMirrors", "nnLandmarkTrainerPrior", "NoSuchTrainer",
+                 None):
+        assert not mirrors_left_right_at_inference(name), name

@@ -20,7 +20,7 @@ import torch
 
 from nnlandmark_h3de.heatmaps import left_right_axis
 
-__all__ = ["CaseMirroring", "case_mirroring", "logit_channel_permutation", "mirror_combos",
+__all__ = ["CaseMirroring", "case_mirroring", "mirrors_left_right_at_inference", "logit_channel_permutation", "mirror_combos",
            "add_on_one_device"]
 
 
@@ -32,9 +32,16 @@ class CaseMirroring:
 
 
 def case_mirroring(allowed_axes: Optional[Sequence[int]], properties: Optional[dict], transpose_forward: Sequence[int],
-                   has_pairs: bool) -> CaseMirroring:
-    """The mirroring plan of one case from the model's allowed axes and the case's own properties."""
+                   has_pairs: bool, add_left_right: bool = False, first_patch_axis: int = 0) -> CaseMirroring:
+    """The mirroring plan of one case from the model's allowed axes and the case's own properties.
+    `add_left_right`: also mirror the case's own left/right array axis (pair channels swapped) when it is
+    known, the dataset has pairs and it is a patch axis (>= `first_patch_axis`; a 2D model's slice axis is
+    not): for models trained with that mirror, whose checkpoint leaves it out for nnU-Net's stock predictor."""
     axes = tuple(allowed_axes or ())
+    if add_left_right and has_pairs and properties:
+        lr = left_right_axis(properties, transpose_forward)
+        if lr is not None and lr >= first_patch_axis and lr not in axes:
+            axes = tuple(sorted(axes + (lr,)))
     if not axes or not has_pairs:
         return CaseMirroring(axes, None)  # nothing to swap: midline landmarks stay what they are
     lr = left_right_axis(properties, transpose_forward) if properties else None
@@ -68,3 +75,14 @@ def add_on_one_device(total: Optional[torch.Tensor], out: torch.Tensor) -> torch
         cpu = torch.device("cpu")
         total, out = total.to(cpu), out.to(cpu)
     return total.add_(out)
+
+
+def mirrors_left_right_at_inference(trainer_name: Optional[str]) -> bool:
+    """Whether the model's trainer asks for the left/right test-time mirror (pair-swapped per case), which
+    its checkpoint cannot say: nnU-Net's stock predictor would flip without swapping the pairs."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(trainer_name) if trainer_name else None
+    except (RuntimeError, ImportError):  # nnU-Net found the class to build the network; here, just in case
+        return False
+    return bool(getattr(trainer_class, "mirror_left_right_at_inference", False))

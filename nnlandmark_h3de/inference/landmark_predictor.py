@@ -48,7 +48,8 @@ from tqdm import tqdm
 
 from nnlandmark_h3de.heatmaps import pair_permutation
 from nnlandmark_h3de.inference.case_mirroring import (CaseMirroring, add_on_one_device, case_mirroring,
-                                                      logit_channel_permutation, mirror_combos)
+                                                      logit_channel_permutation, mirror_combos,
+                                                      mirrors_left_right_at_inference)
 from nnlandmark_h3de.inference.device_errors import PredictionStopped, stops_the_run
 from nnlandmark_h3de.inference.estimate_input import check_whole_image_allowed, estimate_sigma, mirrored_input, \
     with_estimate_channels
@@ -118,6 +119,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         use_folds = [use_folds] if isinstance(use_folds, (str, int)) else list(use_folds)
         super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         self._landmark_setup()
+        self.mirror_left_right = mirrors_left_right_at_inference(self.trainer_name)
         self.load_calibration(model_training_output_dir, use_folds)
 
     def manual_initialization(self, *args, **kwargs):
@@ -131,6 +133,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
             raise ValueError(f"the network has {self.label_manager.num_segmentation_heads} output channels but the "
                              f"dataset names {len(self.names)} landmarks (expected 1 + L: constant-zero channel first)")
         self.pairs = resolve_pairs(self.dataset_json, self.names)
+        self.mirror_left_right = False  # see initialize_from_trained_model_folder
         self._flipped_channels = logit_channel_permutation(pair_permutation(self.names, self.pairs))
 
     def load_calibration(self, model_folder, folds) -> None:
@@ -190,7 +193,9 @@ class nnLandmarkPredictor(nnUNetPredictor):
     def case_in_flight(self, properties: Optional[dict], record_existence: bool = False):
         """While one case is predicted: its mirroring plan, and one FoldOutput per fold collected."""
         plan = case_mirroring(self._array_mirroring_axes() if self.use_mirroring else None, properties,
-                              self.plans_manager.transpose_forward, has_pairs=bool(self.pairs))
+                              self.plans_manager.transpose_forward, has_pairs=bool(self.pairs),
+                              add_left_right=self.use_mirroring and self.mirror_left_right,
+                              first_patch_axis=3 - len(self.configuration_manager.patch_size))
         self._case = _CaseInFlight(plan, record_existence)
         try:
             yield self._case
@@ -490,3 +495,5 @@ class nnLandmarkPredictor(nnUNetPredictor):
         """Same as predict_from_files without worker processes (nnU-Net's -npp 0 -nps 0)."""
         return self.predict_from_files(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                                        save_probabilities, overwrite, 0, 0, folder_with_segs_from_prev_stage)
+
+

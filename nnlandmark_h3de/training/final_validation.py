@@ -78,6 +78,8 @@ def predict_validation_landmarks(trainer, existence_net=None, sets: Optional[Dic
     predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
                                     trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)
+    # as nnLandmark_predict does (the trainer class says; a validation-only run has not set up the augmentation)
+    predictor.mirror_left_right = bool(getattr(trainer, "mirror_left_right_at_inference", False))
     two_stage = _use_global_stage(trainer, predictor)
     predicted = {}
     if existence_net is not None:

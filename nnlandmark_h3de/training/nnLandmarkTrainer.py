@@ -76,6 +76,9 @@ class nnLandmarkTrainer(nnUNetTrainer):
     min_visible_fraction = 0.5  # of a ball's volume, for balls cut by the patch border
     mirror_left_right_with_pair_swap = True
     mirror_left_right_only = False  # True: anatomy's one mirror symmetry only, never upside-down or back-to-front
+    # True: nnLandmarkPredictor adds the left/right test-time mirror (pair-swapped per case); the checkpoint's
+    # inference axes leave it out for nnU-Net's stock predictor, which cannot swap
+    mirror_left_right_at_inference = False
     # nnU-Net leaves elastic deformation off. (probability, smoothing sigma as a fraction of the patch edge
     # (range), largest displacement in voxels (range)) turns it on; the points follow it (keypoint_transforms.py)
     elastic_deformation: Optional[Tuple[float, Tuple[float, float], Tuple[float, float]]] = None

@@ -28,6 +28,7 @@ class nnLandmarkTrainerPrior(nnLandmarkTrainerLocal):
     estimate_error_mm = 4.0  # RMS distance of the simulated global estimates from the truth
     estimate_sigma = 4.0  # voxels: the width of the estimate channels' Gaussians
     needs_global_stage = True
+    mirror_left_right_at_inference = False  # its estimate channels' mirror at test time is not measured yet
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
