@@ -64,7 +64,8 @@ def check_subjects(subjects, cases: Mapping) -> Optional[Dict[str, str]]:
         return None
     if not isinstance(subjects, Mapping):
         raise ConversionError(f"subjects must map a case id to a subject id, got {type(subjects).__name__}")
-    unknown = sorted(str(c) for c in subjects if str(c) not in {str(k) for k in cases})
+    known = {str(k) for k in cases}
+    unknown = sorted(str(c) for c in subjects if str(c) not in known)
     if unknown:
         raise ConversionError(f"subjects: case(s) {unknown[:10]} are not among the cases converted")
     return {str(c): str(s) for c, s in subjects.items()}

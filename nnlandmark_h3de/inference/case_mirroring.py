@@ -20,8 +20,8 @@ import torch
 
 from nnlandmark_h3de.heatmaps import left_right_axis
 
-__all__ = ["CaseMirroring", "case_mirroring", "mirrors_left_right_at_inference", "logit_channel_permutation", "mirror_combos",
-           "add_on_one_device"]
+__all__ = ["CaseMirroring", "case_mirroring", "mirrors_left_right_at_inference", "logit_channel_permutation",
+           "mirror_combos", "add_on_one_device"]
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,12 @@ def case_mirroring(allowed_axes: Optional[Sequence[int]], properties: Optional[d
     known, the dataset has pairs and it is a patch axis (>= `first_patch_axis`; a 2D model's slice axis is
     not): for models trained with that mirror, whose checkpoint leaves it out for nnU-Net's stock predictor."""
     axes = tuple(allowed_axes or ())
-    if add_left_right and has_pairs and properties:
-        lr = left_right_axis(properties, transpose_forward)
-        if lr is not None and lr >= first_patch_axis and lr not in axes:
-            axes = tuple(sorted(axes + (lr,)))
+    lr = left_right_axis(properties, transpose_forward) if has_pairs and properties and (axes or add_left_right) \
+        else None
+    if add_left_right and lr is not None and lr >= first_patch_axis and lr not in axes:
+        axes = tuple(sorted(axes + (lr,)))
     if not axes or not has_pairs:
         return CaseMirroring(axes, None)  # nothing to swap: midline landmarks stay what they are
-    lr = left_right_axis(properties, transpose_forward) if properties else None
     if lr is None:
         return CaseMirroring((), None, "test-time mirroring off for this case: its left/right array axis is unknown "
                                        "(no SimpleITK geometry or an oblique direction), so the pair channels "

@@ -292,7 +292,8 @@ def ensemble_local_peak_floors(model_folder, folds: Sequence, kind: str = "auto"
 def _choose_atlas_cases(cases: Sequence[str], landmarks: dict, exact: Optional[Sequence[str]], n: int) -> List[str]:
     """`n` of `cases` as atlases (`choose_atlases`: exact labels first in a one-shot dataset, then coverage)."""
     from nnlandmark_h3de.inference.atlas import choose_atlases
-    flags = None if exact is None else [c in set(exact) for c in cases]
+    exact = None if exact is None else set(exact)
+    flags = None if exact is None else [c in exact for c in cases]
     return [cases[i] for i in choose_atlases([landmarks[c] for c in cases], n, exact=flags)]
 
 

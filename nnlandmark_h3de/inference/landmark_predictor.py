@@ -195,7 +195,7 @@ class nnLandmarkPredictor(nnUNetPredictor):
         plan = case_mirroring(self._array_mirroring_axes() if self.use_mirroring else None, properties,
                               self.plans_manager.transpose_forward, has_pairs=bool(self.pairs),
                               add_left_right=self.use_mirroring and self.mirror_left_right,
-                              first_patch_axis=3 - len(self.configuration_manager.patch_size))
+                              first_patch_axis=self._first_patch_axis())
         self._case = _CaseInFlight(plan, record_existence)
         try:
             yield self._case
@@ -207,8 +207,11 @@ class nnLandmarkPredictor(nnUNetPredictor):
         axis a is array axis a + 1 (nnU-Net's (1, y, x) form of a 2D image, or one slice of a volume)."""
         if not self.allowed_mirroring_axes:
             return None
-        offset = 3 - len(self.configuration_manager.patch_size)
-        return tuple(int(a) + offset for a in self.allowed_mirroring_axes)
+        return tuple(int(a) + self._first_patch_axis() for a in self.allowed_mirroring_axes)
+
+    def _first_patch_axis(self) -> int:
+        """The first axis of the (z, y, x) case array that a patch spans: 1 for a 2D configuration."""
+        return 3 - len(self.configuration_manager.patch_size)
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
@@ -495,5 +498,3 @@ class nnLandmarkPredictor(nnUNetPredictor):
         """Same as predict_from_files without worker processes (nnU-Net's -npp 0 -nps 0)."""
         return self.predict_from_files(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                                        save_probabilities, overwrite, 0, 0, folder_with_segs_from_prev_stage)
-
-

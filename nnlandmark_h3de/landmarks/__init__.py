@@ -9,5 +9,6 @@ from nnlandmark_h3de.landmarks.io_mml import MML_NAMES, read_mml_case
 from nnlandmark_h3de.landmarks.pairs import find_lr_pairs
 from nnlandmark_h3de.landmarks.dataset_file import (LANDMARKS_FILE, PSEUDO_LABELS_FILE, DatasetFileError,
                                                     exact_label_cases, landmark_info_dict, landmarks_json_dict,
-                                                    load_case_subjects, load_dataset_landmarks, load_dataset_test_cases,
-                                                    load_dataset_test_sets, read_dataset_landmark_info)
+                                                    load_case_subjects, load_dataset_landmarks,
+                                                    load_dataset_test_cases, load_dataset_test_sets,
+                                                    read_dataset_landmark_info)
