@@ -208,7 +208,8 @@ def local_stage_validation(kind_validation: dict) -> dict:
     combination whose weight and floor were fitted on these same cases."""
     w, f = kind_validation.get("local_weight_fit", {}), kind_validation.get("local_peak_floor_fit", {})
     return {"mre_local_mm": w.get("mre_local_mm"), "mre_global_mm": w.get("mre_global_mm"),
-            "local_weight": kind_validation.get("local_weight"), "mre_combined_mm_in_sample": f.get("mre_mm"),
+            "local_weight": kind_validation.get("local_weight"), "local_weights": kind_validation.get("local_weights"),
+            "mre_combined_mm_in_sample": f.get("mre_mm"),
             "local_used_fraction": f.get("local_used_fraction")}
 
 

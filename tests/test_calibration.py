@@ -251,6 +251,52 @@ def test_local_weight_blends_independent_errors_and_keeps_the_better_alone():
     assert np.allclose(b[0], l[0]) and np.allclose(b[1], g[1]) and np.allclose(b[2], (g[2] + l[2]) / 2)
 
 
+def test_local_weights_per_landmark_keep_registration_where_the_network_is_worse():
+    """Per landmark: where the local peak is consistently worse than the global estimate the weight drops
+    low, where it is better it stays high; the prior moves every weight towards the pooled one (never past
+    it), an enormous prior gives every landmark the pooled weight; the fitted weights beat the pooled one on
+    the cases they were fitted on."""
+    from nnlandmark_h3de.training.calibration import fit_local_weight, fit_local_weights
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0, 100, size=(4, 6, 3))
+    glob = truth + rng.normal(0, 2.0, size=truth.shape)
+    local = truth + rng.normal(0, 0.5, size=truth.shape)
+    local[:, 0] = truth[:, 0] + rng.normal(0, 6.0, size=(4, 3))  # the network misses landmark 0 on every case
+    local[0, 1] = truth[0, 1] + np.array([8.0, 0.0, 0.0])  # and landmark 1 on one case
+    weights, info = fit_local_weights(local, glob, truth)
+    pooled, _ = fit_local_weight(local, glob, truth)
+    assert weights.shape == (6,) and weights[0] <= 0.4 and np.all(weights[2:] >= 0.8)
+    own_only = fit_local_weights(local, glob, truth, prior_cases=0.0)[0]
+    assert np.all(np.abs(weights - pooled) <= np.abs(own_only - pooled) + 1e-9)
+    assert np.all(np.minimum(own_only, pooled) - 1e-9 <= weights) and np.all(weights <= np.maximum(own_only, pooled) + 1e-9)
+    assert info["per_landmark"] and info["pooled_weight"] == pooled and info["mre_mm"] < info["mre_pooled_mm"]
+    assert np.all(fit_local_weights(local, glob, truth, prior_cases=1e9)[0] == pooled)
+    nan_local = local.copy(); nan_local[:, 3] = np.nan  # no local point for landmark 3 on any case
+    assert fit_local_weights(nan_local, glob, truth)[0][3] == fit_local_weight(nan_local, glob, truth)[0]
+
+
+def test_per_landmark_weights_blend_each_row_and_travel_through_global_stage_json(tmp_path):
+    """blend_points / blend_with_estimates take one weight per landmark row; global_stage.json's
+    `local_weights` reaches the predictor as that array, older files keep their one number."""
+    from nnlandmark_h3de.inference.global_stage import GlobalStageChoice
+    from nnlandmark_h3de.inference.two_stage_tiles import TilePlan, blend_points, blend_with_estimates
+    g = np.zeros((3, 3)); l = np.ones((3, 3))
+    w = np.array([0.0, 0.5, 1.0])
+    assert np.allclose(blend_points(g, l, w), [[0, 0, 0], [0.5] * 3, [1, 1, 1]])
+    assert np.allclose(blend_points(np.stack([g, g]), np.stack([l, l]), w)[1], blend_points(g, l, w))
+    centres = np.array([[10.0, 10.0, 10.0], [np.nan] * 3, [20.0, 20.0, 20.0]])
+    plan = TilePlan([], centres, np.full(3, 5.0), np.zeros(3))
+    idx = np.array([[12.0, 10.0, 10.0], [5.0, 5.0, 5.0], [20.0, 24.0, 20.0]])
+    out = blend_with_estimates(idx, plan, np.array([0.5, 0.3, 0.25]))
+    assert np.allclose(out, [[11.0, 10.0, 10.0], [5.0, 5.0, 5.0], [20.0, 21.0, 20.0]])
+    assert blend_with_estimates(idx, plan, np.ones(3)) is idx
+    choice = GlobalStageChoice(kind="deformable", validation={"deformable": {"mre_mm": 3.0, "radius_mm": 10.0, "local_weight": 0.8}})
+    assert choice.local_weight("deformable") == 0.8
+    choice.validation["deformable"]["local_weights"] = [0.1, 0.9, 1.0]
+    choice = GlobalStageChoice.read(choice.write(tmp_path / "global_stage.json"))
+    assert np.allclose(choice.local_weight("deformable"), [0.1, 0.9, 1.0])
+
+
 def test_prediction_blends_in_case_indices_like_the_calibration_in_world():
     """blend_with_estimates moves each local peak towards its tile plan's estimate by the weight, in the
     case's indices; a landmark without an estimate keeps its peak; w = 1 changes nothing."""

@@ -97,8 +97,15 @@ def attach_global_stage(predictor, model_folder: str, folds, kind: str, device) 
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"nnLandmark_predict: --global {kind}: {e}")
     print(f"two-stage prediction: {used} global stage (validation MRE {choice.validation[used]['mre_mm']:.2f} mm), "
-          f"local search radius {radius:.1f} mm, local weight {choice.local_weight(used):.2f}" + ("" if floors is None else
-                                                    f", each of {len(floors)} fold(s) with its own local peak floor"))
+          f"local search radius {radius:.1f} mm, local weight {describe_weight(choice.local_weight(used))}" +
+          ("" if floors is None else f", each of {len(floors)} fold(s) with its own local peak floor"))
+
+
+def describe_weight(weight) -> str:
+    """One number, or the range of the per-landmark weights."""
+    import numpy as np
+    w = np.asarray(weight, dtype=float)
+    return f"{float(w):.2f}" if w.ndim == 0 else f"{w.min():.2f}-{w.max():.2f} per landmark (mean {w.mean():.2f})"
 
 
 def warn_ignored_flags(args) -> None:

@@ -68,9 +68,13 @@ class GlobalStageChoice:
         floor = self.validation[kind].get("local_peak_floor")
         return None if floor is None else np.asarray([np.inf if v is None else v for v in floor], dtype=np.float64)
 
-    def local_weight(self, kind: str) -> float:
+    def local_weight(self, kind: str):
         """How far the local peak moves the global estimate (global + w (local - global)), fitted on
-        validation; 1 (the local peak) in files written before the weight existed."""
+        validation: one per landmark (L,) where fitted so, else one number (files before 2026-12-06); 1
+        (the local peak) in files written before the weight existed."""
+        per_landmark = self.validation[kind].get("local_weights")
+        if per_landmark is not None:
+            return np.asarray(per_landmark, dtype=np.float64)
         return float(self.validation[kind].get("local_weight", 1.0))
 
     def fallback_uncertainty_mm(self, kind: str) -> float:

@@ -159,11 +159,12 @@ class nnLandmarkPredictor(nnUNetPredictor):
             self.fold_thresholds = None
 
     def use_global_stage(self, stage, radius_mm: float, fallback_uncertainty_mm: float,
-                         local_peak_floor: Optional[np.ndarray] = None, local_weight: float = 1.0) -> None:
+                         local_peak_floor: Optional[np.ndarray] = None, local_weight=1.0) -> None:
         """Predict in two stages: `stage.estimate(files)` first, then the tiles around its estimates.
         `local_peak_floor`: (L,), or (F, L) each loaded fold's own floor (global_stage.ensemble_local_peak_floors);
         where the folds' local peaks are under their floors (keep_weak_estimates), the global estimate stands;
-        elsewhere the point is estimate + local_weight (peak - estimate) (blend_with_estimates)."""
+        elsewhere the point is estimate + local_weight (peak - estimate) (blend_with_estimates; one number or
+        one per landmark)."""
         if self.save_heatmaps:
             raise ValueError("--save_heatmaps needs the whole-image sliding window; it cannot be combined with a "
                              "global stage (two-stage prediction predicts tiles only)")
@@ -179,9 +180,13 @@ class nnLandmarkPredictor(nnUNetPredictor):
         if floor is not None and floor.shape not in ((len(self.names),), (n_folds, len(self.names))):
             raise ValueError(f"local peak floors of shape {floor.shape} for {len(self.names)} landmarks and {n_folds} "
                              f"fold(s): expected one per landmark, or one row per fold")
+        weight = np.asarray(local_weight, dtype=np.float64)
+        if weight.shape not in ((), (len(self.names),)) or not np.all((weight >= 0) & (weight <= 1)):
+            raise ValueError(f"local weights {weight.tolist()} for {len(self.names)} landmarks: expected one number "
+                             f"or one per landmark, each in [0, 1]")
         self.global_stage, self.global_radius_mm, self.global_fallback_mm = stage, float(radius_mm), \
             float(fallback_uncertainty_mm)
-        self.local_peak_floor, self.local_weight = floor, float(local_weight)
+        self.local_peak_floor, self.local_weight = floor, (float(weight) if weight.ndim == 0 else weight)
 
     def _existence_network(self):
         """The network itself (unwrapped from torch.compile) when it records anchor existence, else None."""

@@ -266,25 +266,28 @@ class TileSum:
                 for idx, on_border in zip(self._idx, self._on_border)]
 
 
-def blend_points(global_pts: np.ndarray, local_pts: np.ndarray, weight: float) -> np.ndarray:
-    """global + weight * (local - global), row-wise; where either point is missing, the other one. The one
-    blend of two-stage prediction (`blend_with_estimates`) and of its calibration (`fit_local_weight`)."""
+def blend_points(global_pts: np.ndarray, local_pts: np.ndarray, weight) -> np.ndarray:
+    """global + weight * (local - global), row-wise (weight: one number, or one per landmark row (L,) of
+    points (..., L, 3)); where either point is missing, the other one. The one blend of two-stage prediction
+    (`blend_with_estimates`) and of its calibration (`fit_local_weight(s)`)."""
     g, l = np.asarray(global_pts, dtype=np.float64), np.asarray(local_pts, dtype=np.float64)
-    out = g + float(weight) * (l - g)
+    w = np.asarray(weight, dtype=np.float64)
+    out = g + (w[:, None] if w.ndim else w) * (l - g)
     out = np.where(np.isfinite(g).all(-1, keepdims=True), out, l)
     return np.where(np.isfinite(l).all(-1, keepdims=True), out, g)
 
 
-def blend_with_estimates(idx: np.ndarray, tiles: TilePlan, weight: float) -> np.ndarray:
-    """The local peaks moved back towards the global estimates by `blend_points`, in case indices (an
-    affine map of world points, so the same blend as in world mm); where a landmark has no estimate or
-    no peak, its peak."""
-    if weight == 1.0:
+def blend_with_estimates(idx: np.ndarray, tiles: TilePlan, weight) -> np.ndarray:
+    """The local peaks moved back towards the global estimates by `blend_points` (weight: one number or one
+    per landmark), in case indices (an affine map of world points, so the same blend as in world mm); where
+    a landmark has no estimate or no peak, its peak."""
+    weight = np.asarray(weight, dtype=np.float64)
+    if np.all(weight == 1.0):
         return idx
     centres = tiles.to_case_index(tiles.centres)
     has = np.all(np.isfinite(centres), axis=1) & np.all(np.isfinite(idx), axis=1)
     out = np.array(idx, dtype=np.float64, copy=True)
-    out[has] = blend_points(centres[has], out[has], weight)
+    out[has] = blend_points(centres[has], out[has], weight[has] if weight.ndim else weight)
     return out
 
 

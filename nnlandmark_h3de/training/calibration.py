@@ -20,6 +20,12 @@ only where it is at least t times the landmark's median validation peak; t (one 
 with the lowest validation error of the combined points, from t = 0 (always the local peak) to
 t = inf (always the global estimate). A weakly trained local network cannot make a good global stage
 worse on the cases it was chosen on.
+
+Local weights (two-stage prediction). The point is global + w_l (local - global), one w_l per landmark:
+a young local network is good on some landmarks and worse than registration on others (on AFIDs the
+ventral occipital horns, on validation and test alike). With a handful of validation cases a landmark's
+own errors are noisy, so w_l minimises its own validation error plus LOCAL_WEIGHT_PRIOR_CASES cases'
+worth of the pooled error curve (the single weight of before), shrinking each weight towards it.
 """
 from __future__ import annotations
 
@@ -33,10 +39,12 @@ from nnlandmark_h3de.inference.uncertainty import UncertaintyModel
 from nnlandmark_h3de.training.landmark_validation import calibrate_peak_threshold
 
 __all__ = ["reference_scores", "relative_scores", "calibrate_relative_thresholds", "fit_uncertainty_model", "fit_local_peak_floor",
-           "fit_local_weight"]
+           "fit_local_weight", "fit_local_weights"]
 
 # Cases of one landmark worth as much as the pooled estimate when shrinking its RMS error.
 SHRINKAGE_CASES = 3.0
+# Validation cases' worth of the pooled error curve added to each landmark's own when fitting its local weight.
+LOCAL_WEIGHT_PRIOR_CASES = 2.0
 # Without absent validation landmarks: absent = under this fraction of the landmark's median present score.
 DEFAULT_RELATIVE_THRESHOLD = 0.25
 MAX_EXPONENT = 3.0
@@ -210,3 +218,31 @@ def fit_local_weight(local_pts: np.ndarray, global_pts: np.ndarray, truth: np.nd
     return float(weights[best]), {"method": "lowest validation MRE of global + w (local - global)",
                                   "weight": float(weights[best]), "mre_mm": errors[best],
                                   "mre_local_mm": errors[0], "mre_global_mm": errors[-1], "n": int(ok.sum())}
+
+
+def fit_local_weights(local_pts: np.ndarray, global_pts: np.ndarray, truth: np.ndarray, grid: int = 20,
+                      prior_cases: float = LOCAL_WEIGHT_PRIOR_CASES) -> Tuple[np.ndarray, Dict]:
+    """One local weight per landmark from validation points (C, L, 3), shrunk towards the pooled weight.
+
+    For each w in {0, 1/grid, ..., 1}: the landmark's summed validation error of global + w (local - global)
+    plus `prior_cases` times the pooled mean error (all landmarks) at that w; the lowest wins, ties keep the
+    larger w. A landmark without validation points gets the pooled weight (`fit_local_weight`)."""
+    g, l, t = (np.asarray(a, dtype=np.float64) for a in (global_pts, local_pts, truth))
+    pooled_w, info = fit_local_weight(l, g, t, grid)
+    ok = np.isfinite(g).all(-1) & np.isfinite(l).all(-1) & np.isfinite(t).all(-1)  # (C, L)
+    if not ok.any():
+        return np.full(g.shape[1], pooled_w), {**info, "per_landmark": False}
+    weights = np.round(np.linspace(1.0, 0.0, grid + 1), 6)
+    own, pooled = [], []
+    for w in weights:
+        err = np.where(ok, np.linalg.norm(blend_points(g, l, w) - t, axis=-1), 0.0)
+        own.append(err.sum(0))
+        pooled.append(err.sum() / ok.sum())
+    objective = np.array(own) + prior_cases * np.array(pooled)[:, None]  # (W, L)
+    per_landmark = weights[np.argmin(objective, axis=0)]  # first minimum from w = 1 down
+    per_landmark = np.where(ok.any(0), per_landmark, pooled_w)
+    blended = np.where(ok, np.linalg.norm(blend_points(g, l, per_landmark) - t, axis=-1), np.nan)
+    return per_landmark, {**info, "method": "per landmark: lowest validation error of global + w_l (local - global) "
+                                            f"plus {prior_cases:g} cases' worth of the pooled error",
+                          "per_landmark": True, "pooled_weight": pooled_w, "prior_cases": prior_cases,
+                          "mre_mm": float(np.nanmean(blended)), "mre_pooled_mm": info.get("mre_mm")}

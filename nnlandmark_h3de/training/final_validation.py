@@ -199,15 +199,15 @@ def _raw_image_files(trainer, case: str):
 
 
 def _fit_local_peak_floor(trainer, results: dict, evaluated, reference) -> None:
-    """Two-stage validation: the local peak is blended with the global estimate by a weight, and where the
-    local peak is too weak to help, the global estimate stands (both fitted on these cases); the weight
-    and the floors go into fold_X/global_stage.json for prediction."""
+    """Two-stage validation: the local peak is blended with the global estimate by a weight per landmark, and
+    where the local peak is too weak to help, the global estimate stands (both fitted on these cases); the
+    weights and the floors go into fold_X/global_stage.json for prediction."""
     from nnlandmark_h3de.inference.global_stage import GLOBAL_STAGE_FILE, GlobalStageChoice
     from nnlandmark_h3de.inference.two_stage_tiles import blend_points
-    from nnlandmark_h3de.training.calibration import fit_local_peak_floor, fit_local_weight
+    from nnlandmark_h3de.training.calibration import fit_local_peak_floor, fit_local_weights
     truth = np.array([reference[c].points_lps for c in evaluated])
-    weight, weight_info = fit_local_weight(np.array([results[c][0] for c in evaluated]),
-                                           np.array([results[c][3] for c in evaluated]), truth)
+    weight, weight_info = fit_local_weights(np.array([results[c][0] for c in evaluated]),
+                                            np.array([results[c][3] for c in evaluated]), truth)
     blended = {c: blend_points(results[c][3], results[c][0], weight) for c in results}
     local = np.linalg.norm(np.array([blended[c] for c in evaluated]) - truth, axis=-1)
     glob = np.array([np.linalg.norm(results[c][3] - reference[c].points_lps, axis=1) for c in evaluated])
@@ -219,12 +219,14 @@ def _fit_local_peak_floor(trainer, results: dict, evaluated, reference) -> None:
         results[c] = (np.where(weak[:, None], global_points, blended[c]), scores, spread, global_points)
     file = join(trainer.output_folder, GLOBAL_STAGE_FILE)
     choice = GlobalStageChoice.read(file)
-    choice.validation[choice.kind]["local_weight"] = weight
+    choice.validation[choice.kind]["local_weight"] = weight_info["weight"]  # the pooled weight, for a reader
+    choice.validation[choice.kind]["local_weights"] = [float(w) for w in weight]
     choice.validation[choice.kind]["local_weight_fit"] = weight_info
     choice.validation[choice.kind]["local_peak_floor"] = [None if not np.isfinite(v) else float(v) for v in floor]
     choice.validation[choice.kind]["local_peak_floor_fit"] = info
     choice.write(file)
-    trainer.print_to_log_file(f"local weight: {weight:.2f} (global + w (local - global)); validation MRE local "
+    trainer.print_to_log_file(f"local weights: {weight.min():.2f}-{weight.max():.2f} per landmark (pooled "
+                              f"{weight_info['weight']:.2f}; global + w (local - global)); validation MRE local "
                               f"{weight_info.get('mre_local_mm', float('nan')):.2f}, global "
                               f"{weight_info.get('mre_global_mm', float('nan')):.2f}, blended "
                               f"{weight_info.get('mre_mm', float('nan')):.2f} mm", also_print_to_console=True)
