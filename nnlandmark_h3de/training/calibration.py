@@ -199,6 +199,24 @@ def fit_local_peak_floor(local_err: np.ndarray, global_err: np.ndarray, peaks: n
     return t * ref, info
 
 
+def _blend_error_curves(local_pts, global_pts, truth, grid: int):
+    """Weights w = 1, ..., 1/grid, 0 (W,), the error of global + w (local - global) at every point where all
+    three are finite (W, N, in the order of `ok`), and that mask `ok` (the points' leading shape)."""
+    g, l, t = (np.asarray(a, dtype=np.float64) for a in (global_pts, local_pts, truth))
+    ok = np.isfinite(g).all(-1) & np.isfinite(l).all(-1) & np.isfinite(t).all(-1)
+    weights = np.round(np.linspace(1.0, 0.0, grid + 1), 6)
+    errors = np.array([np.linalg.norm(blend_points(g[ok], l[ok], w) - t[ok], axis=-1) for w in weights])
+    return weights, errors.reshape(len(weights), -1), ok
+
+
+def _pooled_weight(weights: np.ndarray, mre: Sequence[float], n: int) -> Tuple[float, Dict]:
+    """The weight with the lowest mean error over all points (`mre`: one per weight); ties keep the larger."""
+    best = int(np.argmin(mre))  # first minimum from w = 1 down: ties keep the larger weight
+    return float(weights[best]), {"method": "lowest validation MRE of global + w (local - global)",
+                                  "weight": float(weights[best]), "mre_mm": mre[best],
+                                  "mre_local_mm": mre[0], "mre_global_mm": mre[-1], "n": int(n)}
+
+
 def fit_local_weight(local_pts: np.ndarray, global_pts: np.ndarray, truth: np.ndarray,
                      grid: int = 20) -> Tuple[float, Dict]:
     """How far to move from the global estimate towards the local peak, fitted on validation points (..., 3).
@@ -208,16 +226,10 @@ def fit_local_weight(local_pts: np.ndarray, global_pts: np.ndarray, truth: np.nd
     as a measurement fused with its prior does. The weight w in {0, 1/grid, ..., 1} with the lowest
     validation MRE of global + w (local - global) is kept; ties keep the larger w (1 = the local peak,
     the behaviour before this fit existed)."""
-    g, l, t = (np.asarray(a, dtype=np.float64) for a in (global_pts, local_pts, truth))
-    ok = np.isfinite(g).all(-1) & np.isfinite(l).all(-1) & np.isfinite(t).all(-1)
+    weights, errors, ok = _blend_error_curves(local_pts, global_pts, truth, grid)
     if not ok.any():
         return 1.0, {"method": "nothing to fit: the local peak", "weight": 1.0}
-    weights = np.round(np.linspace(1.0, 0.0, grid + 1), 6)
-    errors = [float(np.mean(np.linalg.norm(blend_points(g[ok], l[ok], w) - t[ok], axis=-1))) for w in weights]
-    best = int(np.argmin(errors))  # first minimum from w = 1 down: ties keep the larger weight
-    return float(weights[best]), {"method": "lowest validation MRE of global + w (local - global)",
-                                  "weight": float(weights[best]), "mre_mm": errors[best],
-                                  "mre_local_mm": errors[0], "mre_global_mm": errors[-1], "n": int(ok.sum())}
+    return _pooled_weight(weights, [float(np.mean(e)) for e in errors], errors.shape[1])
 
 
 def fit_local_weights(local_pts: np.ndarray, global_pts: np.ndarray, truth: np.ndarray, grid: int = 20,
@@ -227,22 +239,20 @@ def fit_local_weights(local_pts: np.ndarray, global_pts: np.ndarray, truth: np.n
     For each w in {0, 1/grid, ..., 1}: the landmark's summed validation error of global + w (local - global)
     plus `prior_cases` times the pooled mean error (all landmarks) at that w; the lowest wins, ties keep the
     larger w. A landmark without validation points gets the pooled weight (`fit_local_weight`)."""
-    g, l, t = (np.asarray(a, dtype=np.float64) for a in (global_pts, local_pts, truth))
-    pooled_w, info = fit_local_weight(l, g, t, grid)
-    ok = np.isfinite(g).all(-1) & np.isfinite(l).all(-1) & np.isfinite(t).all(-1)  # (C, L)
+    weights, errors, ok = _blend_error_curves(local_pts, global_pts, truth, grid)  # ok: (C, L)
     if not ok.any():
-        return np.full(g.shape[1], pooled_w), {**info, "per_landmark": False}
-    weights = np.round(np.linspace(1.0, 0.0, grid + 1), 6)
-    own, pooled = [], []
-    for w in weights:
-        err = np.where(ok, np.linalg.norm(blend_points(g, l, w) - t, axis=-1), 0.0)
-        own.append(err.sum(0))
-        pooled.append(err.sum() / ok.sum())
-    objective = np.array(own) + prior_cases * np.array(pooled)[:, None]  # (W, L)
+        return np.ones(ok.shape[1]), {"method": "nothing to fit: the local peak", "weight": 1.0,
+                                      "per_landmark": False}
+    mre = [float(np.mean(e)) for e in errors]
+    pooled_w, info = _pooled_weight(weights, mre, errors.shape[1])
+    per_point = np.zeros((len(weights),) + ok.shape)  # (W, C, L), 0 where a point is missing
+    per_point[:, ok] = errors
+    objective = per_point.sum(1) + prior_cases * np.array(mre)[:, None]  # (W, L)
     per_landmark = weights[np.argmin(objective, axis=0)]  # first minimum from w = 1 down
     per_landmark = np.where(ok.any(0), per_landmark, pooled_w)
+    g, l, t = (np.asarray(a, dtype=np.float64) for a in (global_pts, local_pts, truth))
     blended = np.where(ok, np.linalg.norm(blend_points(g, l, per_landmark) - t, axis=-1), np.nan)
     return per_landmark, {**info, "method": "per landmark: lowest validation error of global + w_l (local - global) "
                                             f"plus {prior_cases:g} cases' worth of the pooled error",
                           "per_landmark": True, "pooled_weight": pooled_w, "prior_cases": prior_cases,
-                          "mre_mm": float(np.nanmean(blended)), "mre_pooled_mm": info.get("mre_mm")}
+                          "mre_mm": float(np.nanmean(blended)), "mre_pooled_mm": info["mre_mm"]}
