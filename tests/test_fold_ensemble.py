@@ -217,7 +217,7 @@ def test_a_model_trained_with_the_left_right_mirror_gets_it_at_test_time(axis, o
         (() if axis == 0 else (axis,))
 
 
-def test_which_trainers_mirror_left_right_at_test_time(monkeypatch):
+def test_which_trainers_mirror_left_right_at_test_time(monkeypatch, capsys):
     from nnlandmark_h3de.inference.case_mirroring import mirrors_left_right_at_inference
     from nnlandmark_h3de.training.trainer_folder import trainer_folder
     monkeypatch.setenv("nnUNet_extTrainer", str(trainer_folder()))
@@ -225,3 +225,5 @@ def test_which_trainers_mirror_left_right_at_test_time(monkeypatch):
     for name in ("nnLandmarkTrainer", "nnLandmarkTrainerLocalAllMirrors", "nnLandmarkTrainerPrior", "NoSuchTrainer",
                  None):
         assert not mirrors_left_right_at_inference(name), name
+    # nnU-Net announced the class when it built the network; this second lookup stays quiet
+    assert "Searching in" not in capsys.readouterr().out

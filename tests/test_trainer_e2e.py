@@ -52,6 +52,9 @@ def test_train_validate_and_predict_with_the_stock_commands(nnunet_env, tmp_path
     assert all(math.isfinite(v) and v > 0 for v in logged["ema_val_mre_mm"])
     # the best-checkpoint criterion is -EMA(MRE)
     assert logged["ema_fg_dice"][-1] == pytest.approx(-logged["ema_val_mre_mm"][-1])
+    # the trainer's learning_rate is the rate Adam was built with
+    from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+    assert ckpt["optimizer_state"]["param_groups"][0]["initial_lr"] == pytest.approx(nnLandmarkTrainer.learning_rate)
     # the stock predictor must not mirror the left/right axis (array axis 2 here: identity direction)
     assert ckpt["inference_allowed_mirroring_axes"] is None or 2 not in ckpt["inference_allowed_mirroring_axes"]
 

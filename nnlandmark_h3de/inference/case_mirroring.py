@@ -12,6 +12,8 @@ sliding window returned: after a device out-of-memory it gives its logits on the
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -80,8 +82,9 @@ def mirrors_left_right_at_inference(trainer_name: Optional[str]) -> bool:
     """Whether the model's trainer asks for the left/right test-time mirror (pair-swapped per case), which
     its checkpoint cannot say: nnU-Net's stock predictor would flip without swapping the pairs."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    try:
-        trainer_class = recursive_find_trainer_class_by_name(trainer_name) if trainer_name else None
+    try:  # nnU-Net has just found (and announced) this class to build the network: look it up quietly
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer_class = recursive_find_trainer_class_by_name(trainer_name) if trainer_name else None
     except (RuntimeError, ImportError):  # nnU-Net found the class to build the network; here, just in case
         return False
     return bool(getattr(trainer_class, "mirror_left_right_at_inference", False))

@@ -82,6 +82,7 @@ class nnLandmarkTrainer(nnUNetTrainer):
     # nnU-Net leaves elastic deformation off. (probability, smoothing sigma as a fraction of the patch edge
     # (range), largest displacement in voxels (range)) turns it on; the points follow it (keypoint_transforms.py)
     elastic_deformation: Optional[Tuple[float, Tuple[float, float], Tuple[float, float]]] = None
+    learning_rate = 5e-4  # Adam (the paper's value)
     lr_step_fraction = 0.8  # StepLR 800 / 1000 epochs
     lr_gamma = 0.1
     grad_clip_norm = 1.0
@@ -107,7 +108,7 @@ class nnLandmarkTrainer(nnUNetTrainer):
         self.pair_permutation = pair_permutation(self.landmark_names, self.landmark_pairs)
         self.left_right_axis: Optional[int] = None  # set in configure_rotation_dummyDA_mirroring_and_inital_patch_size
         self.exact_points: Optional[dict] = None  # case -> (L, 3) preprocessed-grid indices; set in get_dataloaders
-        self.initial_lr = 5e-4
+        self.initial_lr = self.learning_rate
         self.logger.local_logger = LandmarkLocalLogger()
         if self.device.type == "cpu" and hasattr(os, "sched_getaffinity"):
             # nnUNetv2_train sets one thread per core of the machine; in a container or under taskset only
