@@ -227,3 +227,13 @@ def test_which_trainers_mirror_left_right_at_test_time(monkeypatch, capsys):
         assert not mirrors_left_right_at_inference(name), name
     # nnU-Net announced the class when it built the network; this second lookup stays quiet
     assert "Searching in" not in capsys.readouterr().out
+
+
+def test_every_trainer_variant_is_found_by_nnunet(monkeypatch):
+    """The nnUNet_extTrainer shim re-exports variants.__all__, so a new variant needs no second list."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnlandmark_h3de.training import variants
+    from nnlandmark_h3de.training.trainer_folder import trainer_folder
+    monkeypatch.setenv("nnUNet_extTrainer", str(trainer_folder()))
+    for name in variants.__all__:
+        assert recursive_find_trainer_class_by_name(name) is getattr(variants, name), name
