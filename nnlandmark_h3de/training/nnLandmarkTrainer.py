@@ -35,6 +35,7 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
@@ -83,6 +84,7 @@ class nnLandmarkTrainer(nnUNetTrainer):
     # (range), largest displacement in voxels (range)) turns it on; the points follow it (keypoint_transforms.py)
     elastic_deformation: Optional[Tuple[float, Tuple[float, float], Tuple[float, float]]] = None
     learning_rate = 5e-4  # Adam (the paper's value)
+    lr_schedule = "step"  # "step": x lr_gamma at lr_step_fraction (the paper's); "poly": nnU-Net's PolyLR
     lr_step_fraction = 0.8  # StepLR 800 / 1000 epochs
     lr_gamma = 0.1
     grad_clip_norm = 1.0
@@ -154,8 +156,13 @@ class nnLandmarkTrainer(nnUNetTrainer):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
-        step_size = max(1, int(round(self.lr_step_fraction * self.num_epochs)))
-        lr_scheduler = StepLRScheduler(optimizer, self.initial_lr, step_size, self.lr_gamma)
+        if self.lr_schedule == "poly":
+            lr_scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        elif self.lr_schedule == "step":
+            step_size = max(1, int(round(self.lr_step_fraction * self.num_epochs)))
+            lr_scheduler = StepLRScheduler(optimizer, self.initial_lr, step_size, self.lr_gamma)
+        else:
+            raise ValueError(f"{self.__class__.__name__}.lr_schedule must be 'step' or 'poly', got {self.lr_schedule!r}")
         self._add_grad_clip_hook(optimizer)
         return optimizer, lr_scheduler
 
