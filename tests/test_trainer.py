@@ -100,9 +100,8 @@ def test_step_lr_schedule():
     assert lrs == pytest.approx({0: 5e-4, 799: 5e-4, 800: 5e-5, 999: 5e-5})
 
 
-@pytest.mark.parametrize("schedule", ["step", "poly", "cosine"])
-def test_trainer_builds_the_schedule_its_lr_schedule_names(schedule):
-    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+def _schedule_holder(schedule):
+    """Just what nnLandmarkTrainer.configure_optimizers reads from a trainer."""
     from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
 
     class Holder:
@@ -110,16 +109,23 @@ def test_trainer_builds_the_schedule_its_lr_schedule_names(schedule):
         initial_lr, weight_decay, num_epochs, grad_clip_norm = 2e-3, 0.0, 1000, 1.0
         lr_schedule, lr_step_fraction, lr_gamma = schedule, 0.8, 0.1
         _add_grad_clip_hook = nnLandmarkTrainer._add_grad_clip_hook
+    return Holder()
 
-    if schedule == "cosine":
-        with pytest.raises(ValueError, match="lr_schedule"):
-            nnLandmarkTrainer.configure_optimizers(Holder())
-        return
-    opt, sched = nnLandmarkTrainer.configure_optimizers(Holder())
+
+@pytest.mark.parametrize("schedule, expected_at_900", [("step", 2e-4), ("poly", 2e-3 * 0.1 ** 0.9)])
+def test_trainer_builds_the_schedule_its_lr_schedule_names(schedule, expected_at_900):
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+    opt, sched = nnLandmarkTrainer.configure_optimizers(_schedule_holder(schedule))
     assert isinstance(sched, {"step": StepLRScheduler, "poly": PolyLRScheduler}[schedule])
     sched.step(900)
-    expected = {"step": 2e-4, "poly": 2e-3 * 0.1 ** 0.9}[schedule]
-    assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected_at_900)
+
+
+def test_unknown_lr_schedule_is_an_error():
+    from nnlandmark_h3de.training.nnLandmarkTrainer import nnLandmarkTrainer
+    with pytest.raises(ValueError, match="lr_schedule"):
+        nnLandmarkTrainer.configure_optimizers(_schedule_holder("cosine"))
 
 
 def test_grad_clip_hook_clips_to_one_before_the_step():

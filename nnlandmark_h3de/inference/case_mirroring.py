@@ -85,6 +85,6 @@ def mirrors_left_right_at_inference(trainer_name: Optional[str]) -> bool:
     try:  # nnU-Net has just found (and announced) this class to build the network: look it up quietly
         with contextlib.redirect_stdout(io.StringIO()):
             trainer_class = recursive_find_trainer_class_by_name(trainer_name) if trainer_name else None
-    except (RuntimeError, ImportError):  # nnU-Net found the class to build the network; here, just in case
+    except (RuntimeError, ImportError):  # not found here although nnU-Net built the network with it
         return False
     return bool(getattr(trainer_class, "mirror_left_right_at_inference", False))

@@ -88,17 +88,16 @@ class nnLandmarkTrainerLocalElastic(nnLandmarkTrainerLocal):
     learning_rate, lr_schedule = 5e-4, "step"  # as measured
 
 
-class nnLandmarkTrainerLocalLR5e4(nnLandmarkTrainerLocal):
-    """nnLandmarkTrainerLocal with the paper's Adam 5e-4 and step decay (its recipe until 2026-12-06), for
-    comparison."""
-    learning_rate = 5e-4
-    lr_schedule = "step"
-
-
 class nnLandmarkTrainerLocalStepLR(nnLandmarkTrainerLocal):
     """nnLandmarkTrainerLocal with the paper's step decay (x0.1 at 80 %) instead of nnU-Net's poly decay
     (its recipe until 2026-12-06), for comparison."""
     lr_schedule = "step"
+
+
+class nnLandmarkTrainerLocalLR5e4(nnLandmarkTrainerLocalStepLR):
+    """nnLandmarkTrainerLocalStepLR with the paper's Adam 5e-4 too (the local recipe until 2026-12-06), for
+    comparison."""
+    learning_rate = 5e-4
 
 
 class nnLandmarkTrainerLocalLinearHeads(nnLandmarkTrainerLocalAllMirrors):
@@ -147,11 +146,7 @@ class nnLandmarkTrainer_publicDefault(nnLandmarkTrainer):
 
     target_radius = 15.0
     topk_percent = 20.0
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-2
+    learning_rate = 1e-2  # nnU-Net's SGD rate (configure_optimizers below)
 
     def build_heatmap_targets(self, deep_supervision_scales):
         return LinearBallTargets(self.target_radius, deep_supervision_scales)
