@@ -268,8 +268,8 @@ def plan_benchmark_configurations(args, env: dict, logs: Path) -> None:
     one (smaller patches, same spacing and preprocessed data) of those that need a global stage."""
     plan_and_preprocess(env, logs)
     add_configuration(env, logs, CONFIGURATION, args.base_features, args.max_features)
-    local_base = args.local_base_features or args.base_features
-    add_configuration(env, logs, LOCAL_CONFIGURATION, local_base, args.max_features, args.local_patch, args.local_batch)
+    add_configuration(env, logs, LOCAL_CONFIGURATION, args.local_base_features, args.max_features, args.local_patch,
+                      args.local_batch)
 
 
 def learned_global_stage(args, raw: Path, work: Path, env: dict):
